@@ -1,0 +1,88 @@
+"""A small demo LightningModule whose channel counts come from the datamodule.
+
+Example:
+    >>> model = DemoForecaster(input_shape=(3, 2, 32, 32), target_shape=(1, 1, 32, 32))
+    >>> import torch
+    >>> tuple(model(torch.zeros(4, 3, 2, 32, 32)).shape)
+    (4, 1, 1, 32, 32)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+__all__ = ["DemoForecaster"]
+
+
+class DemoForecaster(pl.LightningModule):
+    """A few 2-D convolutions from ``X`` to ``y``, trained with mean squared error.
+
+    Window axes other than the last two (e.g. ``time``) are folded into channels, so any
+    ``(channel, ..., height, width)`` sample works as long as input and target windows share
+    the last two axes. In LightningCLI the shapes are linked from the datamodule's
+    ``input_shape`` and ``target_shape`` (see :mod:`xr_datamodule.cli`).
+
+    Args:
+        input_shape: Shape of one input sample, ``(channel, *window)``.
+        target_shape: Shape of one target sample.
+        hidden_channels: Width of the hidden convolutions.
+        lr: Adam learning rate.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        target_shape: Sequence[int],
+        hidden_channels: int = 32,
+        lr: float = 2e-3,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.input_shape = tuple(int(n) for n in input_shape)
+        self.target_shape = tuple(int(n) for n in target_shape)
+        if len(self.input_shape) < 3 or self.input_shape[-2:] != self.target_shape[-2:]:
+            raise ValueError(
+                "DemoForecaster needs input and target windows that end in the same two "
+                f"spatial axes, got input {self.input_shape} and target {self.target_shape}"
+            )
+        in_channels = math.prod(self.input_shape[:-2])
+        out_channels = math.prod(self.target_shape[:-2])
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, out_channels, 1),
+        )
+        self.lr = lr
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Map ``(batch, *input_shape)`` to ``(batch, *target_shape)``."""
+        hidden = self.net(inputs.flatten(1, -3))
+        return hidden.reshape(inputs.shape[0], *self.target_shape)
+
+    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], name: str) -> torch.Tensor:
+        inputs, targets = batch
+        loss = nn.functional.mse_loss(self(inputs), targets)
+        self.log(name, loss, prog_bar=True, batch_size=inputs.shape[0])
+        return loss
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self._loss(batch, "train_loss")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+        self._loss(batch, "val_loss")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+        self._loss(batch, "test_loss")
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        return self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: D102
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -1,0 +1,230 @@
+"""Open a source lazily and describe its variables: which dims are windowed, which are channels.
+
+A source is a zarr store, a netCDF file, a glob of netCDF files, an fsspec URL, an in-memory
+``xr.Dataset`` or the embedded synthetic dataset (``"synthetic://weather"``). Nothing is
+loaded here: zarr and multi-file sources come back dask-backed, a single netCDF file as
+xarray's lazily indexed arrays.
+
+Channel rule: every dim of a variable that is not windowed is folded into channels, in the
+variable's own dim order (C order). ``u(level=3, lat, lon)`` windowed on lat/lon gives three
+channels ``u[level=200]``, ``u[level=500]``, ``u[level=850]``. To get samples along a dim
+instead of channels, window it with length 1.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import xarray as xr
+
+__all__ = [
+    "SYNTHETIC_SOURCE",
+    "DataSource",
+    "VariableLayout",
+    "check_source_exists",
+    "check_variables",
+    "channel_layouts",
+    "is_in_memory",
+    "open_source",
+    "window_dim_order",
+]
+
+SYNTHETIC_SOURCE = "synthetic://weather"
+"""Source string that selects the embedded synthetic dataset (:mod:`xr_datamodule.synthetic`)."""
+
+DataSource = Union[str, os.PathLike, xr.Dataset]
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path
+
+
+def _is_glob(path: str) -> bool:
+    return any(char in path for char in "*?[")
+
+
+def _is_zarr(path: str) -> bool:
+    stripped = path.rstrip("/")
+    if stripped.endswith(".zarr"):
+        return True
+    local = Path(stripped)
+    return local.is_dir() and any(
+        (local / marker).exists() for marker in ("zarr.json", ".zgroup", ".zmetadata")
+    )
+
+
+def check_source_exists(data: DataSource) -> None:
+    """Fail early, before anything is opened, when a local path or glob points at nothing.
+
+    Raises:
+        FileNotFoundError: If a local path does not exist or a glob matches no file.
+        TypeError: If ``data`` is neither a path, a URL nor an ``xr.Dataset``.
+    """
+    if isinstance(data, xr.Dataset):
+        return
+    if not isinstance(data, (str, os.PathLike)):
+        raise TypeError(
+            f"data must be a path, glob, URL, {SYNTHETIC_SOURCE!r} or an xarray.Dataset, "
+            f"got {type(data).__name__}"
+        )
+    path = os.fspath(data)
+    if path == SYNTHETIC_SOURCE or _is_url(path):
+        return
+    if _is_glob(path):
+        if not glob.glob(path):
+            raise FileNotFoundError(f"data: no file matches the pattern {path!r}")
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data: no such file or store {path!r}")
+
+
+def open_source(data: DataSource, open_kwargs: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Open a source lazily.
+
+    Args:
+        data: A zarr store (path or URL ending in ``.zarr``, or a folder with zarr metadata),
+            a netCDF file, a glob of netCDF files, another fsspec URL (opened with zarr), an
+            ``xr.Dataset`` (returned as is) or :data:`SYNTHETIC_SOURCE`.
+        open_kwargs: Extra keyword arguments for the xarray opener (``engine``, ``chunks``,
+            ``storage_options``, ...).
+
+    Returns:
+        The dataset, unloaded.
+
+    Example:
+        >>> ds = open_source("synthetic://weather")
+        >>> sorted(ds.data_vars)
+        ['t2m', 'u10', 'v10']
+    """
+    check_source_exists(data)
+    if isinstance(data, xr.Dataset):
+        return data
+    kwargs = dict(open_kwargs or {})
+    path = os.fspath(data)
+    if path == SYNTHETIC_SOURCE:
+        from xr_datamodule.synthetic import make_weather
+
+        return make_weather(**kwargs)
+    try:
+        if _is_zarr(path) or (_is_url(path) and not path.endswith((".nc", ".nc4"))):
+            return xr.open_zarr(path, **kwargs)
+        if _is_glob(path):
+            return xr.open_mfdataset(path, **kwargs)
+        return xr.open_dataset(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise type(err)(f"data: could not open {path!r}: {err}") from err
+
+
+def is_in_memory(ds: xr.Dataset, names: Sequence[str]) -> bool:
+    """Whether all the named variables are held as numpy arrays (not dask, not lazy files)."""
+    # ``Variable._in_memory`` is the one test that tells lazily indexed file arrays from
+    # numpy without touching the data (``.data`` would load them).
+    return all(getattr(ds[name].variable, "_in_memory", False) for name in names)
+
+
+def check_variables(ds: xr.Dataset, names: Sequence[str], role: str) -> list[str]:
+    """Check that the named variables exist, are numeric and are not listed twice.
+
+    Args:
+        ds: The source dataset.
+        names: Variable names as given by the user.
+        role: Argument name for error messages (``"input_vars"``, ``"target_vars"``).
+
+    Returns:
+        The names as a list.
+
+    Raises:
+        KeyError: For an unknown variable (the message lists the valid ones).
+        TypeError: For a non-numeric variable.
+        ValueError: For an empty list or a variable listed twice.
+    """
+    names = list(names)
+    if not names:
+        raise ValueError(f"{role} must name at least one variable")
+    valid = tuple(str(name) for name in ds.data_vars)
+    for name in names:
+        if name not in ds.data_vars:
+            raise KeyError(f"{role}: variable {name!r} is not in the data. Valid: {valid}")
+        dtype = ds[name].dtype
+        if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
+            raise TypeError(
+                f"{role}: variable {name!r} has dtype {dtype}, which is not numeric; "
+                "only numeric (or boolean) variables can become tensors"
+            )
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ValueError(f"{role}: variable(s) {twice} listed more than once")
+    return names
+
+
+def window_dim_order(ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]) -> tuple:
+    """Windowed dims in the order they have in the first variable; check every variable has all.
+
+    Raises:
+        KeyError: If a windowed dim is not a dim of the data.
+        ValueError: If a variable lacks a windowed dim.
+    """
+    for dim in window_dims:
+        if dim not in ds.dims:
+            raise KeyError(
+                f"input_dims: dimension {dim!r} does not exist. "
+                f"Expected one or more of {tuple(str(d) for d in ds.dims)}"
+            )
+    for name in names:
+        missing = [dim for dim in window_dims if dim not in ds[name].dims]
+        if missing:
+            raise ValueError(
+                f"variable {name!r} has dims {ds[name].dims} and lacks the windowed dim(s) "
+                f"{missing}; every selected variable must have all of {tuple(window_dims)}"
+            )
+    first = ds[names[0]].dims
+    return tuple(dim for dim in first if dim in window_dims)
+
+
+@dataclass(frozen=True)
+class VariableLayout:
+    """How one variable becomes channels: its non-windowed dims, flattened in C order."""
+
+    name: str
+    extra_dims: tuple[str, ...]
+    extra_shape: tuple[int, ...]
+
+    @property
+    def n_channels(self) -> int:
+        """Number of channels the variable contributes."""
+        return int(np.prod(self.extra_shape, dtype=np.int64))
+
+    def channel_names(self, ds: xr.Dataset) -> list[str]:
+        """Readable names, e.g. ``u[level=200]``, one per channel."""
+        if not self.extra_dims:
+            return [self.name]
+        labels = [
+            ds[dim].values if dim in ds.coords else np.arange(size)
+            for dim, size in zip(self.extra_dims, self.extra_shape, strict=True)
+        ]
+        names = []
+        for position in np.ndindex(*self.extra_shape):
+            parts = ",".join(
+                f"{dim}={values[i]}"
+                for dim, values, i in zip(self.extra_dims, labels, position, strict=True)
+            )
+            names.append(f"{self.name}[{parts}]")
+        return names
+
+
+def channel_layouts(
+    ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]
+) -> list[VariableLayout]:
+    """Channel layout of each variable (see the module docstring for the rule)."""
+    layouts = []
+    for name in names:
+        var = ds[name]
+        extra = tuple(dim for dim in var.dims if dim not in window_dims)
+        layouts.append(VariableLayout(name, extra, tuple(var.sizes[d] for d in extra)))
+    return layouts

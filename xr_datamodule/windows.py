@@ -1,0 +1,139 @@
+"""Window geometry and the sample index: integer start positions, no per-sample objects.
+
+A *sample* is one input window plus one target window. Along every windowed dim the input
+window covers ``[start, start + input_size)`` and the target window
+``[start + offset, start + offset + target_size)``. Valid starts form a regular grid per dim
+(stride = window - overlap, anchored at the lower edge of the split), so the index of a split
+is a handful of 1-D integer arrays, one per dim; sample ``i`` is the ``i``-th point of their
+Cartesian product in C order. Nothing here knows about xarray or torch.
+
+Example:
+    >>> geometry = WindowGeometry(dims=("time",), input_size=(4,), stride=(1,),
+    ...                           target_size=(1,), target_offset=(4,))
+    >>> index = build_index(geometry, {"time": (0, 10)})
+    >>> len(index), index.starts([0, 5]).ravel().tolist()
+    (6, [0, 5])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["SampleIndex", "WindowGeometry", "build_index"]
+
+
+@dataclass(frozen=True)
+class WindowGeometry:
+    """Sizes, strides and target offsets of the windows, per windowed dim.
+
+    Args:
+        dims: Windowed dims, in the order they have in the variables.
+        input_size: Input window length per dim.
+        stride: Step between consecutive window starts per dim (window - overlap).
+        target_size: Target window length per dim.
+        target_offset: Target window start relative to the input window start, per dim.
+    """
+
+    dims: tuple[str, ...]
+    input_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    target_size: tuple[int, ...]
+    target_offset: tuple[int, ...]
+
+    @property
+    def reach_below(self) -> tuple[int, ...]:
+        """How far below the input start a sample reaches (> 0 for negative offsets)."""
+        return tuple(max(0, -off) for off in self.target_offset)
+
+    @property
+    def extent(self) -> tuple[int, ...]:
+        """Length of the span one sample touches per dim (input and target windows)."""
+        return tuple(
+            max(size, off + tsize) - min(0, off)
+            for size, off, tsize in zip(
+                self.input_size, self.target_offset, self.target_size, strict=True
+            )
+        )
+
+    def starts_along(self, axis: int, lower: int, upper: int) -> np.ndarray:
+        """Valid input-window starts along one dim for samples inside ``[lower, upper)``.
+
+        Args:
+            axis: Position of the dim in :attr:`dims`.
+            lower: First position the sample may touch.
+            upper: One past the last position the sample may touch.
+
+        Returns:
+            int64 array of starts, empty when no full sample fits.
+        """
+        first = lower + self.reach_below[axis]
+        last = upper - self.extent[axis] + self.reach_below[axis]
+        if last < first:
+            return np.empty(0, dtype=np.int64)
+        return np.arange(first, last + 1, self.stride[axis], dtype=np.int64)
+
+
+@dataclass(frozen=True, eq=False)
+class SampleIndex:
+    """The samples of one split: a regular grid of window starts, one array per dim.
+
+    Args:
+        dims: Windowed dims, in :class:`WindowGeometry` order.
+        axis_starts: Valid input-window starts along each dim.
+    """
+
+    dims: tuple[str, ...]
+    axis_starts: tuple[np.ndarray, ...]
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        """Number of window positions along each dim."""
+        return tuple(len(starts) for starts in self.axis_starts)
+
+    def __len__(self) -> int:
+        return int(np.prod(self.grid_shape, dtype=np.int64))
+
+    def starts(self, sample_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Input-window starts of the given samples.
+
+        Args:
+            sample_ids: Sample numbers in ``[0, len(self))``.
+
+        Returns:
+            int64 array of shape ``(len(sample_ids), len(dims))``.
+
+        Raises:
+            IndexError: If a sample number is out of range.
+        """
+        ids = np.asarray(sample_ids, dtype=np.int64).reshape(-1)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
+            bad = ids[(ids < 0) | (ids >= len(self))][0]
+            raise IndexError(f"sample {bad} is out of range for a split of {len(self)} samples")
+        positions = np.unravel_index(ids, self.grid_shape)
+        out = np.empty((ids.size, len(self.dims)), dtype=np.int64)
+        for axis, (starts, pos) in enumerate(zip(self.axis_starts, positions, strict=True)):
+            out[:, axis] = starts[pos]
+        return out
+
+
+def build_index(
+    geometry: WindowGeometry,
+    bounds: Mapping[str, tuple[int, int]],
+) -> SampleIndex:
+    """Build the sample index of a region.
+
+    Args:
+        geometry: Window sizes, strides and offsets.
+        bounds: ``(lower, upper)`` positions per windowed dim that samples must stay inside;
+            every dim of ``geometry`` must be present.
+
+    Returns:
+        The sample index; it may be empty (callers decide whether that is an error).
+    """
+    axis_starts = tuple(
+        geometry.starts_along(axis, *bounds[dim]) for axis, dim in enumerate(geometry.dims)
+    )
+    return SampleIndex(dims=geometry.dims, axis_starts=axis_starts)
