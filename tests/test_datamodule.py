@@ -1,0 +1,161 @@
+"""DataModule wiring: setup, loader settings, shuffling, workers, hyperparameters."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+
+from xr_datamodule import XarrayDataModule
+from xr_datamodule.samplers import ArrayBatchSampler
+
+CONFIG = dict(input_vars=["a", "b"], target_vars=["b"], input_dims={"time": 3, "lat": 4},
+              target_dims={"time": 1, "lat": 4}, target_offset={"time": 3},
+              input_overlap={"time": 2, "lat": 2}, batch_size=8)
+
+
+def epoch_inputs(loader) -> list[np.ndarray]:
+    return [x.numpy().copy() for x, _ in loader]
+
+
+def test_metadata_works_before_setup_and_setup_is_idempotent(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    assert dm.input_shape == (2 * 10, 3, 4)  # lon is not windowed: 10 channels per variable
+    assert dm.target_shape == (10, 1, 4)
+    assert dm.datasets == {}
+    dm.setup("fit")
+    train, source = dm.datasets["train"], dm.source
+    dm.setup("fit")
+    dm.setup("validate")
+    assert dm.datasets["train"] is train and dm.source is source
+    assert sorted(dm.datasets) == ["train", "val"]
+    dm.setup("test")
+    assert dm.datasets["test"].reader is train.reader  # one stacked copy shared by all splits
+
+
+def test_splits_by_label_are_inclusive_and_disjoint(small_ds):
+    dm = XarrayDataModule(small_ds, **{**CONFIG, "splits": {
+        "train": {"time": ["2020-01-01", "2020-01-25"]},
+        "val": {"time": ["2020-01-26", "2020-02-09"]},
+    }})
+    dm.setup()
+    train_starts = dm.indices["train"].starts(np.arange(len(dm.indices["train"])))
+    val_starts = dm.indices["val"].starts(np.arange(len(dm.indices["val"])))
+    # Inclusive: day 25 (position 24) is the last the train split may touch.
+    assert train_starts[:, 0].max() + dm.geometry.extent[0] - 1 == 24
+    assert val_starts[:, 0].min() == 25
+    assert val_starts[:, 0].max() + dm.geometry.extent[0] - 1 <= 39
+
+
+def test_train_order_is_seeded_shuffled_and_changes_per_epoch(small_ds):
+    def orders(seed):
+        dm = XarrayDataModule(small_ds, **{**CONFIG, "seed": seed})
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return dm, [epoch_inputs(loader) for _ in range(2)]
+
+    dm, (first, second) = orders(0)
+    _, (again, _) = orders(0)
+    _, (other, _) = orders(1)
+    n = len(dm.datasets["train"])
+    assert sum(len(x) for x in first) == n
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate(again))
+    assert not np.array_equal(np.concatenate(first), np.concatenate(second))
+    assert not np.array_equal(np.concatenate(first), np.concatenate(other))
+    # Each epoch holds every training sample exactly once.
+    ordered = dm.datasets["train"].__getitems__(np.arange(n)).inputs
+    key = lambda arr: sorted(map(bytes, arr.reshape(len(arr), -1)))  # noqa: E731
+    assert key(np.concatenate(first)) == key(ordered) == key(np.concatenate(second))
+
+
+def test_val_and_test_are_in_order(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    dm.setup()
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        n = len(dm.datasets[split])
+        expected = dm.datasets[split].__getitems__(np.arange(n)).inputs
+        np.testing.assert_array_equal(np.concatenate(epoch_inputs(loader)), expected)
+
+
+def test_loader_settings_defaults_and_overrides(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, ArrayBatchSampler)
+    assert loader.num_workers == 0 and loader.pin_memory is False
+    assert loader.batch_sampler.batch_size == 8
+
+    dm.trainer = SimpleNamespace(accelerator=CPUAccelerator())
+    assert dm.loader_settings["pin_memory"] is False
+    dm.trainer = SimpleNamespace(accelerator=CUDAAccelerator())
+    assert dm.loader_settings["pin_memory"] is True
+
+    workers = XarrayDataModule(small_ds, **{**CONFIG, "num_workers": 2, "prefetch_factor": 4,
+                                            "multiprocessing_context": "spawn"})
+    settings = workers.loader_settings
+    assert settings["persistent_workers"] is True
+    assert settings["prefetch_factor"] == 4
+    assert settings["multiprocessing_context"] == "spawn"
+    assert settings["pin_memory"] is False
+    loader = workers.val_dataloader()
+    assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 4
+
+    forced = XarrayDataModule(small_ds, **{**CONFIG, "num_workers": 1, "pin_memory": True,
+                                           "persistent_workers": False})
+    assert forced.loader_settings["pin_memory"] is True
+    assert forced.loader_settings["persistent_workers"] is False
+
+
+@pytest.mark.parametrize("backing", ["numpy", "zarr"])
+def test_two_workers_give_the_same_batches_as_none(small_ds, zarr_path, backing):
+    data = small_ds if backing == "numpy" else str(zarr_path)
+    single = XarrayDataModule(data, **CONFIG)
+    multi = XarrayDataModule(data, **{**CONFIG, "num_workers": 2})
+    for dm in (single, multi):
+        dm.setup()
+    for name in ("val_dataloader", "test_dataloader", "train_dataloader"):
+        expected = epoch_inputs(getattr(single, name)())
+        got = epoch_inputs(getattr(multi, name)())
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_missing_val_split_gives_no_val_batches(small_ds):
+    dm = XarrayDataModule(small_ds, **{**CONFIG, "splits": {"train": 0.5, "test": 0.5}})
+    dm.setup()
+    assert dm.val_dataloader() == []
+    # Without a predict split, prediction runs over the test split.
+    assert len(dm.predict_dataloader().dataset) == len(dm.datasets["test"])
+
+
+def test_hyperparameters_are_saved_and_yaml_friendly(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG, transform=lambda ds: ds)
+    assert "data" not in dm.hparams and "transform" not in dm.hparams
+    assert dm.hparams["input_dims"] == {"time": 3, "lat": 4}
+    dm2 = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+                           input_dims={"time": 1, "lat": 8, "lon": 8})
+    assert dm2.hparams["data"] == "synthetic://weather"
+
+
+def test_no_device_placement_in_the_package():
+    package = Path(__file__).resolve().parents[1] / "xr_datamodule"
+    pattern = re.compile(r"\.(to|cuda)\(|device=")
+    offenders = [
+        f"{path.name}:{number}"
+        for path in package.glob("*.py")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert offenders == []
+
+
+def test_batches_are_contiguous_cpu_tensors(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    X, y = next(iter(dm.val_dataloader()))
+    assert X.device.type == "cpu" and X.dtype == torch.float32 and X.is_contiguous()
+    assert X.shape == (8, *dm.input_shape) and y.shape == (8, *dm.target_shape)

@@ -1,0 +1,153 @@
+"""Gathered batches equal ``ds.isel`` of the same windows, for numpy, zarr and netCDF data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from tests.conftest import reference_windows
+from xr_datamodule import XarrayDataModule
+from xr_datamodule.gather import InMemoryReader, LazyReader, gather_windows
+
+CONFIG = dict(
+    input_vars=["c", "a"],
+    target_vars=["b"],
+    input_dims={"time": 3, "lat": 4, "lon": 5},
+    input_overlap={"time": 1, "lon": 2},
+    target_dims={"time": 1, "lat": 4, "lon": 5},
+    target_offset={"time": 3},
+    splits={"train": 0.6, "val": 0.2, "test": 0.2},
+    batch_size=7,
+)
+
+
+def check_random_batches(dm: XarrayDataModule, reference: xr.Dataset, split: str) -> None:
+    dataset = dm.datasets[split]
+    rng = np.random.default_rng(1)
+    ids = rng.choice(len(dataset), size=min(20, len(dataset)), replace=False)
+    batch = dataset.__getitems__(ids)
+    starts = dm.indices[split].starts(ids)
+    geometry = dm.geometry
+    expected_x = reference_windows(reference, dm.input_vars, geometry.dims, starts,
+                                   geometry.input_size)
+    expected_y = reference_windows(reference, dm.target_vars, geometry.dims,
+                                   starts + np.asarray(geometry.target_offset),
+                                   geometry.target_size)
+    assert batch.inputs.dtype == np.float32
+    np.testing.assert_array_equal(batch.inputs, expected_x.astype(np.float32))
+    np.testing.assert_array_equal(batch.targets, expected_y.astype(np.float32))
+
+
+def test_numpy_backed_batches_equal_isel(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    dm.setup()
+    assert isinstance(dm.datasets["train"].reader, InMemoryReader)
+    # Window axes follow the first input variable: c is (level, lon, time, lat).
+    assert dm.window_dims == ("lon", "time", "lat")
+    assert dm.input_shape == (3 + 1, 5, 3, 4)
+    assert dm.input_channel_names == ["c[level=200]", "c[level=500]", "c[level=850]", "a"]
+    for split in ("train", "val", "test"):
+        check_random_batches(dm, small_ds, split)
+
+
+def test_zarr_backed_batches_equal_isel_and_stay_lazy(small_ds, zarr_path):
+    dm = XarrayDataModule(str(zarr_path), **CONFIG)
+    dm.setup()
+    assert all(dm.source[name].chunks is not None for name in ("a", "b", "c"))
+    assert isinstance(dm.datasets["train"].reader, LazyReader)
+    for split in ("train", "test"):
+        check_random_batches(dm, small_ds, split)
+    # Still dask-backed after reading batches: nothing was loaded into the source.
+    assert all(dm.source[name].chunks is not None for name in ("a", "b", "c"))
+
+
+def test_netcdf_batches_equal_isel(small_ds, tmp_path):
+    path = tmp_path / "small.nc"
+    small_ds.to_netcdf(path)
+    dm = XarrayDataModule(str(path), **CONFIG)
+    dm.setup("fit")
+    assert isinstance(dm.datasets["train"].reader, LazyReader)
+    check_random_batches(dm, small_ds, "train")
+
+
+def test_negative_target_offset_and_float64(small_ds):
+    dm = XarrayDataModule(
+        small_ds, input_vars=["a"], target_vars=["a", "b"], input_dims={"time": 2, "lat": 3},
+        target_dims={"time": 1, "lat": 3}, target_offset={"time": -2}, dtype="float64",
+        splits={"train": {"time": [None, "2020-01-20"]}, "test": {"time": ["2020-01-21", None]}},
+    )
+    dm.setup()
+    # Every lon position is its own channel: lon is not windowed.
+    assert dm.input_shape == (10, 2, 3)
+    dataset = dm.datasets["test"]
+    batch = dataset.__getitems__(np.arange(len(dataset)))
+    starts = dm.indices["test"].starts(np.arange(len(dataset)))
+    assert starts[:, 0].min() == 20 + 2  # the target two steps back must stay in the split
+    expected = reference_windows(small_ds, ["a", "b"], ("time", "lat"), starts - [2, 0], (1, 3))
+    assert batch.targets.dtype == np.float64
+    np.testing.assert_array_equal(batch.targets, expected)
+
+
+def test_single_sample_getitem_matches_batch(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    dm.setup("test")
+    dataset = dm.datasets["test"]
+    sample = dataset[3]
+    batch = dataset.__getitems__([3])
+    np.testing.assert_array_equal(sample.inputs, batch.inputs[0])
+    assert sample.inputs.shape == dm.input_shape
+    assert sample.targets.shape == dm.target_shape
+
+
+def test_transform_sees_real_coordinates_and_adds_channels(small_ds):
+    seen = []
+
+    def add_sum(window: xr.Dataset) -> xr.Dataset:
+        seen.append(window.time.values[0])
+        return window.assign(total=window.a + window.b)
+
+    dm = XarrayDataModule(
+        small_ds, input_vars=["a", "b"], input_dims={"time": 2, "lat": 3, "lon": 4},
+        transform=add_sum, splits={"train": 1.0},
+    )
+    assert dm.input_shape == (3, 2, 3, 4)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    ids = np.array([5, 0, 17])
+    batch = dataset.__getitems__(ids)
+    starts = dm.indices["train"].starts(ids)
+    ref = reference_windows(small_ds.assign(total=small_ds.a + small_ds.b), ["a", "b", "total"],
+                            ("time", "lat", "lon"), starts, (2, 3, 4))
+    np.testing.assert_allclose(batch.inputs, ref.astype(np.float32), rtol=1e-6)
+    assert seen[-3:] == [small_ds.time.values[s] for s in starts[:, 0]]
+    # The target side keeps the vectorised path and equals the plain windows.
+    np.testing.assert_array_equal(
+        batch.targets,
+        reference_windows(small_ds, ["a", "b"], ("time", "lat", "lon"), starts, (2, 3, 4))
+        .astype(np.float32),
+    )
+
+
+def test_gather_windows_one_dim():
+    block = np.arange(3 * 6, dtype=np.float32).reshape(3, 6)
+    out = gather_windows(block, np.array([2, 0]), np.array([[1], [4]]), (2,))
+    assert out.shape == (2, 2, 2)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out[0], [[13, 14], [1, 2]])
+    np.testing.assert_array_equal(out[1], [[16, 17], [4, 5]])
+
+
+@pytest.mark.parametrize("backing", ["numpy", "zarr"])
+def test_loader_batches_cover_split_in_order(small_ds, zarr_path, backing):
+    data = small_ds if backing == "numpy" else str(zarr_path)
+    dm = XarrayDataModule(data, **CONFIG)
+    dm.setup("fit")
+    batches = list(dm.val_dataloader())
+    n = len(dm.datasets["val"])
+    assert sum(len(x) for x, _ in batches) == n
+    X = np.concatenate([x.numpy() for x, _ in batches])
+    starts = dm.indices["val"].starts(np.arange(n))
+    expected = reference_windows(small_ds, dm.input_vars, dm.window_dims, starts,
+                                 dm.geometry.input_size)
+    np.testing.assert_array_equal(X, expected.astype(np.float32))
