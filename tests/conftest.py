@@ -49,14 +49,20 @@ def era_path() -> Path:
 
 
 def reference_windows(
-    ds: xr.Dataset, names: list[str], window_dims: tuple[str, ...], starts: np.ndarray,
+    ds: xr.Dataset,
+    names: list[str],
+    window_dims: tuple[str, ...],
+    starts: np.ndarray,
     size: tuple[int, ...],
 ) -> np.ndarray:
     """Brute force: one ``ds.isel`` per sample, channels stacked variable by variable."""
     samples = []
     for sample_starts in starts:
         window = ds.isel(
-            {d: slice(int(s), int(s) + n) for d, s, n in zip(window_dims, sample_starts, size)}
+            {
+                d: slice(int(s), int(s) + n)
+                for d, s, n in zip(window_dims, sample_starts, size, strict=True)
+            }
         )
         channels = []
         for name in names:

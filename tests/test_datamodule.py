@@ -14,9 +14,15 @@ from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.samplers import ArrayBatchSampler
 
-CONFIG = dict(input_vars=["a", "b"], target_vars=["b"], input_dims={"time": 3, "lat": 4},
-              target_dims={"time": 1, "lat": 4}, target_offset={"time": 3},
-              input_overlap={"time": 2, "lat": 2}, batch_size=8)
+CONFIG = dict(
+    input_vars=["a", "b"],
+    target_vars=["b"],
+    input_dims={"time": 3, "lat": 4},
+    target_dims={"time": 1, "lat": 4},
+    target_offset={"time": 3},
+    input_overlap={"time": 2, "lat": 2},
+    batch_size=8,
+)
 
 
 def epoch_inputs(loader) -> list[np.ndarray]:
@@ -39,10 +45,16 @@ def test_metadata_works_before_setup_and_setup_is_idempotent(small_ds):
 
 
 def test_splits_by_label_are_inclusive_and_disjoint(small_ds):
-    dm = XarrayDataModule(small_ds, **{**CONFIG, "splits": {
-        "train": {"time": ["2020-01-01", "2020-01-25"]},
-        "val": {"time": ["2020-01-26", "2020-02-09"]},
-    }})
+    dm = XarrayDataModule(
+        small_ds,
+        **{
+            **CONFIG,
+            "splits": {
+                "train": {"time": ["2020-01-01", "2020-01-25"]},
+                "val": {"time": ["2020-01-26", "2020-02-09"]},
+            },
+        },
+    )
     dm.setup()
     train_starts = dm.indices["train"].starts(np.arange(len(dm.indices["train"])))
     val_starts = dm.indices["val"].starts(np.arange(len(dm.indices["val"])))
@@ -94,8 +106,10 @@ def test_loader_settings_defaults_and_overrides(small_ds):
     dm.trainer = SimpleNamespace(accelerator=CUDAAccelerator())
     assert dm.loader_settings["pin_memory"] is True
 
-    workers = XarrayDataModule(small_ds, **{**CONFIG, "num_workers": 2, "prefetch_factor": 4,
-                                            "multiprocessing_context": "spawn"})
+    workers = XarrayDataModule(
+        small_ds,
+        **{**CONFIG, "num_workers": 2, "prefetch_factor": 4, "multiprocessing_context": "spawn"},
+    )
     settings = workers.loader_settings
     assert settings["persistent_workers"] is True
     assert settings["prefetch_factor"] == 4
@@ -104,8 +118,9 @@ def test_loader_settings_defaults_and_overrides(small_ds):
     loader = workers.val_dataloader()
     assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 4
 
-    forced = XarrayDataModule(small_ds, **{**CONFIG, "num_workers": 1, "pin_memory": True,
-                                           "persistent_workers": False})
+    forced = XarrayDataModule(
+        small_ds, **{**CONFIG, "num_workers": 1, "pin_memory": True, "persistent_workers": False}
+    )
     assert forced.loader_settings["pin_memory"] is True
     assert forced.loader_settings["persistent_workers"] is False
 
@@ -121,7 +136,7 @@ def test_two_workers_give_the_same_batches_as_none(small_ds, zarr_path, backing)
         expected = epoch_inputs(getattr(single, name)())
         got = epoch_inputs(getattr(multi, name)())
         assert len(got) == len(expected)
-        for a, b in zip(got, expected):
+        for a, b in zip(got, expected, strict=True):
             np.testing.assert_array_equal(a, b)
 
 
@@ -137,8 +152,9 @@ def test_hyperparameters_are_saved_and_yaml_friendly(small_ds):
     dm = XarrayDataModule(small_ds, **CONFIG, transform=lambda ds: ds)
     assert "data" not in dm.hparams and "transform" not in dm.hparams
     assert dm.hparams["input_dims"] == {"time": 3, "lat": 4}
-    dm2 = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-                           input_dims={"time": 1, "lat": 8, "lon": 8})
+    dm2 = XarrayDataModule(
+        "synthetic://weather", input_vars=["t2m"], input_dims={"time": 1, "lat": 8, "lon": 8}
+    )
     assert dm2.hparams["data"] == "synthetic://weather"
 
 

@@ -29,11 +29,16 @@ def check_random_batches(dm: XarrayDataModule, reference: xr.Dataset, split: str
     batch = dataset.__getitems__(ids)
     starts = dm.indices[split].starts(ids)
     geometry = dm.geometry
-    expected_x = reference_windows(reference, dm.input_vars, geometry.dims, starts,
-                                   geometry.input_size)
-    expected_y = reference_windows(reference, dm.target_vars, geometry.dims,
-                                   starts + np.asarray(geometry.target_offset),
-                                   geometry.target_size)
+    expected_x = reference_windows(
+        reference, dm.input_vars, geometry.dims, starts, geometry.input_size
+    )
+    expected_y = reference_windows(
+        reference,
+        dm.target_vars,
+        geometry.dims,
+        starts + np.asarray(geometry.target_offset),
+        geometry.target_size,
+    )
     assert batch.inputs.dtype == np.float32
     np.testing.assert_array_equal(batch.inputs, expected_x.astype(np.float32))
     np.testing.assert_array_equal(batch.targets, expected_y.astype(np.float32))
@@ -73,8 +78,13 @@ def test_netcdf_batches_equal_isel(small_ds, tmp_path):
 
 def test_negative_target_offset_and_float64(small_ds):
     dm = XarrayDataModule(
-        small_ds, input_vars=["a"], target_vars=["a", "b"], input_dims={"time": 2, "lat": 3},
-        target_dims={"time": 1, "lat": 3}, target_offset={"time": -2}, dtype="float64",
+        small_ds,
+        input_vars=["a"],
+        target_vars=["a", "b"],
+        input_dims={"time": 2, "lat": 3},
+        target_dims={"time": 1, "lat": 3},
+        target_offset={"time": -2},
+        dtype="float64",
         splits={"train": {"time": [None, "2020-01-20"]}, "test": {"time": ["2020-01-21", None]}},
     )
     dm.setup()
@@ -108,8 +118,11 @@ def test_transform_sees_real_coordinates_and_adds_channels(small_ds):
         return window.assign(total=window.a + window.b)
 
     dm = XarrayDataModule(
-        small_ds, input_vars=["a", "b"], input_dims={"time": 2, "lat": 3, "lon": 4},
-        transform=add_sum, splits={"train": 1.0},
+        small_ds,
+        input_vars=["a", "b"],
+        input_dims={"time": 2, "lat": 3, "lon": 4},
+        transform=add_sum,
+        splits={"train": 1.0},
     )
     assert dm.input_shape == (3, 2, 3, 4)
     dm.setup("fit")
@@ -117,15 +130,21 @@ def test_transform_sees_real_coordinates_and_adds_channels(small_ds):
     ids = np.array([5, 0, 17])
     batch = dataset.__getitems__(ids)
     starts = dm.indices["train"].starts(ids)
-    ref = reference_windows(small_ds.assign(total=small_ds.a + small_ds.b), ["a", "b", "total"],
-                            ("time", "lat", "lon"), starts, (2, 3, 4))
+    ref = reference_windows(
+        small_ds.assign(total=small_ds.a + small_ds.b),
+        ["a", "b", "total"],
+        ("time", "lat", "lon"),
+        starts,
+        (2, 3, 4),
+    )
     np.testing.assert_allclose(batch.inputs, ref.astype(np.float32), rtol=1e-6)
     assert seen[-3:] == [small_ds.time.values[s] for s in starts[:, 0]]
     # The target side keeps the vectorised path and equals the plain windows.
     np.testing.assert_array_equal(
         batch.targets,
-        reference_windows(small_ds, ["a", "b"], ("time", "lat", "lon"), starts, (2, 3, 4))
-        .astype(np.float32),
+        reference_windows(small_ds, ["a", "b"], ("time", "lat", "lon"), starts, (2, 3, 4)).astype(
+            np.float32
+        ),
     )
 
 
@@ -148,6 +167,7 @@ def test_loader_batches_cover_split_in_order(small_ds, zarr_path, backing):
     assert sum(len(x) for x, _ in batches) == n
     X = np.concatenate([x.numpy() for x, _ in batches])
     starts = dm.indices["val"].starts(np.arange(n))
-    expected = reference_windows(small_ds, dm.input_vars, dm.window_dims, starts,
-                                 dm.geometry.input_size)
+    expected = reference_windows(
+        small_ds, dm.input_vars, dm.window_dims, starts, dm.geometry.input_size
+    )
     np.testing.assert_array_equal(X, expected.astype(np.float32))

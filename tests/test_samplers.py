@@ -15,8 +15,9 @@ def test_order_is_a_function_of_seed_and_epoch():
     np.testing.assert_array_equal(a.order(), b.order())
     b.set_epoch(6)
     assert not np.array_equal(a.order(), b.order())
-    assert not np.array_equal(EpochShuffleSampler(100, seed=4).order(),
-                              EpochShuffleSampler(100, seed=3).order())
+    assert not np.array_equal(
+        EpochShuffleSampler(100, seed=4).order(), EpochShuffleSampler(100, seed=3).order()
+    )
 
 
 def test_each_epoch_is_a_permutation_and_epochs_advance_without_set_epoch():
@@ -35,7 +36,9 @@ def test_array_batch_sampler_yields_arrays_and_honours_drop_last():
     assert all(isinstance(b, np.ndarray) and b.dtype == np.int64 for b in batches)
     assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert [b.tolist() for b in ArrayBatchSampler(sampler, 4, drop_last=True)] == [
-        [0, 1, 2, 3], [4, 5, 6, 7]]
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+    ]
     assert len(ArrayBatchSampler(sampler, 4, drop_last=False)) == 3
 
 

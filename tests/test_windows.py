@@ -35,9 +35,7 @@ dim_case = st.tuples(
     st.integers(1, 5),  # target window
     st.integers(-6, 8),  # target offset
 ).flatmap(
-    lambda c: st.tuples(
-        st.just(c), st.integers(0, c[0]), st.integers(0, c[0])
-    )  # split bounds
+    lambda c: st.tuples(st.just(c), st.integers(0, c[0]), st.integers(0, c[0]))  # split bounds
 )
 
 
@@ -46,7 +44,7 @@ dim_case = st.tuples(
 def test_index_matches_brute_force(cases):
     dims, sizes, strides, tsizes, offsets, bounds = [], [], [], [], [], {}
     expected_axes = []
-    for axis, ((length, size, overlap, tsize, offset), a, b) in enumerate(cases):
+    for axis, ((_length, size, overlap, tsize, offset), a, b) in enumerate(cases):
         lo, hi = min(a, b), max(a, b)
         stride = size - min(overlap, size - 1)
         dim = f"d{axis}"
@@ -57,8 +55,9 @@ def test_index_matches_brute_force(cases):
         offsets.append(offset)
         bounds[dim] = (lo, hi)
         expected_axes.append(brute_force_starts(lo, hi, size, stride, tsize, offset))
-    geometry = WindowGeometry(tuple(dims), tuple(sizes), tuple(strides), tuple(tsizes),
-                              tuple(offsets))
+    geometry = WindowGeometry(
+        tuple(dims), tuple(sizes), tuple(strides), tuple(tsizes), tuple(offsets)
+    )
     index = build_index(geometry, bounds)
     expected = list(itertools.product(*expected_axes))
     assert len(index) == len(expected)
@@ -97,8 +96,9 @@ def test_out_of_range_sample_raises():
 
 
 def test_one_million_samples_index_is_fast_and_compact():
-    geometry = WindowGeometry(("time", "lat", "lon"), (1, 32, 32), (1, 1, 1), (1, 32, 32),
-                              (1, 0, 0))
+    geometry = WindowGeometry(
+        ("time", "lat", "lon"), (1, 32, 32), (1, 1, 1), (1, 32, 32), (1, 0, 0)
+    )
     began = time.perf_counter()
     index = build_index(geometry, {"time": (0, 1001), "lat": (0, 131), "lon": (0, 41)})
     starts = index.starts(np.arange(len(index)))

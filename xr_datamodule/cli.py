@@ -54,3 +54,7 @@ def run_cli(args: Sequence[str] | None = None) -> XarrayCLI:
 def main() -> None:
     """Console-script entry point of ``xr-datamodule``."""
     run_cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from functools import cached_property
-from typing import Any, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -73,9 +73,7 @@ def _int_mapping(mapping: Any, what: str, minimum: int | None) -> dict[str, int]
 def _check_keys(mapping: Mapping[str, int], valid: Mapping[str, int], what: str) -> None:
     for dim in mapping:
         if dim not in valid:
-            raise KeyError(
-                f"{what}: dim {dim!r} is not in input_dims. Valid: {tuple(valid)}"
-            )
+            raise KeyError(f"{what}: dim {dim!r} is not in input_dims. Valid: {tuple(valid)}")
 
 
 def _init_worker(worker_id: int) -> None:
@@ -83,7 +81,8 @@ def _init_worker(worker_id: int) -> None:
     import dask
 
     dask.config.set(scheduler="synchronous")
-    np.random.seed(torch.initial_seed() % 2**32)
+    # Seed the legacy global RNG too: user transforms commonly draw from it.
+    np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002
 
 
 class XarrayDataModule(pl.LightningDataModule):
@@ -145,7 +144,7 @@ class XarrayDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data: Union[str, os.PathLike, xr.Dataset],
+        data: str | os.PathLike | xr.Dataset,
         input_vars: list[str],
         input_dims: dict[str, int],
         target_vars: list[str] | None = None,
@@ -378,8 +377,13 @@ class XarrayDataModule(pl.LightningDataModule):
     def _dataset(self, split: str) -> XarrayWindowDataset:
         if split not in self.datasets:
             self.datasets[split] = XarrayWindowDataset(
-                self._reader, self.indices[split], self.geometry, self.input_vars,
-                self.target_vars, self.transform, self.target_transform,
+                self._reader,
+                self.indices[split],
+                self.geometry,
+                self.input_vars,
+                self.target_vars,
+                self.transform,
+                self.target_transform,
             )
         return self.datasets[split]
 
@@ -416,7 +420,10 @@ class XarrayDataModule(pl.LightningDataModule):
             sampler, self.batch_size, drop_last=self.drop_last and split == "train"
         )
         return DataLoader(
-            dataset, batch_sampler=batch_sampler, collate_fn=collate_batch, **self.loader_settings
+            dataset,
+            batch_sampler=batch_sampler,
+            collate_fn=collate_batch,  # type: ignore[arg-type]  # receives one Batch, not a list
+            **self.loader_settings,
         )
 
     @property

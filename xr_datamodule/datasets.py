@@ -95,12 +95,16 @@ class XarrayWindowDataset(Dataset):
             inputs = self._transformed(starts, self.input_vars, geometry.input_size, self.transform)
         if self.target_transform is None:
             targets = gather_windows(
-                block, self.target_channels, local_inputs + self._target_offset,
+                block,
+                self.target_channels,
+                local_inputs + self._target_offset,
                 geometry.target_size,
             )
         else:
             targets = self._transformed(
-                starts + self._target_offset, self.target_vars, geometry.target_size,
+                starts + self._target_offset,
+                self.target_vars,
+                geometry.target_size,
                 self.target_transform,
             )
         return Batch(inputs, targets)
@@ -114,6 +118,10 @@ class XarrayWindowDataset(Dataset):
         self, starts: np.ndarray, names: list[str], size: Sequence[int], transform: Transform
     ) -> np.ndarray:
         return transformed_windows(
-            self.reader.dataset[names], starts, self.geometry.dims, size, transform,
+            self.reader.dataset[names],
+            starts,
+            self.geometry.dims,
+            size,
+            transform,
             self.reader.dtype,
         )

@@ -72,17 +72,26 @@ class DemoForecaster(pl.LightningModule):
         self.log(name, loss, prog_bar=True, batch_size=inputs.shape[0])
         return loss
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        """Mean squared error of one training batch, logged as ``train_loss``."""
         return self._loss(batch, "train_loss")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Log ``val_loss``."""
         self._loss(batch, "val_loss")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        """Log ``test_loss``."""
         self._loss(batch, "test_loss")
 
-    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+    def predict_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        """The prediction for the batch's inputs, shaped like its targets."""
         return self(batch[0])
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:  # noqa: D102
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam with the configured learning rate."""
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -7,7 +7,7 @@ and no per-sample object is built.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sized
+from collections.abc import Iterable, Iterator, Sized
 
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler, SequentialSampler
@@ -55,7 +55,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
-def sample_order(sampler: Sampler | Sized) -> np.ndarray:
+def sample_order(sampler: Iterable[int]) -> np.ndarray:
     """The order a sampler yields, as an int64 array (vectorised for the known samplers).
 
     Reading the order of an :class:`EpochShuffleSampler` also advances its epoch, exactly as
@@ -67,7 +67,7 @@ def sample_order(sampler: Sampler | Sized) -> np.ndarray:
         return order
     if isinstance(sampler, SequentialSampler):
         return np.arange(len(sampler.data_source), dtype=np.int64)
-    return np.fromiter(iter(sampler), dtype=np.int64)  # type: ignore[arg-type]
+    return np.fromiter(iter(sampler), dtype=np.int64)
 
 
 class ArrayBatchSampler(BatchSampler):

@@ -18,7 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -27,9 +27,9 @@ __all__ = [
     "SYNTHETIC_SOURCE",
     "DataSource",
     "VariableLayout",
+    "channel_layouts",
     "check_source_exists",
     "check_variables",
-    "channel_layouts",
     "is_in_memory",
     "open_source",
     "window_dim_order",
@@ -38,7 +38,7 @@ __all__ = [
 SYNTHETIC_SOURCE = "synthetic://weather"
 """Source string that selects the embedded synthetic dataset (:mod:`xr_datamodule.synthetic`)."""
 
-DataSource = Union[str, os.PathLike, xr.Dataset]
+DataSource = str | os.PathLike | xr.Dataset
 
 
 def _is_url(path: str) -> bool:
@@ -163,7 +163,9 @@ def check_variables(ds: xr.Dataset, names: Sequence[str], role: str) -> list[str
     return names
 
 
-def window_dim_order(ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]) -> tuple:
+def window_dim_order(
+    ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]
+) -> tuple[str, ...]:
     """Windowed dims in the order they have in the first variable; check every variable has all.
 
     Raises:
@@ -184,7 +186,7 @@ def window_dim_order(ds: xr.Dataset, names: Sequence[str], window_dims: Sequence
                 f"{missing}; every selected variable must have all of {tuple(window_dims)}"
             )
     first = ds[names[0]].dims
-    return tuple(dim for dim in first if dim in window_dims)
+    return tuple(str(dim) for dim in first if dim in window_dims)
 
 
 @dataclass(frozen=True)
@@ -225,6 +227,6 @@ def channel_layouts(
     layouts = []
     for name in names:
         var = ds[name]
-        extra = tuple(dim for dim in var.dims if dim not in window_dims)
+        extra = tuple(str(dim) for dim in var.dims if dim not in window_dims)
         layouts.append(VariableLayout(name, extra, tuple(var.sizes[d] for d in extra)))
     return layouts

@@ -46,7 +46,9 @@ def check_splits(splits: Mapping[str, Any]) -> None:
         TypeError: A split given as something else than a fraction or a mapping.
     """
     if not isinstance(splits, Mapping) or not splits:
-        raise TypeError(f"splits must be a non-empty mapping of split name to range, got {splits!r}")
+        raise TypeError(
+            f"splits must be a non-empty mapping of split name to range, got {splits!r}"
+        )
     for name, spec in splits.items():
         if name not in SPLIT_NAMES:
             raise ValueError(f"splits: unknown split {name!r}. Valid: {SPLIT_NAMES}")
@@ -57,9 +59,11 @@ def check_splits(splits: Mapping[str, Any]) -> None:
             )
         if isinstance(spec, Mapping):
             for dim, bounds in spec.items():
-                if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence) or len(
-                    bounds
-                ) != 2:
+                if (
+                    isinstance(bounds, (str, bytes))
+                    or not isinstance(bounds, Sequence)
+                    or len(bounds) != 2
+                ):
                     raise ValueError(
                         f"splits[{name!r}][{dim!r}] must be [start, stop] (inclusive labels, "
                         f"None for an open end), got {bounds!r}"
@@ -76,9 +80,7 @@ def check_splits(splits: Mapping[str, Any]) -> None:
             raise ValueError(f"splits: fractions sum to {total:g}, above 1")
 
 
-def _fraction_bounds(
-    splits: Mapping[str, float], split_dim: str, length: int
-) -> dict[str, Bounds]:
+def _fraction_bounds(splits: Mapping[str, float], split_dim: str, length: int) -> dict[str, Bounds]:
     ends = np.rint(np.cumsum(list(splits.values())) * length).astype(np.int64)
     starts = np.concatenate([[0], ends[:-1]])
     return {
@@ -129,7 +131,7 @@ def resolve_splits(
         ValueError: A range selects nothing, or two splits overlap.
     """
     if all(_is_fraction(spec) for spec in splits.values()):
-        if split_dim not in window_dims:
+        if split_dim is None or split_dim not in window_dims:
             raise KeyError(
                 f"split_dim: {split_dim!r} is not a windowed dim. Valid: {tuple(window_dims)}"
             )

@@ -35,9 +35,7 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, int], modes: int) 
     for _ in range(modes):
         ky, kx = rng.integers(1, 4), rng.integers(1, 5)
         phase = rng.uniform(0, 2 * np.pi)
-        field += np.cos(2 * np.pi * (ky * y / shape[0] + kx * x / shape[1]) + phase) / max(
-            ky, kx
-        )
+        field += np.cos(2 * np.pi * (ky * y / shape[0] + kx * x / shape[1]) + phase) / max(ky, kx)
     return field / field.std()
 
 

@@ -21,7 +21,9 @@ __all__ = ["Transform", "transformed_windows", "window_to_channels"]
 Transform = Callable[[xr.Dataset], xr.Dataset]
 
 
-def window_to_channels(window: xr.Dataset, window_dims: Sequence[str], dtype: np.dtype) -> np.ndarray:
+def window_to_channels(
+    window: xr.Dataset, window_dims: Sequence[str], dtype: np.dtype
+) -> np.ndarray:
     """Stack the data variables of one window as ``(channel, *window)``.
 
     Args:
