@@ -1,6 +1,6 @@
 """Time to build the sample index of 1M samples (and to materialise all their starts).
 
-    python benchmarks/index_build.py
+python benchmarks/index_build.py
 """
 
 from __future__ import annotations
@@ -32,8 +32,10 @@ def main() -> None:
     build, starts_time = min(runs)
     print(f"samples: {len(index):,}  index arrays: {sum(a.nbytes for a in index.axis_starts)} B")
     print(f"build index: {build * 1e3:.3f} ms  (best of 5)")
-    print(f"all {len(index):,} starts as one int64 array ({starts.nbytes / 1e6:.0f} MB): "
-          f"{starts_time * 1e3:.1f} ms")
+    print(
+        f"all {len(index):,} starts as one int64 array ({starts.nbytes / 1e6:.0f} MB): "
+        f"{starts_time * 1e3:.1f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from xr_datamodule.cli import run_cli
 
 
 def baselines(dm: XarrayDataModule) -> dict[str, float]:
+    """Validation MSE of the climatology and persistence baselines."""
     dm.setup("fit")
     train_mean = torch.cat([y for _, y in dm.train_dataloader()]).mean()
     results: dict[str, list[float]] = {"climatology": [], "persistence": []}
@@ -43,6 +44,7 @@ def baselines(dm: XarrayDataModule) -> dict[str, float]:
 
 
 def main(config: str) -> None:
+    """Train from ``config`` and print the final val_loss beside the baselines."""
     with open(config) as file:
         data_args = yaml.safe_load(file)["data"]
     cli = run_cli(["fit", "--config", config, "--trainer.enable_progress_bar=false"])

@@ -142,7 +142,7 @@ class LazyReader(WindowReader):
             local[:, axis] = np.searchsorted(touched, base_starts[:, axis])
             contiguous = touched[-1] - touched[0] + 1 == touched.size
             # A slice keeps backends (zarr, netCDF) on their fast contiguous path.
-            indexers[dim] = slice(touched[0], touched[-1] + 1) if contiguous else touched
+            indexers[dim] = slice(int(touched[0]), int(touched[-1]) + 1) if contiguous else touched
         subset = self.dataset.isel(indexers).compute()
         space = tuple(subset.sizes[dim] for dim in self.window_dims)
         block = np.empty((self.n_channels, *space), dtype=self.dtype)

@@ -117,8 +117,10 @@ def open_source(data: DataSource, open_kwargs: Mapping[str, Any] | None = None) 
         if _is_glob(path):
             return xr.open_mfdataset(path, **kwargs)
         return xr.open_dataset(path, **kwargs)
-    except (OSError, ValueError) as err:
-        raise type(err)(f"data: could not open {path!r}: {err}") from err
+    except OSError as err:
+        raise OSError(f"data: could not open {path!r}: {err}") from err
+    except ValueError as err:
+        raise ValueError(f"data: could not open {path!r}: {err}") from err
 
 
 def is_in_memory(ds: xr.Dataset, names: Sequence[str]) -> bool:
