@@ -175,3 +175,14 @@ def test_batches_are_contiguous_cpu_tensors(small_ds):
     X, y = next(iter(dm.val_dataloader()))
     assert X.device.type == "cpu" and X.dtype == torch.float32 and X.is_contiguous()
     assert X.shape == (8, *dm.input_shape) and y.shape == (8, *dm.target_shape)
+
+
+def test_collate_shares_memory_with_the_gathered_batch(small_ds):
+    from xr_datamodule import collate_batch
+
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    dm.setup("test")
+    batch = dm.datasets["test"].__getitems__(np.arange(4))
+    X, y = collate_batch(batch)
+    assert X.data_ptr() == batch.inputs.ctypes.data
+    assert y.data_ptr() == batch.targets.ctypes.data

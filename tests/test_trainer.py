@@ -117,3 +117,32 @@ def test_fit_with_workers(workers):
     )
     trainer.fit(model, datamodule=dm)
     assert trainer.state.finished
+
+
+def test_demo_learns_the_synthetic_target_beyond_climatology():
+    dm = XarrayDataModule(
+        "synthetic://weather",
+        input_vars=["t2m", "u10", "v10"],
+        target_vars=["t2m"],
+        input_dims={"time": 2, "lat": 32, "lon": 32},
+        input_overlap={"time": 1, "lon": 16},
+        target_dims={"time": 1, "lat": 32, "lon": 32},
+        target_offset={"time": 2},
+        batch_size=32,
+    )
+    dm.setup("fit")
+    train_mean = torch.cat([y for _, y in dm.train_dataloader()]).mean()
+    climatology = torch.cat([(y - train_mean) ** 2 for _, y in dm.val_dataloader()]).mean()
+    pl.seed_everything(0)
+    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=16, lr=2e-3)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        limit_train_batches=30,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert float(trainer.callback_metrics["val_loss"]) < 0.2 * float(climatology)
