@@ -10,9 +10,9 @@ from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
 
 
-def run_all_stages(dm: XarrayDataModule, **trainer_kwargs) -> list[torch.Tensor]:
-    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=8)
-    trainer = pl.Trainer(
+def cpu_trainer(**kwargs) -> pl.Trainer:
+    """A quiet CPU trainer; ``kwargs`` override the defaults."""
+    settings = dict(
         accelerator="cpu",
         devices=1,
         max_epochs=1,
@@ -20,8 +20,13 @@ def run_all_stages(dm: XarrayDataModule, **trainer_kwargs) -> list[torch.Tensor]
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        **trainer_kwargs,
     )
+    return pl.Trainer(**{**settings, **kwargs})
+
+
+def run_all_stages(dm: XarrayDataModule, **trainer_kwargs) -> list[torch.Tensor]:
+    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=8)
+    trainer = cpu_trainer(**trainer_kwargs)
     trainer.fit(model, datamodule=dm)
     assert trainer.state.finished
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
@@ -83,15 +88,7 @@ def test_fit_twice_reuses_setup():
     )
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
     for _ in range(2):
-        pl.Trainer(
-            accelerator="cpu",
-            max_steps=2,
-            limit_val_batches=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        ).fit(model, datamodule=dm)
+        cpu_trainer(max_steps=2, limit_val_batches=1).fit(model, datamodule=dm)
     assert sorted(dm.datasets) == ["train", "val"]
 
 
@@ -105,16 +102,7 @@ def test_fit_with_workers(workers):
         num_workers=workers,
     )
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        limit_train_batches=3,
-        limit_val_batches=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(limit_train_batches=3, limit_val_batches=2)
     trainer.fit(model, datamodule=dm)
     assert trainer.state.finished
 
@@ -135,14 +123,6 @@ def test_demo_learns_the_synthetic_target_beyond_climatology():
     climatology = torch.cat([(y - train_mean) ** 2 for _, y in dm.val_dataloader()]).mean()
     pl.seed_everything(0)
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=16, lr=2e-3)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        limit_train_batches=30,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_epochs=2, limit_train_batches=30)
     trainer.fit(model, datamodule=dm)
     assert float(trainer.callback_metrics["val_loss"]) < 0.2 * float(climatology)
