@@ -147,7 +147,11 @@ def test_valid_base_config_builds(small_ds):
             ValueError,
             r"dtype must be one of \('float16', 'float32', 'float64'\)",
         ),
-        (dict(prefetch_factor=4), ValueError, r"prefetch_factor needs num_workers > 0"),
+        (
+            dict(num_workers=0, prefetch_factor=4),
+            ValueError,
+            r"prefetch_factor needs num_workers > 0",
+        ),
         (dict(multiprocessing_context="thread"), ValueError, r"multiprocessing_context must be"),
         (dict(num_workers=-1), ValueError, r"num_workers must be an integer >= 0"),
         # variables given wrongly

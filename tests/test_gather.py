@@ -8,7 +8,7 @@ import xarray as xr
 
 from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule
-from xr_datamodule.gather import InMemoryReader, LazyReader, gather_windows
+from xr_datamodule.gather import ChunkedReader, InMemoryReader, gather_windows
 
 CONFIG = dict(
     input_vars=["c", "a"],
@@ -57,10 +57,13 @@ def test_numpy_backed_batches_equal_isel(small_ds):
 
 
 def test_zarr_backed_batches_equal_isel_and_stay_lazy(small_ds, zarr_path):
-    dm = XarrayDataModule(str(zarr_path), **CONFIG)
+    dm = XarrayDataModule(str(zarr_path), **CONFIG, load=False)
     dm.setup()
     assert all(dm.source[name].chunks is not None for name in ("a", "b", "c"))
-    assert isinstance(dm.datasets["train"].reader, LazyReader)
+    reader = dm.datasets["train"].reader
+    assert isinstance(reader, ChunkedReader)
+    # Chunks of 7 along time are merged to cells of 14: one sample reaches 4 steps.
+    assert reader.edges[dm.window_dims.index("time")].tolist() == [0, 14, 28, 40]
     for split in ("train", "test"):
         check_random_batches(dm, small_ds, split)
     # Still dask-backed after reading batches: nothing was loaded into the source.
@@ -70,10 +73,61 @@ def test_zarr_backed_batches_equal_isel_and_stay_lazy(small_ds, zarr_path):
 def test_netcdf_batches_equal_isel(small_ds, tmp_path):
     path = tmp_path / "small.nc"
     small_ds.to_netcdf(path)
-    dm = XarrayDataModule(str(path), **CONFIG)
+    dm = XarrayDataModule(str(path), **CONFIG, load=False)
     dm.setup("fit")
-    assert isinstance(dm.datasets["train"].reader, LazyReader)
+    assert isinstance(dm.datasets["train"].reader, ChunkedReader)
     check_random_batches(dm, small_ds, "train")
+
+
+def test_load_auto_loads_a_small_store_and_load_false_reads_numpy_by_cells(small_ds, zarr_path):
+    loaded = XarrayDataModule(str(zarr_path), **CONFIG)
+    loaded.setup("fit")
+    assert loaded.loads_into_memory and isinstance(loaded.datasets["train"].reader, InMemoryReader)
+    check_random_batches(loaded, small_ds, "train")
+    # The source itself stays lazy: loading stacks a copy of the selected variables.
+    assert loaded.source["a"].chunks is not None
+
+    cells = XarrayDataModule(small_ds, **CONFIG, load=False)
+    cells.setup("fit")
+    assert isinstance(cells.datasets["train"].reader, ChunkedReader)
+    check_random_batches(cells, small_ds, "train")
+
+
+def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path):
+    path = tmp_path / "thin.zarr"
+    small_ds.chunk({"time": 4, "lat": 3, "lon": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["a", "c"],
+        input_dims={"time": 2, "lat": 2, "lon": 3},
+        target_vars=["b"],
+        target_dims={"time": 1, "lat": 2, "lon": 3},
+        target_offset={"time": -1},
+        splits={"train": 1.0},
+        load=False,
+        shuffle_chunks=1,
+    )
+    dm.setup("fit")
+    reader = dm.datasets["train"].reader
+    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 4
+    dataset = dm.datasets["train"]
+    ids = np.arange(len(dataset))
+    batch = dataset.__getitems__(ids)
+    starts = dm.indices["train"].starts(ids)
+    geometry = dm.geometry
+    np.testing.assert_array_equal(
+        batch.inputs,
+        reference_windows(small_ds, ["a", "c"], geometry.dims, starts, geometry.input_size).astype(
+            np.float32
+        ),
+    )
+    np.testing.assert_array_equal(
+        batch.targets,
+        reference_windows(
+            small_ds, ["b"], geometry.dims, starts - [1, 0, 0], geometry.target_size
+        ).astype(np.float32),
+    )
+    assert len(reader._cache) <= reader.cache_cells
 
 
 def test_negative_target_offset_and_float64(small_ds):

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Dataset
 
-from xr_datamodule.gather import WindowReader, gather_windows
+from xr_datamodule.gather import Cut, WindowReader
 from xr_datamodule.transforms import Transform, transformed_windows
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
@@ -85,21 +85,21 @@ class XarrayWindowDataset(Dataset):
         """Read a whole batch of samples at once."""
         starts = self.index.starts(indices)
         geometry = self.geometry
-        local_inputs = starts
-        if self.transform is None or self.target_transform is None:
-            block, local_base = self.reader.read(starts - self._reach_below, geometry.extent)
-            local_inputs = local_base + self._reach_below
+        cuts = []
         if self.transform is None:
-            inputs = gather_windows(block, self.input_channels, local_inputs, geometry.input_size)
+            cuts.append(Cut(self.input_channels, geometry.reach_below, geometry.input_size))
+        if self.target_transform is None:
+            target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
+            cuts.append(Cut(self.target_channels, target_at, geometry.target_size))
+        gathered = iter(
+            self.reader.gather(starts - self._reach_below, geometry.extent, cuts) if cuts else []
+        )
+        if self.transform is None:
+            inputs = next(gathered)
         else:
             inputs = self._transformed(starts, self.input_vars, geometry.input_size, self.transform)
         if self.target_transform is None:
-            targets = gather_windows(
-                block,
-                self.target_channels,
-                local_inputs + self._target_offset,
-                geometry.target_size,
-            )
+            targets = next(gathered)
         else:
             targets = self._transformed(
                 starts + self._target_offset,

@@ -7,27 +7,41 @@ batch of windows is then a single advanced-indexing expression over a
 result lands in one freshly allocated ``(batch, channel, *window)`` array that the collate
 hands to torch without copying.
 
-Two readers provide the block:
+Two readers provide the blocks:
 
-* :class:`InMemoryReader` stacks numpy-backed variables once into a contiguous array of the
-  output dtype (one copy of the selected variables, shared by all splits).
-* :class:`LazyReader` reads, per batch, only the positions the batch's windows touch, with one
-  orthogonal ``isel`` over all variables and one ``compute``; nothing is loaded whole.
+* :class:`InMemoryReader` stacks the variables once into a contiguous array of the output
+  dtype (one copy of the selected variables, shared by all splits).
+* :class:`ChunkedReader` never loads the data whole. It cuts the windowed dims into *cells*
+  (whole storage chunks, merged where a chunk is too thin for the windows), decodes a cell
+  with one ``isel`` + ``compute`` when a batch first needs it, keeps a few decoded cells in a
+  bounded LRU cache, and gathers each batch cell by cell. With the chunk-aware sampler
+  (:class:`~xr_datamodule.samplers.ChunkShuffleSampler`) each cell is decoded about once per
+  epoch.
 
 Nothing here knows about torch or Lightning.
 """
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
 
-from xr_datamodule.sources import VariableLayout, channel_layouts, is_in_memory
+from xr_datamodule.sources import VariableLayout, channel_layouts
 
-__all__ = ["InMemoryReader", "LazyReader", "WindowReader", "gather_windows", "make_reader"]
+__all__ = [
+    "ChunkedReader",
+    "Cut",
+    "InMemoryReader",
+    "WindowReader",
+    "cell_edges",
+    "gather_windows",
+]
 
 
 def gather_windows(
@@ -67,14 +81,22 @@ def gather_windows(
     return rows[tuple(index)]
 
 
+class Cut(NamedTuple):
+    """One output of a batch read: which channels, where in the sample's span, how large."""
+
+    channels: np.ndarray
+    offset: tuple[int, ...]
+    size: tuple[int, ...]
+
+
 class WindowReader(ABC):
-    """Provides the channel-major block that windows are cut from.
+    """Reads batches of windows of a fixed set of variables, channel-major.
 
     Args:
         ds: The source dataset.
         names: Variables to read, in channel order.
         window_dims: Windowed dims, in the order of the output window axes.
-        dtype: Output dtype of the block.
+        dtype: Output dtype.
     """
 
     def __init__(
@@ -90,6 +112,7 @@ class WindowReader(ABC):
             for layout, end in zip(self.layouts, ends, strict=True)
         }
         self.n_channels = int(ends[-1])
+        self.shape = tuple(ds.sizes[dim] for dim in self.window_dims)
 
     def channels_of(self, names: Sequence[str]) -> np.ndarray:
         """Channel numbers of the given variables, in the order given."""
@@ -97,62 +120,245 @@ class WindowReader(ABC):
             [np.arange(self.n_channels)[self._channel_slices[name]] for name in names]
         )
 
-    def _fill(self, block: np.ndarray, ds: xr.Dataset) -> None:
-        """Write each variable of ``ds`` into its channels of ``block`` (casting on the way)."""
-        space = block.shape[1:]
+    @property
+    def nbytes(self) -> int:
+        """Size of all the selected variables in the output dtype."""
+        return self.n_channels * int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def _stack(self, region: dict[str, slice]) -> np.ndarray:
+        """Read a region of every variable into one ``(channel, *space)`` array."""
+        subset = self.dataset.isel(region).compute() if region else self.dataset
+        space = tuple(subset.sizes[dim] for dim in self.window_dims)
+        block = np.empty((self.n_channels, *space), dtype=self.dtype)
         for layout in self.layouts:
-            values = ds[layout.name].transpose(*layout.extra_dims, *self.window_dims).values
+            values = subset[layout.name].transpose(*layout.extra_dims, *self.window_dims).values
             block[self._channel_slices[layout.name]] = values.reshape(-1, *space)
+        return block
 
     @abstractmethod
-    def read(self, base_starts: np.ndarray, extent: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Return a block holding every span ``[base, base + extent)`` and the bases within it.
+    def gather(
+        self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
+    ) -> list[np.ndarray]:
+        """Read a batch of samples.
 
         Args:
             base_starts: ``(batch, ndim)`` lowest position each sample touches.
-            extent: Span length per windowed dim.
+            extent: Length of a sample's span per windowed dim.
+            cuts: What to cut out of each span (e.g. the input and the target window).
+
+        Returns:
+            One ``(batch, len(cut.channels), *cut.size)`` array per cut.
         """
 
 
 class InMemoryReader(WindowReader):
-    """Stacks numpy-backed variables once into a contiguous ``(channel, *space)`` array."""
+    """Loads the variables once into one contiguous ``(channel, *space)`` array."""
 
     def __init__(
         self, ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str], dtype: np.dtype
     ) -> None:
         super().__init__(ds, names, window_dims, dtype)
-        space = tuple(ds.sizes[dim] for dim in self.window_dims)
-        self.block = np.empty((self.n_channels, *space), dtype=self.dtype)
-        self._fill(self.block, self.dataset)
+        self.block = self._stack({})
 
-    def read(self, base_starts: np.ndarray, extent: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The whole stacked array; positions are unchanged."""
-        return self.block, base_starts
-
-
-class LazyReader(WindowReader):
-    """Reads, per batch, only the positions the batch touches (one ``isel`` + ``compute``)."""
-
-    def read(self, base_starts: np.ndarray, extent: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Read the union of the batch's spans along each windowed dim."""
-        indexers: dict[str, slice | np.ndarray] = {}
-        local = np.empty_like(base_starts)
-        for axis, dim in enumerate(self.window_dims):
-            touched = np.unique(base_starts[:, axis, None] + np.arange(extent[axis]))
-            local[:, axis] = np.searchsorted(touched, base_starts[:, axis])
-            contiguous = touched[-1] - touched[0] + 1 == touched.size
-            # A slice keeps backends (zarr, netCDF) on their fast contiguous path.
-            indexers[dim] = slice(int(touched[0]), int(touched[-1]) + 1) if contiguous else touched
-        subset = self.dataset.isel(indexers).compute()
-        space = tuple(subset.sizes[dim] for dim in self.window_dims)
-        block = np.empty((self.n_channels, *space), dtype=self.dtype)
-        self._fill(block, subset)
-        return block, local
+    def gather(
+        self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
+    ) -> list[np.ndarray]:
+        """One vectorised gather per cut over the whole stacked array."""
+        return [
+            gather_windows(self.block, cut.channels, base_starts + cut.offset, cut.size)
+            for cut in cuts
+        ]
 
 
-def make_reader(
-    ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str], dtype: np.dtype
-) -> WindowReader:
-    """An :class:`InMemoryReader` for numpy-backed variables, a :class:`LazyReader` otherwise."""
-    reader_cls = InMemoryReader if is_in_memory(ds, names) else LazyReader
-    return reader_cls(ds, names, window_dims, dtype)
+def cell_edges(
+    ds: xr.Dataset,
+    name: str,
+    window_dims: Sequence[str],
+    extent: Sequence[int],
+    itemsize: int,
+    n_channels: int,
+    min_cell_bytes: int = 2**20,
+    default_cell_bytes: int = 32 * 2**20,
+) -> list[np.ndarray]:
+    """Cell boundaries along each windowed dim, aligned with the storage chunks of ``name``.
+
+    Chunks come from dask (``chunksizes``), else from the file's ``preferred_chunks`` /
+    ``chunksizes`` encoding; without either, the first windowed dim is cut into cells of
+    about ``default_cell_bytes``. Consecutive chunks are merged along a dim until a cell is at
+    least four times the sample's reach beyond one position (so at most about a quarter of
+    the samples straddle a cell edge), and along the first dim until a cell holds at least
+    ``min_cell_bytes``.
+
+    Returns:
+        One int64 array per dim: ``[0, edge_1, ..., length]``.
+    """
+    var = ds[name]
+    encoded = var.encoding.get("preferred_chunks") or dict(
+        zip(var.dims, var.encoding.get("chunksizes") or (), strict=False)
+    )
+    lengths: list[list[int]] = []
+    for dim in window_dims:
+        size = ds.sizes[dim]
+        if var.chunks is not None:
+            chunk_lengths = list(var.chunksizes[dim])
+        elif dim in encoded:
+            step = int(encoded[dim])
+            chunk_lengths = [step] * (size // step) + ([size % step] if size % step else [])
+        else:
+            chunk_lengths = [size]
+        lengths.append(chunk_lengths)
+    if var.chunks is None and not encoded:
+        # An unchunked file: cut the first dim so that one cell is about default_cell_bytes.
+        other = int(np.prod([ds.sizes[d] for d in window_dims[1:]])) * n_channels * itemsize
+        step = max(1, default_cell_bytes // max(other, 1))
+        size = ds.sizes[window_dims[0]]
+        lengths[0] = [step] * (size // step) + ([size % step] if size % step else [])
+    edges = []
+    for axis, chunk_lengths in enumerate(lengths):
+        minimum = 4 * (extent[axis] - 1)
+        if axis == 0:
+            other = int(np.prod([sum(c) for c in lengths[1:]])) * n_channels * itemsize
+            minimum = max(minimum, -(-min_cell_bytes // max(other, 1)))
+        edges.append(_merge_thin(chunk_lengths, minimum))
+    return edges
+
+
+def _merge_thin(chunk_lengths: Sequence[int], minimum: int) -> np.ndarray:
+    """Edges after merging consecutive chunks until each cell spans at least ``minimum``."""
+    edges, run = [0], 0
+    for length in chunk_lengths:
+        run += length
+        if run >= minimum:
+            edges.append(edges[-1] + run)
+            run = 0
+    if run:
+        if len(edges) > 1:
+            edges[-1] += run  # fold a thin remainder into the last cell
+        else:
+            edges.append(run)
+    return np.asarray(edges, dtype=np.int64)
+
+
+class ChunkedReader(WindowReader):
+    """Reads cells (groups of storage chunks) on demand and keeps a few in an LRU cache.
+
+    Samples whose span lies inside one cell (most of them) are gathered with one vectorised
+    read per cell in the batch; a sample that straddles a cell edge is assembled from its
+    cells. Memory stays bounded by ``cache_cells`` decoded cells per process.
+
+    Args:
+        ds: The source dataset (dask-backed, lazily indexed, or numpy).
+        names: Variables to read, in channel order.
+        window_dims: Windowed dims.
+        dtype: Output dtype.
+        extent: Length of a sample's span per windowed dim (used to size cells).
+        cache_cells: Decoded cells kept per process.
+    """
+
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        names: Sequence[str],
+        window_dims: Sequence[str],
+        dtype: np.dtype,
+        extent: Sequence[int],
+        cache_cells: int = 8,
+    ) -> None:
+        super().__init__(ds, names, window_dims, dtype)
+        self.edges = cell_edges(
+            ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
+        )
+        self.grid_shape = tuple(len(edges) - 1 for edges in self.edges)
+        self.cache_cells = max(1, int(cache_cells))
+        self._cache: OrderedDict[tuple[int, ...], np.ndarray] = OrderedDict()
+        self.cells_read = 0
+
+    @property
+    def cell_nbytes(self) -> int:
+        """Largest decoded cell, in bytes."""
+        sizes = [int(np.diff(edges).max()) for edges in self.edges]
+        return self.n_channels * int(np.prod(sizes)) * self.dtype.itemsize
+
+    def cell_of(self, positions: np.ndarray, axis: int) -> np.ndarray:
+        """Cell number along ``axis`` of each position."""
+        return np.searchsorted(self.edges[axis], positions, side="right") - 1
+
+    def home_cells(self, axis_starts: Sequence[np.ndarray]) -> np.ndarray:
+        """Flat cell number of every sample of a start grid (C order), as int64."""
+        keys = np.zeros((1,) * len(axis_starts), dtype=np.int64)
+        for axis, starts in enumerate(axis_starts):
+            shape = [1] * len(axis_starts)
+            shape[axis] = len(starts)
+            keys = keys * self.grid_shape[axis] + self.cell_of(starts, axis).reshape(shape)
+        return keys.reshape(-1)
+
+    def _cell(self, cell: tuple[int, ...]) -> np.ndarray:
+        block = self._cache.get(cell)
+        if block is not None:
+            self._cache.move_to_end(cell)
+            return block
+        region = {
+            dim: slice(int(edges[i]), int(edges[i + 1]))
+            for dim, edges, i in zip(self.window_dims, self.edges, cell, strict=True)
+        }
+        block = self._stack(region)
+        self.cells_read += 1
+        self._cache[cell] = block
+        while len(self._cache) > self.cache_cells:
+            self._cache.popitem(last=False)
+        return block
+
+    def _span(self, base: np.ndarray, extent: Sequence[int]) -> np.ndarray:
+        """Assemble one sample's span ``(channel, *extent)`` from the cells it touches."""
+        span = np.empty((self.n_channels, *extent), dtype=self.dtype)
+        per_axis = []  # for each axis: (cell, slice in the cell, slice in the span) pieces
+        for axis, (edges, lo, length) in enumerate(zip(self.edges, base, extent, strict=True)):
+            hi = lo + length
+            pieces = []
+            for cell in range(int(self.cell_of(lo, axis)), int(self.cell_of(hi - 1, axis)) + 1):
+                start, stop = max(lo, edges[cell]), min(hi, edges[cell + 1])
+                pieces.append(
+                    (
+                        cell,
+                        slice(int(start - edges[cell]), int(stop - edges[cell])),
+                        slice(int(start - lo), int(stop - lo)),
+                    )
+                )
+            per_axis.append(pieces)
+        for combination in itertools.product(*per_axis):
+            cell = tuple(piece[0] for piece in combination)
+            inside_cell = (slice(None), *(piece[1] for piece in combination))
+            inside_span = (slice(None), *(piece[2] for piece in combination))
+            span[inside_span] = self._cell(cell)[inside_cell]
+        return span
+
+    def gather(
+        self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
+    ) -> list[np.ndarray]:
+        """Gather cell by cell; straddling samples are assembled one by one."""
+        n = len(base_starts)
+        outputs = [np.empty((n, len(cut.channels), *cut.size), dtype=self.dtype) for cut in cuts]
+        first = np.stack([self.cell_of(base_starts[:, a], a) for a in range(len(extent))], 1)
+        last = np.stack(
+            [self.cell_of(base_starts[:, a] + extent[a] - 1, a) for a in range(len(extent))], 1
+        )
+        inside = (first == last).all(axis=1)
+        rows = np.flatnonzero(inside)
+        if rows.size:
+            keys = np.ravel_multi_index(first[rows].T, self.grid_shape)
+            order = np.argsort(keys, kind="stable")
+            rows, keys = rows[order], keys[order]
+            bounds = np.flatnonzero(np.diff(keys)) + 1
+            for group in np.split(rows, bounds):
+                cell = tuple(int(c) for c in first[group[0]])
+                block = self._cell(cell)
+                lower = np.array([edges[c] for edges, c in zip(self.edges, cell, strict=True)])
+                local = base_starts[group] - lower
+                for out, cut in zip(outputs, cuts, strict=True):
+                    out[group] = gather_windows(block, cut.channels, local + cut.offset, cut.size)
+        for row in np.flatnonzero(~inside):
+            span = self._span(base_starts[row], extent)
+            zero = np.zeros((1, len(extent)), dtype=np.int64)
+            for out, cut in zip(outputs, cuts, strict=True):
+                out[row] = gather_windows(span, cut.channels, zero + cut.offset, cut.size)[0]
+        return outputs

@@ -3,24 +3,73 @@
 The DataLoader's own ``BatchSampler`` collects a Python list of ints per batch; ours slices
 one numpy permutation per epoch, so the dataset's ``__getitems__`` receives an int64 array
 and no per-sample object is built.
+
+Two orders, both functions of ``(seed, epoch)`` only:
+
+* :class:`EpochShuffleSampler`: a uniform permutation (in-memory data).
+* :class:`ChunkShuffleSampler`: chunk-aware, for data decoded chunk by chunk. Cells (groups of
+  storage chunks, see :class:`~xr_datamodule.gather.ChunkedReader`) are put in a random
+  order and taken ``cells_per_window`` at a time; the samples of those cells are shuffled
+  together. A batch therefore draws from at most ``cells_per_window`` cells (twice that where
+  a batch spans two windows), and each cell is decoded about once per epoch instead of once
+  per sample. With ``streams > 1`` (one per DataLoader worker), windows are dealt to streams
+  and batches interleaved round-robin, matching the DataLoader's round-robin of batches to
+  workers, so each worker decodes only its own cells.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sized
+from abc import abstractmethod
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import BatchSampler, Sampler, SequentialSampler
 
-__all__ = ["ArrayBatchSampler", "EpochShuffleSampler", "sample_order"]
+__all__ = [
+    "ArrayBatchSampler",
+    "ChunkShuffleSampler",
+    "EpochSampler",
+    "EpochShuffleSampler",
+    "sample_order",
+]
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A permutation of ``range(n)`` that is a function of ``(seed, epoch)`` only.
+class EpochSampler(Sampler[int]):
+    """A sample order that is a function of ``(seed, epoch)``; subclasses define :meth:`order`.
 
     Lightning calls :meth:`set_epoch` before each training epoch. When nobody does (a plain
     ``for`` loop over the loader), each new iteration moves to the next epoch by itself, so
     the order still changes from epoch to epoch.
+    """
+
+    def __init__(self, n: int, seed: int = 0) -> None:
+        self.n = int(n)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order the next iteration yields."""
+        self.epoch = int(epoch)
+
+    @abstractmethod
+    def order(self) -> np.ndarray:
+        """The order of the current epoch (int64), a permutation of ``range(n)``."""
+
+    def take_order(self) -> np.ndarray:
+        """The current epoch's order; the next call gives the next epoch's."""
+        order = self.order()
+        self.epoch += 1
+        return order
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.take_order().tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class EpochShuffleSampler(EpochSampler):
+    """A uniform random permutation of ``range(n)`` per ``(seed, epoch)``.
 
     Args:
         n: Number of samples.
@@ -33,38 +82,77 @@ class EpochShuffleSampler(Sampler[int]):
         [0, 1, 2, 3, 4]
     """
 
-    def __init__(self, n: int, seed: int = 0) -> None:
-        self.n = int(n)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose order the next iteration yields."""
-        self.epoch = int(epoch)
-
     def order(self) -> np.ndarray:
-        """The permutation of the current epoch (int64)."""
+        """The permutation of the current epoch."""
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
 
-    def __iter__(self) -> Iterator[int]:
-        order = self.order()
-        self.epoch += 1
-        return iter(order.tolist())
 
-    def __len__(self) -> int:
-        return self.n
+class ChunkShuffleSampler(EpochSampler):
+    """Chunk-aware shuffling: random windows of cells, samples shuffled within each window.
+
+    Args:
+        cells: Cell number of every sample (the cell its span starts in).
+        seed: Base seed.
+        cells_per_window: Cells whose samples are mixed together.
+        batch_size: Batch size, to deal whole batches to streams.
+        streams: Number of interleaved streams (the DataLoader's workers, at least 1).
+
+    Example:
+        >>> cells = np.repeat(np.arange(6), 10)     # 6 cells of 10 samples
+        >>> sampler = ChunkShuffleSampler(cells, seed=0, cells_per_window=2, batch_size=5)
+        >>> order = sampler.order()
+        >>> sorted(order.tolist()) == list(range(60))
+        True
+        >>> len(set(cells[order[:20]].tolist()))   # the first window mixes two cells
+        2
+    """
+
+    def __init__(
+        self,
+        cells: np.ndarray,
+        seed: int = 0,
+        cells_per_window: int = 4,
+        batch_size: int = 1,
+        streams: int = 1,
+    ) -> None:
+        super().__init__(len(cells), seed)
+        # Dense cell numbers, so ranks can be looked up with plain indexing.
+        self._unique_cells, self.cells = np.unique(np.asarray(cells), return_inverse=True)
+        self.cells_per_window = max(1, int(cells_per_window))
+        self.batch_size = max(1, int(batch_size))
+        self.streams = max(1, int(streams))
+
+    def order(self) -> np.ndarray:
+        """This epoch's order: windows of cells in random order, shuffled within."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        rank = rng.permutation(len(self._unique_cells))
+        window = rank[self.cells] // self.cells_per_window
+        order = np.lexsort((rng.random(self.n), window))
+        if self.streams == 1:
+            return order
+        return self._interleave(order, window[order] % self.streams)
+
+    def _interleave(self, order: np.ndarray, stream_of: np.ndarray) -> np.ndarray:
+        """Deal whole batches of each stream round-robin; leftovers go last."""
+        full, tails = [], []
+        for stream in range(self.streams):
+            mine = order[stream_of == stream]
+            cut = len(mine) - len(mine) % self.batch_size
+            full.append(mine[:cut].reshape(-1, self.batch_size))
+            tails.append(mine[cut:])
+        rounds = max(len(batches) for batches in full)
+        dealt = [batches[i] for i in range(rounds) for batches in full if i < len(batches)]
+        return np.concatenate([*dealt, *tails]) if dealt else np.concatenate(tails)
 
 
 def sample_order(sampler: Iterable[int]) -> np.ndarray:
     """The order a sampler yields, as an int64 array (vectorised for the known samplers).
 
-    Reading the order of an :class:`EpochShuffleSampler` also advances its epoch, exactly as
+    Reading the order of an :class:`EpochSampler` also advances its epoch, exactly as
     iterating it would.
     """
-    if isinstance(sampler, EpochShuffleSampler):
-        order = sampler.order()
-        sampler.epoch += 1
-        return order
+    if isinstance(sampler, EpochSampler):
+        return sampler.take_order()
     if isinstance(sampler, SequentialSampler):
         return np.arange(len(sampler.data_source), dtype=np.int64)
     return np.fromiter(iter(sampler), dtype=np.int64)
@@ -87,7 +175,7 @@ class ArrayBatchSampler(BatchSampler):
         [[0, 1], [2, 3], [4]]
     """
 
-    def __init__(self, sampler: Sampler | Sized, batch_size: int, drop_last: bool) -> None:
+    def __init__(self, sampler: Iterable[int], batch_size: int, drop_last: bool) -> None:
         super().__init__(sampler, batch_size, drop_last)  # type: ignore[arg-type]
 
     def __iter__(self) -> Iterator[np.ndarray]:  # type: ignore[override]

@@ -1,0 +1,394 @@
+"""Throughput of our train loader against the hardware limit, xbatcher and a naive loader.
+
+The scenario of ``../shared/NOTES.md`` §1: four float32 variables on
+``(time=2048, lat=128, lon=128)`` (inputs t2m, u10, v10; target t2m_next), random normal,
+seed 0; samples are 32x32 lat/lon patches at one time step (32,768 samples), batches of 64,
+fully shuffled. Delivered bytes are those of X plus y.
+
+    python benchmarks/throughput.py                     # memory, zarr and netCDF; 0 and 2 workers
+    python benchmarks/throughput.py --stores zarr --workers 0 --n-time 512
+
+Each figure comes from this one run; compare ratios, not absolute numbers across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from xr_datamodule import XarrayDataModule
+
+INPUTS = ["t2m", "u10", "v10"]
+TARGET = "t2m_next"
+PATCH = 32
+BATCH = 64
+SAMPLE_BYTES = 4 * PATCH * PATCH * 4  # three input channels and one target, float32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def make_data(n_time: int, size: int) -> xr.Dataset:
+    rng = np.random.default_rng(0)
+    dims = ("time", "lat", "lon")
+    shape = (n_time, size, size)
+    return xr.Dataset(
+        {name: (dims, rng.standard_normal(shape, dtype=np.float32)) for name in [*INPUTS, TARGET]},
+        coords={"time": np.arange(n_time), "lat": np.arange(size), "lon": np.arange(size)},
+    )
+
+
+def rss_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def child_pids(pid: int) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            pids += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return pids
+
+
+class RssMonitor:
+    """Samples the resident memory of this process and its children (workers)."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = os.getpid()
+        while not self._stop.is_set():
+            self.samples.append(rss_of(me) + sum(rss_of(c) for c in child_pids(me)))
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RssMonitor:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples, default=0)
+
+
+def measure(
+    batches: Iterable, max_batches: int | None, max_seconds: float
+) -> tuple[float, float, int, int]:
+    """(seconds, time to first batch, samples, bytes) over at most the given batches/seconds."""
+    began = time.perf_counter()
+    first = None
+    samples = nbytes = 0
+    for count, (X, y) in enumerate(batches, 1):
+        if first is None:
+            first = time.perf_counter() - began
+        nbytes += X.nbytes + y.nbytes
+        samples = nbytes // SAMPLE_BYTES  # xbatcher's batches are not (sample, ...) shaped
+        if (max_batches and count >= max_batches) or time.perf_counter() - began > max_seconds:
+            break
+    return time.perf_counter() - began, first or 0.0, samples, nbytes
+
+
+def shuffled_samples(n_time: int, size: int, seed: int = 0) -> np.ndarray:
+    positions = (size - PATCH) // PATCH + 1
+    grid = np.stack(
+        np.meshgrid(
+            np.arange(n_time),
+            np.arange(positions) * PATCH,
+            np.arange(positions) * PATCH,
+            indexing="ij",
+        ),
+        axis=-1,
+    ).reshape(-1, 3)
+    return grid[np.random.default_rng(seed).permutation(len(grid))]
+
+
+# ----------------------------------------------------------------------------- the paths
+
+
+def limit_gather(arrays: dict[str, np.ndarray], order: np.ndarray) -> tuple[float, int]:
+    """One vectorised fancy-index per variable per batch into preallocated buffers."""
+    views = {
+        name: np.lib.stride_tricks.sliding_window_view(array, PATCH, axis=-1)
+        for name, array in arrays.items()
+    }
+    rows = np.arange(PATCH)
+    X = np.empty((BATCH, len(INPUTS), PATCH, PATCH), np.float32)
+    y = np.empty((BATCH, 1, PATCH, PATCH), np.float32)
+    began = time.perf_counter()
+    nbytes = 0
+    for begin in range(0, len(order) - BATCH + 1, BATCH):
+        batch = order[begin : begin + BATCH]
+        t = batch[:, 0, None]
+        lat = batch[:, 1, None] + rows
+        lon = batch[:, 2, None]
+        for channel, name in enumerate(INPUTS):
+            X[:, channel] = views[name][t, lat, lon]
+        y[:, 0] = views[TARGET][t, lat, lon]
+        nbytes += X.nbytes + y.nbytes
+    return time.perf_counter() - began, nbytes
+
+
+def limit_decode(ds: xr.Dataset) -> tuple[float, int]:
+    """Decode every chunk once: read each variable whole."""
+    began = time.perf_counter()
+    nbytes = sum(ds[name].compute().nbytes for name in [*INPUTS, TARGET])
+    return time.perf_counter() - began, nbytes
+
+
+class NaiveDataset(Dataset):
+    """A per-sample ``ds.isel`` map dataset, as people write it by hand."""
+
+    def __init__(self, ds: xr.Dataset, order: np.ndarray) -> None:
+        self.ds, self.order = ds, order
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        t, lat, lon = (int(v) for v in self.order[i])
+        window = self.ds.isel(time=t, lat=slice(lat, lat + PATCH), lon=slice(lon, lon + PATCH))
+        X = torch.from_numpy(np.stack([window[name].values for name in INPUTS]))
+        return X, torch.from_numpy(window[TARGET].values[None])
+
+
+def stack_to_tensor(batch: xr.Dataset) -> torch.Tensor:
+    return torch.from_numpy(np.stack([batch[name].values for name in batch.data_vars]))
+
+
+def xbatcher_loader(ds: xr.Dataset, workers: int) -> DataLoader:
+    import xbatcher
+    from xbatcher.loaders.torch import MapDataset
+
+    def generator(names: list[str]) -> xbatcher.BatchGenerator:
+        return xbatcher.BatchGenerator(
+            ds[names],
+            input_dims={"lat": PATCH, "lon": PATCH},
+            batch_dims={"time": BATCH},
+            preload_batch=False,
+        )
+
+    dataset = MapDataset(
+        generator(INPUTS),
+        generator([TARGET]),
+        transform=stack_to_tensor,
+        target_transform=stack_to_tensor,
+    )
+    # Forking after dask has run its thread pool can deadlock xbatcher's workers (NOTES §2);
+    # forkserver is the setting that works for it on lazy stores.
+    context = "forkserver" if workers and ds[INPUTS[0]].chunks is not None else None
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        shuffle=True,
+        num_workers=workers,
+        generator=torch.Generator().manual_seed(0),
+        multiprocessing_context=context,
+    )
+
+
+def ours(data: xr.Dataset | str, workers: int, n_epochs: int, max_seconds: float) -> dict:
+    began = time.perf_counter()
+    dm = XarrayDataModule(
+        data,
+        input_vars=INPUTS,
+        target_vars=[TARGET],
+        input_dims={"time": 1, "lat": PATCH, "lon": PATCH},
+        splits={"train": 1.0},
+        batch_size=BATCH,
+        num_workers=workers,
+        seed=0,
+        open_kwargs={"consolidated": False} if str(data).endswith(".zarr") else None,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first = None
+    seconds = samples = nbytes = 0
+    rss_per_epoch = []
+    with RssMonitor() as monitor:
+        for _ in range(n_epochs):
+            epoch_seconds, epoch_first, epoch_samples, epoch_bytes = measure(
+                loader, None, max_seconds
+            )
+            if first is None:
+                first = time.perf_counter() - began - epoch_seconds + epoch_first
+            seconds += epoch_seconds
+            samples += epoch_samples
+            nbytes += epoch_bytes
+            rss_per_epoch.append(monitor.samples[-1] if monitor.samples else 0)
+    del loader
+    return dict(
+        seconds=seconds,
+        first=first,
+        samples=samples,
+        nbytes=nbytes,
+        peak=monitor.peak,
+        rss_per_epoch=rss_per_epoch,
+        settings=dm.loader_settings,
+    )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def rate(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e6 if seconds else float("nan")
+
+
+def line(
+    name: str, seconds: float, nbytes: int, samples: int | None = None, extra: str = ""
+) -> None:
+    per_sample = (samples or nbytes // SAMPLE_BYTES) / seconds
+    print(f"  {name:38s} {rate(nbytes, seconds):9.1f} MB/s {per_sample:11.0f} samples/s  {extra}")
+
+
+def run_store(
+    name: str,
+    ds: xr.Dataset,
+    data: xr.Dataset | str,
+    args: argparse.Namespace,
+    memory_limit: float,
+    order: np.ndarray,
+) -> list[str]:
+    print(f"\n== {name} ==")
+    summary = []
+    limit = memory_limit
+    if name != "memory":
+        seconds, nbytes = limit_decode(ds)
+        decode = rate(nbytes, seconds)
+        line("limit: decode every chunk once", seconds, nbytes)
+        limit = min(memory_limit, decode)
+        print(f"  {'limit (slower of gather and decode)':38s} {limit:9.1f} MB/s")
+    for workers in args.workers:
+        xb_seconds, _, xb_samples, xb_bytes = measure(
+            xbatcher_loader(ds, workers), None, args.seconds
+        )
+        xb_rate = rate(xb_bytes, xb_seconds)
+        line(f"xbatcher MapDataset, {workers} workers", xb_seconds, xb_bytes, xb_samples)
+        naive_batches = 3 if name != "memory" else 20
+        loader = DataLoader(
+            NaiveDataset(ds, order),
+            batch_size=BATCH,
+            num_workers=workers,
+            collate_fn=default_collate,
+        )
+        nv_seconds, _, nv_samples, nv_bytes = measure(loader, naive_batches, args.seconds)
+        line(f"naive isel + default_collate, {workers} w", nv_seconds, nv_bytes, nv_samples)
+        gc.collect()
+        result = ours(data, workers, args.epochs, args.seconds)
+        ours_rate = rate(result["nbytes"], result["seconds"])
+        rss = result["rss_per_epoch"]
+        drift = (max(rss) - min(rss)) / max(min(rss), 1) * 100 if rss else 0.0
+        line(
+            f"ours train_dataloader, {workers} workers",
+            result["seconds"],
+            result["nbytes"],
+            result["samples"],
+        )
+        print(
+            f"    ours/limit {ours_rate / limit:5.2f}   ours/xbatcher {ours_rate / xb_rate:6.1f}"
+            f"   first batch {result['first']:.2f} s   peak RSS {result['peak'] / 1e9:.2f} GB"
+            f"   RSS drift over {len(rss)} epochs {drift:.1f} %"
+        )
+        summary.append(
+            f"| {name} | {workers} | {limit:.0f} | {xb_rate:.0f} | {rate(nv_bytes, nv_seconds):.1f}"
+            f" | {ours_rate:.0f} | {ours_rate / limit:.2f} | {ours_rate / xb_rate:.1f}"
+            f" | {result['first']:.2f} | {result['peak'] / 1e9:.2f} |"
+        )
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--stores",
+        nargs="+",
+        default=["memory", "zarr", "netcdf"],
+        choices=["memory", "zarr", "netcdf"],
+    )
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
+    parser.add_argument("--n-time", type=int, default=2048)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=1, help="epochs of our loader per case")
+    parser.add_argument("--seconds", type=float, default=20.0, help="time cap per measurement")
+    parser.add_argument("--dir", default=None, help="where to write the stores (default: tmp)")
+    args = parser.parse_args()
+
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
+    )
+    ds = make_data(args.n_time, args.size)
+    order = shuffled_samples(args.n_time, args.size)
+    total = sum(ds[name].nbytes for name in ds.data_vars)
+    print(
+        f"data: 4 x float32 {dict(ds.sizes)} = {total / 1e6:.0f} MB; "
+        f"{len(order)} samples, batch {BATCH}"
+    )
+    seconds, nbytes = limit_gather({name: ds[name].values for name in ds.data_vars}, order)
+    memory_limit = rate(nbytes, seconds)
+    print(f"limit: vectorised gather into preallocated buffers: {memory_limit:.1f} MB/s")
+
+    workdir = Path(args.dir or tempfile.mkdtemp(prefix="xr_dm_bench_"))
+    summary = []
+    try:
+        for store in args.stores:
+            if store == "memory":
+                summary += run_store("memory", ds, ds, args, memory_limit, order)
+            elif store == "zarr":
+                path = workdir / "bench.zarr"
+                if not path.exists():
+                    ds.chunk({"time": 64, "lat": args.size, "lon": args.size}).to_zarr(
+                        path, zarr_format=3, consolidated=False
+                    )
+                lazy = xr.open_zarr(path, consolidated=False)
+                summary += run_store(
+                    "zarr v3 (time 64 x full space)", lazy, str(path), args, memory_limit, order
+                )
+            else:
+                path = workdir / "bench.nc"
+                if not path.exists():
+                    ds.to_netcdf(path)
+                lazy = xr.open_dataset(path)
+                summary += run_store("netCDF", lazy, str(path), args, memory_limit, order)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    print(
+        "\n| store | workers | limit MB/s | xbatcher MB/s | naive MB/s | ours MB/s | ours/limit"
+        " | ours/xbatcher | first batch s | peak RSS GB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(summary))
+
+
+if __name__ == "__main__":
+    main()
