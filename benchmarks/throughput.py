@@ -180,6 +180,15 @@ class NaiveDataset(Dataset):
         return X, torch.from_numpy(window[TARGET].values[None])
 
 
+def safe_context(ds: xr.Dataset, workers: int) -> str | None:
+    """Forkserver for the anchors' workers on dask data.
+
+    Forking after dask has run its thread pool deadlocks them (NOTES §2; seen here with the
+    naive loader); forkserver is the setting that works for them.
+    """
+    return "forkserver" if workers and ds[INPUTS[0]].chunks is not None else None
+
+
 def stack_to_tensor(batch: xr.Dataset) -> torch.Tensor:
     return torch.from_numpy(np.stack([batch[name].values for name in batch.data_vars]))
 
@@ -202,16 +211,13 @@ def xbatcher_loader(ds: xr.Dataset, workers: int) -> DataLoader:
         transform=stack_to_tensor,
         target_transform=stack_to_tensor,
     )
-    # Forking after dask has run its thread pool can deadlock xbatcher's workers (NOTES §2);
-    # forkserver is the setting that works for it on lazy stores.
-    context = "forkserver" if workers and ds[INPUTS[0]].chunks is not None else None
     return DataLoader(
         dataset,
         batch_size=None,
         shuffle=True,
         num_workers=workers,
         generator=torch.Generator().manual_seed(0),
-        multiprocessing_context=context,
+        multiprocessing_context=safe_context(ds, workers),
     )
 
 
@@ -299,6 +305,7 @@ def run_store(
             batch_size=BATCH,
             num_workers=workers,
             collate_fn=default_collate,
+            multiprocessing_context=safe_context(ds, workers),
         )
         nv_seconds, _, nv_samples, nv_bytes = measure(loader, naive_batches, args.seconds)
         line(f"naive isel + default_collate, {workers} w", nv_seconds, nv_bytes, nv_samples)

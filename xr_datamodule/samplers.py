@@ -10,9 +10,9 @@ Two orders, both functions of ``(seed, epoch)`` only:
 * :class:`ChunkShuffleSampler`: chunk-aware, for data decoded chunk by chunk. Cells (groups of
   storage chunks, see :class:`~xr_datamodule.gather.ChunkedReader`) are put in a random
   order and taken ``cells_per_window`` at a time; the samples of those cells are shuffled
-  together. A batch therefore draws from at most ``cells_per_window`` cells (twice that where
-  a batch spans two windows), and each cell is decoded about once per epoch instead of once
-  per sample. With ``streams > 1`` (one per DataLoader worker), windows are dealt to streams
+  together. A batch therefore draws from at most ``cells_per_window`` cells, or twice that
+  where it spans two windows (when cells hold fewer samples than a batch, it spans more),
+  and each cell is decoded about once per epoch instead of once per sample. With ``streams > 1`` (one per DataLoader worker), windows are dealt to streams
   and batches interleaved round-robin, matching the DataLoader's round-robin of batches to
   workers, so each worker decodes only its own cells.
 """
