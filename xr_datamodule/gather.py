@@ -40,8 +40,34 @@ __all__ = [
     "InMemoryReader",
     "WindowReader",
     "cell_edges",
+    "gather_cuts",
     "gather_windows",
 ]
+
+
+def _row_offsets(
+    steps: Sequence[int], channels: np.ndarray, starts: np.ndarray, size: Sequence[int]
+) -> np.ndarray:
+    """Flat offset of every window row, shaped ``(batch, channel, *size[:-1])``."""
+    ndim = len(size)
+    lead = (1,) * (ndim - 1)
+    offsets = np.asarray(channels).reshape(1, -1, *lead) * steps[0]
+    for axis in range(ndim):
+        along = starts[:, axis].reshape(-1, 1, *lead)
+        if axis < ndim - 1:
+            shape = [1] * (ndim + 1)
+            shape[2 + axis] = size[axis]
+            along = along + np.arange(size[axis]).reshape(shape)
+        offsets = offsets + along * steps[1 + axis]
+    return offsets
+
+
+def _runs(block: np.ndarray, width: int) -> np.ndarray:
+    """Overlapping view of every run of ``width`` items of a C-contiguous block, by start."""
+    flat = block.reshape(-1)  # a view: the block is C-contiguous
+    return np.lib.stride_tricks.as_strided(
+        flat, (flat.size - width + 1, width), (flat.itemsize, flat.itemsize), writeable=False
+    )
 
 
 def gather_windows(
@@ -50,10 +76,11 @@ def gather_windows(
     starts: np.ndarray,
     size: Sequence[int],
 ) -> np.ndarray:
-    """Cut windows out of a channel-major block in one vectorised read.
+    """Cut windows out of a C-contiguous channel-major block in one vectorised read.
 
     Args:
-        block: Array ``(channel, *space)``; the last ``len(size)`` axes are windowed.
+        block: C-contiguous array ``(channel, *space)``; the last ``len(size)`` axes are
+            windowed.
         channels: Channel numbers to take, in output order.
         starts: ``(batch, len(size))`` window starts within ``block``.
         size: Window length per windowed axis.
@@ -66,19 +93,46 @@ def gather_windows(
         >>> gather_windows(block, np.array([1]), np.array([[0], [3]]), (2,)).tolist()
         [[[5.0, 6.0]], [[8.0, 9.0]]]
     """
-    ndim = len(size)
-    rows = np.lib.stride_tricks.sliding_window_view(block, size[-1], axis=-1)
-    # Index arrays broadcast to (batch, channel, w_0, ..., w_{n-2}); the last window axis
-    # comes from the sliding view, so each row is one contiguous run of size[-1] items.
-    lead = (1,) * (ndim - 1)
-    index: list[np.ndarray] = [np.asarray(channels).reshape(1, -1, *lead)]
-    for axis in range(ndim - 1):
-        offsets_shape = [1] * (ndim + 1)
-        offsets_shape[2 + axis] = size[axis]
-        offsets = np.arange(size[axis]).reshape(offsets_shape)
-        index.append(starts[:, axis].reshape(-1, 1, *lead) + offsets)
-    index.append(starts[:, ndim - 1].reshape(-1, 1, *lead))
-    return rows[tuple(index)]
+    return gather_cuts(block, starts, [Cut(np.asarray(channels), (0,) * len(size), tuple(size))])[0]
+
+
+def gather_cuts(
+    block: np.ndarray, base_starts: np.ndarray, cuts: Sequence[Cut]
+) -> list[np.ndarray]:
+    """Cut several windows per sample (e.g. input and target) with a single fancy index.
+
+    Every window row (a run of ``size[-1]`` items along the last axis) starts at a flat
+    offset of the block; one integer index over an overlapping view of all runs copies each
+    row in one go. Cuts whose rows have the same length share one index and one allocation,
+    split afterwards into contiguous arrays.
+
+    Args:
+        block: C-contiguous array ``(channel, *space)``.
+        base_starts: ``(batch, ndim)`` position of each sample's span within ``block``.
+        cuts: Channels, offset within the span and size of each window to cut.
+
+    Returns:
+        One C-contiguous ``(batch, len(cut.channels), *cut.size)`` array per cut.
+    """
+    steps = [stride // block.itemsize for stride in block.strides]
+    outputs: list[np.ndarray | None] = [None] * len(cuts)
+    for width in dict.fromkeys(cut.size[-1] for cut in cuts):
+        members = [i for i, cut in enumerate(cuts) if cut.size[-1] == width]
+        offsets = [
+            _row_offsets(steps, cuts[i].channels, base_starts + cuts[i].offset, cuts[i].size)
+            for i in members
+        ]
+        flat = (
+            offsets[0].reshape(-1)
+            if len(offsets) == 1
+            else np.concatenate([o.reshape(-1) for o in offsets])
+        )
+        rows = _runs(block, width)[flat]
+        begin = 0
+        for i, offset in zip(members, offsets, strict=True):
+            outputs[i] = rows[begin : begin + offset.size].reshape(*offset.shape, width)
+            begin += offset.size
+    return outputs  # type: ignore[return-value]
 
 
 class Cut(NamedTuple):
@@ -164,10 +218,7 @@ class InMemoryReader(WindowReader):
         self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
     ) -> list[np.ndarray]:
         """One vectorised gather per cut over the whole stacked array."""
-        return [
-            gather_windows(self.block, cut.channels, base_starts + cut.offset, cut.size)
-            for cut in cuts
-        ]
+        return gather_cuts(self.block, base_starts, cuts)
 
 
 def cell_edges(
@@ -354,11 +405,11 @@ class ChunkedReader(WindowReader):
                 block = self._cell(cell)
                 lower = np.array([edges[c] for edges, c in zip(self.edges, cell, strict=True)])
                 local = base_starts[group] - lower
-                for out, cut in zip(outputs, cuts, strict=True):
-                    out[group] = gather_windows(block, cut.channels, local + cut.offset, cut.size)
+                for out, part in zip(outputs, gather_cuts(block, local, cuts), strict=True):
+                    out[group] = part
         for row in np.flatnonzero(~inside):
             span = self._span(base_starts[row], extent)
             zero = np.zeros((1, len(extent)), dtype=np.int64)
-            for out, cut in zip(outputs, cuts, strict=True):
-                out[row] = gather_windows(span, cut.channels, zero + cut.offset, cut.size)[0]
+            for out, part in zip(outputs, gather_cuts(span, zero, cuts), strict=True):
+                out[row] = part[0]
         return outputs

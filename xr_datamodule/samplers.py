@@ -12,9 +12,10 @@ Two orders, both functions of ``(seed, epoch)`` only:
   order and taken ``cells_per_window`` at a time; the samples of those cells are shuffled
   together. A batch therefore draws from at most ``cells_per_window`` cells, or twice that
   where it spans two windows (when cells hold fewer samples than a batch, it spans more),
-  and each cell is decoded about once per epoch instead of once per sample. With ``streams > 1`` (one per DataLoader worker), windows are dealt to streams
-  and batches interleaved round-robin, matching the DataLoader's round-robin of batches to
-  workers, so each worker decodes only its own cells.
+  and each cell is decoded about once per epoch instead of once per sample. With
+  ``streams > 1`` (one per DataLoader worker), windows are dealt to streams and whole batches
+  interleaved round-robin, matching the DataLoader's round-robin of batches to workers, so
+  each worker decodes only its own cells.
 """
 
 from __future__ import annotations
