@@ -117,7 +117,7 @@ def test_each_chunk_is_decoded_once_per_epoch(chunked_store):
             assert decoded == n_cells  # every cell exactly once
         else:  # at most once; cells still cached from the last epoch are not decoded again
             assert n_cells - reader.cache_cells <= decoded <= n_cells
-    assert len(reader._cache) <= reader.cache_cells < n_cells
+    assert len(reader._slots) <= reader.cache_cells < n_cells
 
 
 def rss(pid: int) -> int:

@@ -127,7 +127,7 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path)
             small_ds, ["b"], geometry.dims, starts - [1, 0, 0], geometry.target_size
         ).astype(np.float32),
     )
-    assert len(reader._cache) <= reader.cache_cells
+    assert len(reader._slots) <= reader.cache_cells
 
 
 def test_negative_target_offset_and_float64(small_ds):
