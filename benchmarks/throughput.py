@@ -52,13 +52,15 @@ def make_data(n_time: int, size: int) -> xr.Dataset:
 
 
 def rss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    """Proportional set size (shared pages split between processes), else resident size."""
+    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+        try:
+            with open(path) as status:
+                for line in status:
+                    if line.startswith(key):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            continue
     return 0
 
 
@@ -73,7 +75,7 @@ def child_pids(pid: int) -> list[int]:
 
 
 class RssMonitor:
-    """Samples the resident memory of this process and its children (workers)."""
+    """Samples the memory (PSS) of this process and its children (workers)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
@@ -232,6 +234,8 @@ def ours(
     data: xr.Dataset | str, workers: int, n_epochs: int, max_seconds: float, load: bool | str
 ) -> dict:
     """Our train loader over ``n_epochs`` epochs, timed from construction to first batch."""
+    gc.collect()
+    baseline = rss_of(os.getpid())
     began = time.perf_counter()
     dm = XarrayDataModule(
         data,
@@ -263,6 +267,7 @@ def ours(
         samples=samples,
         nbytes=nbytes,
         peak=monitor.peak,
+        added=monitor.peak - baseline,
         rss_per_epoch=rss_per_epoch,
         dm=dm,
     )
@@ -329,13 +334,14 @@ def run_store(
         )
         print(
             f"    ours/limit {ours_rate / limit:5.2f}   ours/xbatcher {ours_rate / xb_rate:6.1f}"
-            f"   first batch {result['first']:.2f} s   peak RSS {result['peak'] / 1e9:.2f} GB"
-            f"   RSS drift over {len(rss)} epochs {drift:.1f} %"
+            f"   first batch {result['first']:.2f} s   peak PSS {result['peak'] / 1e9:.2f} GB"
+            f" (ours added {result['added'] / 1e9:.2f} GB)   PSS drift over {len(rss)} epochs"
+            f" {drift:.1f} %   workers={result['dm'].num_workers} load={load}"
         )
         summary.append(
             f"| {name} | {workers} | {limit:.0f} | {xb_rate:.0f} | {rate(nv_bytes, nv_seconds):.1f}"
             f" | {ours_rate:.0f} | {ours_rate / limit:.2f} | {ours_rate / xb_rate:.1f}"
-            f" | {result['first']:.2f} | {result['peak'] / 1e9:.2f} |"
+            f" | {result['first']:.2f} | {result['peak'] / 1e9:.2f} | {result['added'] / 1e9:.2f} |"
         )
     return summary
 
@@ -404,9 +410,9 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(
         "\n| store | workers | limit MB/s | xbatcher MB/s | naive MB/s | ours MB/s | ours/limit"
-        " | ours/xbatcher | first batch s | peak RSS GB |"
+        " | ours/xbatcher | first batch s | peak PSS GB | ours added GB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(summary))
 
 

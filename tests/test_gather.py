@@ -109,7 +109,7 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path)
     )
     dm.setup("fit")
     reader = dm.datasets["train"].reader
-    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 4
+    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 3
     dataset = dm.datasets["train"]
     ids = np.arange(len(dataset))
     batch = dataset.__getitems__(ids)

@@ -465,8 +465,13 @@ class ChunkedReader(WindowReader):
                 np.empty((len(base_starts), len(cut.channels), *cut.size), dtype=self.dtype)
                 for cut in cuts
             ]
-            for begin in range(0, len(unique_keys), wave_size):
-                rows = np.flatnonzero(np.isin(keys, unique_keys[begin : begin + wave_size]))
+            # Cached cells first: their wave needs no decoding and evicts nothing still needed.
+            cached = np.array(
+                [tuple(int(c) for c in cells[row]) in self._slots for row in first_row]
+            )
+            ordered = np.concatenate([unique_keys[cached], unique_keys[~cached]])
+            for begin in range(0, len(ordered), wave_size):
+                rows = np.flatnonzero(np.isin(keys, ordered[begin : begin + wave_size]))
                 parts = self._gather_inside(base_starts[rows], cells[rows], cuts)
                 for out, part in zip(outputs, parts, strict=True):
                     out[rows] = part
