@@ -46,6 +46,7 @@ DTYPES = ("float16", "float32", "float64")
 LOAD_CHOICES = ("auto", True, False)
 LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
 AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
+SHUFFLE_STREAMS = 4  # interleaved chunk-aware streams; worker counts 1, 2, 4 keep cells apart
 STAGE_SPLITS = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -149,10 +150,13 @@ class XarrayDataModule(pl.LightningDataModule):
             at most a quarter of the available memory, ``True`` always loads, ``False``
             never does: the data are then read out of core, cell by cell (groups of storage
             chunks), with chunk-aware shuffling for training.
-        shuffle_chunks: Out of core only: how many cells (groups of storage chunks) are
-            shuffled together during training. A batch draws from at most this many cells
-            (twice that where it spans two windows); each cell is decoded about once per
-            epoch and ``shuffle_chunks + 2`` decoded cells are cached per process.
+        shuffle_chunks: Out of core only: how many cells (groups of storage chunks) feed
+            training at any moment. The order interleaves 4 streams, each shuffling the
+            samples of ``shuffle_chunks / 4`` cells at a time, so a batch draws from
+            ``shuffle_chunks / 4`` cells (twice that at a window edge), consecutive batches
+            from different cells, and each cell is decoded about once per epoch. About
+            ``shuffle_chunks + 4`` decoded cells are cached in the main process, a share of
+            them in each worker.
         dtype: Tensor dtype: ``"float16"``, ``"float32"`` (default) or ``"float64"``.
         transform: Optional function applied to each input window as an ``xr.Dataset``
             (e.g. ``lambda ds: ds.assign(speed=np.hypot(ds.u10, ds.v10))``); its data
@@ -196,7 +200,7 @@ class XarrayDataModule(pl.LightningDataModule):
         multiprocessing_context: str | None = None,
         drop_last: bool = False,
         load: bool | str = "auto",
-        shuffle_chunks: int = 4,
+        shuffle_chunks: int = 8,
         dtype: str = "float32",
         transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
         target_transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
@@ -390,8 +394,19 @@ class XarrayDataModule(pl.LightningDataModule):
             self.window_dims,
             self.dtype,
             extent=self.geometry.extent,
-            cache_cells=self.shuffle_chunks + 2,
+            cache_cells=self._cache_cells,
         )
+
+    @property
+    def _cells_per_window(self) -> int:
+        return max(1, self.shuffle_chunks // SHUFFLE_STREAMS)
+
+    @property
+    def _cache_cells(self) -> int:
+        # Each process holds the current window (+1 cell across a window edge) of the
+        # streams it reads: all of them without workers, its share with workers.
+        streams_here = -(-SHUFFLE_STREAMS // max(1, self.num_workers))
+        return streams_here * (self._cells_per_window + 1)
 
     @cached_property
     def loads_into_memory(self) -> bool:
@@ -509,9 +524,9 @@ class XarrayDataModule(pl.LightningDataModule):
             return ChunkShuffleSampler(
                 reader.home_cells(dataset.index.axis_starts),
                 seed=self.seed,
-                cells_per_window=self.shuffle_chunks,
+                cells_per_window=self._cells_per_window,
                 batch_size=self.batch_size,
-                streams=max(1, self.num_workers),
+                streams=SHUFFLE_STREAMS,
             )
         return EpochShuffleSampler(len(dataset), self.seed)
 

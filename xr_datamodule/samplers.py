@@ -12,10 +12,11 @@ Two orders, both functions of ``(seed, epoch)`` only:
   order and taken ``cells_per_window`` at a time; the samples of those cells are shuffled
   together. A batch therefore draws from at most ``cells_per_window`` cells, or twice that
   where it spans two windows (when cells hold fewer samples than a batch, it spans more),
-  and each cell is decoded about once per epoch instead of once per sample. With
-  ``streams > 1`` (one per DataLoader worker), windows are dealt to streams and whole batches
-  interleaved round-robin, matching the DataLoader's round-robin of batches to workers, so
-  each worker decodes only its own cells.
+  and each cell is decoded about once per epoch instead of once per sample. Windows are
+  dealt to a fixed number of ``streams`` whose whole batches are interleaved round-robin:
+  consecutive batches come from different cells, and since the DataLoader deals batch ``i``
+  to worker ``i % num_workers``, with a worker count that divides ``streams`` each worker
+  decodes only its own cells. The order does not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class ChunkShuffleSampler(EpochSampler):
         seed: Base seed.
         cells_per_window: Cells whose samples are mixed together.
         batch_size: Batch size, to deal whole batches to streams.
-        streams: Number of interleaved streams (the DataLoader's workers, at least 1).
+        streams: Number of interleaved streams (fixed: the order must not depend on the
+            number of workers; a worker count that divides it keeps workers' cells apart).
 
     Example:
         >>> cells = np.repeat(np.arange(6), 10)     # 6 cells of 10 samples
