@@ -51,9 +51,16 @@ def make_data(n_time: int, size: int) -> xr.Dataset:
     )
 
 
-def rss_of(pid: int) -> int:
-    """Proportional set size (shared pages split between processes), else resident size."""
-    for path, key in ((f"/proc/{pid}/smaps_rollup", "Pss:"), (f"/proc/{pid}/status", "VmRSS:")):
+def rss_of(pid: int, proportional: bool = True) -> int:
+    """Proportional set size (shared pages split between processes), else resident size.
+
+    PSS walks the page tables and stalls the process's memory mapping while it does, so it
+    is read only between epochs; the polling thread reads the cheap resident size.
+    """
+    sources = [(f"/proc/{pid}/status", "VmRSS:")]
+    if proportional:
+        sources.insert(0, (f"/proc/{pid}/smaps_rollup", "Pss:"))
+    for path, key in sources:
         try:
             with open(path) as status:
                 for line in status:
@@ -77,7 +84,7 @@ def child_pids(pid: int) -> list[int]:
 class RssMonitor:
     """Samples the memory (PSS) of this process and its children (workers)."""
 
-    def __init__(self, interval: float = 0.05) -> None:
+    def __init__(self, interval: float = 0.25) -> None:
         self.interval = interval
         self.samples: list[int] = []
         self._stop = threading.Event()
@@ -86,7 +93,7 @@ class RssMonitor:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            self.samples.append(rss_of(me) + sum(rss_of(c) for c in child_pids(me)))
+            self.samples.append(rss_of(me, False) + sum(rss_of(c, False) for c in child_pids(me)))
             time.sleep(self.interval)
 
     def __enter__(self) -> RssMonitor:
@@ -100,6 +107,11 @@ class RssMonitor:
     @property
     def peak(self) -> int:
         return max(self.samples, default=0)
+
+    @staticmethod
+    def pss() -> int:
+        me = os.getpid()
+        return rss_of(me) + sum(rss_of(c) for c in child_pids(me))
 
 
 def measure(
@@ -235,7 +247,7 @@ def ours(
 ) -> dict:
     """Our train loader over ``n_epochs`` epochs, timed from construction to first batch."""
     gc.collect()
-    baseline = rss_of(os.getpid())
+    baseline = RssMonitor.pss()
     began = time.perf_counter()
     dm = XarrayDataModule(
         data,
@@ -253,10 +265,14 @@ def ours(
     loader = dm.train_dataloader()
     rss_per_epoch: list[int] = []
 
+    epoch_seconds: list[float] = []
+
     def epochs(monitor: RssMonitor) -> Iterable:
         for _ in range(n_epochs):
+            began_epoch = time.perf_counter()
             yield from loader
-            rss_per_epoch.append(monitor.samples[-1] if monitor.samples else 0)
+            epoch_seconds.append(time.perf_counter() - began_epoch)
+            rss_per_epoch.append(monitor.pss())
 
     with RssMonitor() as monitor:
         seconds, _, samples, nbytes = measure(epochs(monitor), None, max_seconds)
@@ -267,7 +283,8 @@ def ours(
         samples=samples,
         nbytes=nbytes,
         peak=monitor.peak,
-        added=monitor.peak - baseline,
+        added=max(rss_per_epoch, default=baseline) - baseline,
+        epoch_seconds=epoch_seconds,
         rss_per_epoch=rss_per_epoch,
         dm=dm,
     )
@@ -334,9 +351,10 @@ def run_store(
         )
         print(
             f"    ours/limit {ours_rate / limit:5.2f}   ours/xbatcher {ours_rate / xb_rate:6.1f}"
-            f"   first batch {result['first']:.2f} s   peak PSS {result['peak'] / 1e9:.2f} GB"
-            f" (ours added {result['added'] / 1e9:.2f} GB)   PSS drift over {len(rss)} epochs"
-            f" {drift:.1f} %   workers={result['dm'].num_workers} load={load}"
+            f"   first batch {result['first']:.2f} s   peak RSS {result['peak'] / 1e9:.2f} GB"
+            f"   ours added {result['added'] / 1e9:.2f} GB PSS   PSS drift over {len(rss)} epochs"
+            f" {drift:.1f} %   workers={result['dm'].num_workers} load={load}\n"
+            f"    seconds per epoch: {' '.join(f'{s:.2f}' for s in result['epoch_seconds'])}"
         )
         summary.append(
             f"| {name} | {workers} | {limit:.0f} | {xb_rate:.0f} | {rate(nv_bytes, nv_seconds):.1f}"
@@ -410,7 +428,7 @@ def main() -> None:
             shutil.rmtree(workdir, ignore_errors=True)
     print(
         "\n| store | workers | limit MB/s | xbatcher MB/s | naive MB/s | ours MB/s | ours/limit"
-        " | ours/xbatcher | first batch s | peak PSS GB | ours added GB |"
+        " | ours/xbatcher | first batch s | peak RSS GB | ours added PSS GB |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(summary))
