@@ -250,7 +250,7 @@ def cell_edges(
     itemsize: int,
     n_channels: int,
     min_cell_bytes: int = 2**20,
-    default_cell_bytes: int = 32 * 2**20,
+    default_cell_bytes: int = 16 * 2**20,
 ) -> list[np.ndarray]:
     """Cell boundaries along each windowed dim, aligned with the storage chunks of ``name``.
 
