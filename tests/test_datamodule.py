@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+from torch.utils.data import DistributedSampler
 
 from xr_datamodule import XarrayDataModule
-from xr_datamodule.samplers import ArrayBatchSampler
+from xr_datamodule.samplers import ArrayBatchSampler, ShardedBatchSampler
 
 CONFIG = dict(
     input_vars=["a", "b"],
@@ -97,9 +98,12 @@ def test_val_and_test_are_in_order(small_ds):
 def test_loader_settings_defaults_and_overrides(small_ds):
     dm = XarrayDataModule(small_ds, **CONFIG)
     loader = dm.train_dataloader()
-    assert isinstance(loader.batch_sampler, ArrayBatchSampler)
+    # Training: a DistributedSampler (Lightning keeps it) that yields whole index batches.
+    assert isinstance(loader.sampler, ShardedBatchSampler) and loader.batch_size is None
+    assert isinstance(loader.sampler, DistributedSampler)
     assert loader.num_workers == 0 and loader.pin_memory is False
-    assert loader.batch_sampler.batch_size == 8
+    assert loader.sampler.batch_size == 8
+    assert isinstance(dm.val_dataloader().batch_sampler, ArrayBatchSampler)
 
     dm.trainer = SimpleNamespace(accelerator=CPUAccelerator())
     assert dm.loader_settings["pin_memory"] is False

@@ -27,6 +27,7 @@ from xr_datamodule.samplers import (
     ChunkShuffleSampler,
     EpochSampler,
     EpochShuffleSampler,
+    ShardedBatchSampler,
 )
 from xr_datamodule.sources import (
     channel_layouts,
@@ -272,6 +273,7 @@ class XarrayDataModule(pl.LightningDataModule):
         self.open_kwargs = dict(open_kwargs or {})
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
+        self._resume: tuple[int, int] | None = None
 
     @staticmethod
     def _names(names: Any, what: str) -> list[str]:
@@ -503,20 +505,75 @@ class XarrayDataModule(pl.LightningDataModule):
             return []
         dataset = self._dataset(split)
         if split == "train":
-            if self._train_sampler is None or self._train_sampler.n != len(dataset):
-                self._train_sampler = self._make_train_sampler(dataset)
-            sampler: Any = self._train_sampler
-        else:
-            sampler = SequentialSampler(dataset)
-        batch_sampler = ArrayBatchSampler(
-            sampler, self.batch_size, drop_last=self.drop_last and split == "train"
-        )
+            return DataLoader(
+                dataset,
+                sampler=self._train_batches(dataset),
+                batch_size=None,  # the sampler yields whole batches
+                collate_fn=collate_batch,  # type: ignore[arg-type]  # one Batch, not a list
+                **self.loader_settings,
+            )
+        batch_sampler = ArrayBatchSampler(SequentialSampler(dataset), self.batch_size, False)
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
-            collate_fn=collate_batch,  # type: ignore[arg-type]  # receives one Batch, not a list
+            collate_fn=collate_batch,  # type: ignore[arg-type]
             **self.loader_settings,
         )
+
+    def _train_batches(self, dataset: XarrayWindowDataset) -> ShardedBatchSampler:
+        if self._train_sampler is None or self._train_sampler.n != len(dataset):
+            self._train_sampler = self._make_train_sampler(dataset)
+        if self.trainer is not None:
+            # Lightning may start the loader's iterator (and workers' prefetching) before it
+            # calls set_epoch, e.g. when resuming: start from the trainer's epoch already.
+            self._train_sampler.set_epoch(self.trainer.current_epoch)
+        world_size, rank = self._world()
+        sampler = ShardedBatchSampler(
+            self._train_sampler, self.batch_size, self.drop_last, world_size, rank, self._resume
+        )
+        self._resume = None  # handed over: the sampler applies it once
+        return sampler
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank): from the trainer, else torch.distributed, else (1, 0)."""
+        if self.trainer is not None:
+            return int(self.trainer.world_size), int(self.trainer.global_rank)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the data exactly (Lightning saves it).
+
+        The seed, and while fitting the epoch and how many of its batches were trained on,
+        so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
+        """
+        state: dict[str, Any] = {"seed": self.seed}
+        trainer = self.trainer
+        if trainer is not None:
+            state["epoch"] = int(trainer.current_epoch)
+            # `processed`, not `completed`: a checkpoint written in on_train_batch_end (as
+            # ModelCheckpoint(every_n_train_steps=...) does) counts the current batch as
+            # done, and Lightning resumes after it.
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            state["batches_done"] = int(progress.processed)  # type: ignore[attr-defined]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the seed and, mid-epoch, the batches to skip (Lightning calls it on resume).
+
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32})
+            >>> dm.load_state_dict({"seed": 7, "epoch": 0, "batches_done": 3})
+            >>> dm.seed
+            7
+        """
+        if int(state_dict.get("seed", self.seed)) != self.seed:
+            self.seed = int(state_dict["seed"])
+            self._train_sampler = None
+        if "epoch" in state_dict and state_dict.get("batches_done"):
+            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 
     def _make_train_sampler(self, dataset: XarrayWindowDataset) -> EpochSampler:
         reader = dataset.reader

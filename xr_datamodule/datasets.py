@@ -109,9 +109,15 @@ class XarrayWindowDataset(Dataset):
             )
         return Batch(inputs, targets)
 
-    def __getitem__(self, index: int) -> Batch:
-        """One sample, without the batch axis."""
-        batch = self.__getitems__([index])
+    def __getitem__(self, index: int | np.ndarray) -> Batch:
+        """One sample, without the batch axis; an index array reads a whole batch.
+
+        The array form serves DataLoaders whose sampler yields whole batches
+        (``batch_size=None``), as the datamodule's training loader does.
+        """
+        if isinstance(index, np.ndarray) and index.ndim == 1:
+            return self.__getitems__(index)
+        batch = self.__getitems__([int(index)])
         return Batch(batch.inputs[0], batch.targets[0])
 
     def _transformed(

@@ -399,7 +399,8 @@ class ChunkedReader(WindowReader):
     def _cell_view(self, slot: int, cell: tuple[int, ...]) -> np.ndarray:
         assert self._arena is not None
         lengths = [int(edges[i + 1] - edges[i]) for edges, i in zip(self.edges, cell, strict=True)]
-        return self._arena[(slot, slice(None), *(slice(0, n) for n in lengths))]
+        region: tuple[int | slice, ...] = (slot, slice(None), *(slice(0, n) for n in lengths))
+        return self._arena[region]
 
     def _span(self, base: np.ndarray, extent: Sequence[int]) -> np.ndarray:
         """Assemble one sample's span ``(channel, *extent)`` from the cells it touches."""
@@ -408,18 +409,19 @@ class ChunkedReader(WindowReader):
         for axis, (edges, lo, length) in enumerate(zip(self.edges, base, extent, strict=True)):
             hi = lo + length
             pieces = []
-            for cell in range(int(self.cell_of(lo, axis)), int(self.cell_of(hi - 1, axis)) + 1):
-                start, stop = max(lo, edges[cell]), min(hi, edges[cell + 1])
+            first, last = int(self.cell_of(lo, axis)), int(self.cell_of(hi - 1, axis))
+            for number in range(first, last + 1):
+                start, stop = max(lo, edges[number]), min(hi, edges[number + 1])
                 pieces.append(
                     (
-                        cell,
-                        slice(int(start - edges[cell]), int(stop - edges[cell])),
+                        number,
+                        slice(int(start - edges[number]), int(stop - edges[number])),
                         slice(int(start - lo), int(stop - lo)),
                     )
                 )
             per_axis.append(pieces)
         for combination in itertools.product(*per_axis):
-            cell = tuple(piece[0] for piece in combination)
+            cell: tuple[int, ...] = tuple(piece[0] for piece in combination)
             inside_cell = (slice(None), *(piece[1] for piece in combination))
             inside_span = (slice(None), *(piece[2] for piece in combination))
             span[inside_span] = self._cell_view(self._slot(cell), cell)[inside_cell]

@@ -25,13 +25,14 @@ from abc import abstractmethod
 from collections.abc import Iterable, Iterator
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler, SequentialSampler
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler, SequentialSampler
 
 __all__ = [
     "ArrayBatchSampler",
     "ChunkShuffleSampler",
     "EpochSampler",
     "EpochShuffleSampler",
+    "ShardedBatchSampler",
     "sample_order",
 ]
 
@@ -64,7 +65,9 @@ class EpochSampler(Sampler[int]):
         return order
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.take_order().tolist())
+        # A generator: the epoch is taken when iteration starts, not when iter() is called
+        # (torch's worker iterator calls iter() on its sampler twice before using it).
+        yield from self.take_order().tolist()
 
     def __len__(self) -> int:
         return self.n
@@ -186,3 +189,94 @@ class ArrayBatchSampler(BatchSampler):
         stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
         for begin in range(0, stop, self.batch_size):
             yield order[begin : begin + self.batch_size]
+
+
+class ShardedBatchSampler(DistributedSampler):
+    """Training batches of one DDP rank, exactly once per epoch, resumable mid-epoch.
+
+    Each epoch the ``order`` sampler gives a permutation (a function of ``(seed, epoch)``).
+    It is cut to a multiple of the world size (at most ``num_replicas - 1`` samples left out,
+    the same for every rank) and rank ``r`` takes the ``r``-th contiguous block, so ranks
+    never share a sample and all have the same number of batches (DDP never waits on a rank
+    that ran out). Contiguous blocks keep chunk-aware orders chunk-aware: each rank reads its
+    own run of cells. Each item is a whole batch of sample numbers (an int64 array), for a
+    DataLoader with ``batch_size=None``.
+
+    It is a ``DistributedSampler``, so Lightning leaves it in place instead of injecting one
+    that pads with repeated samples; Lightning's ``set_epoch`` reaches the order.
+
+    Args:
+        order: The per-epoch sample order.
+        batch_size: Samples per batch.
+        drop_last: Drop the rank's last batch when it is smaller than ``batch_size``.
+        num_replicas: World size (number of DDP ranks).
+        rank: This process's global rank.
+        resume: ``(epoch, batches)``: in that epoch, skip the first ``batches`` batches (they
+            were trained on before the checkpoint); other epochs are whole.
+
+    Example:
+        >>> order = EpochShuffleSampler(10, seed=0)
+        >>> ranks = [ShardedBatchSampler(EpochShuffleSampler(10, seed=0), 2, False, 3, r)
+        ...          for r in range(3)]
+        >>> seen = np.concatenate([b for s in ranks for b in s])
+        >>> len(seen), len(set(seen.tolist()))           # 10 - 10 % 3 samples, each once
+        (9, 9)
+    """
+
+    def __init__(
+        self,
+        order: EpochSampler,
+        batch_size: int,
+        drop_last: bool = False,
+        num_replicas: int = 1,
+        rank: int = 0,
+        resume: tuple[int, int] | None = None,
+    ) -> None:
+        # DistributedSampler.__init__ would ask torch.distributed for the world; the
+        # datamodule knows it from the trainer (and tests simulate ranks).
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        self.order = order
+        self.batch_size = int(batch_size)
+        self.drop_last = bool(drop_last)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.seed = order.seed
+        self.shuffle = True
+        self.resume = resume
+        self.num_samples = order.n // self.num_replicas
+        self.total_size = self.num_samples * self.num_replicas
+
+    @property
+    def epoch(self) -> int:  # type: ignore[override]
+        """The epoch the next iteration yields (kept by the order sampler)."""
+        return self.order.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.order.epoch = int(value)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose batches the next iteration yields."""
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        whole, part = divmod(self.num_samples, self.batch_size)
+        return whole + (1 if part and not self.drop_last else 0)
+
+    def epoch_batches(self) -> list[np.ndarray]:
+        """This rank's batches of the current epoch (the epoch is not advanced)."""
+        block = self.order.order()[: self.total_size].reshape(self.num_replicas, -1)[self.rank]
+        stop = len(block) - len(block) % self.batch_size if self.drop_last else len(block)
+        return [block[begin : begin + self.batch_size] for begin in range(0, stop, self.batch_size)]
+
+    def __iter__(self) -> Iterator[np.ndarray]:  # type: ignore[override]
+        # A generator: the epoch is taken when iteration starts, not when iter() is called
+        # (torch's worker iterator calls iter() on its sampler twice before using it).
+        epoch = self.order.epoch
+        batches = self.epoch_batches()
+        self.order.epoch += 1
+        if self.resume is not None and self.resume[0] == epoch:
+            batches = batches[self.resume[1] :]
+            self.resume = None
+        yield from batches

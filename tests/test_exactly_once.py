@@ -1,0 +1,212 @@
+"""Exactly once at any scale: seeded epochs, DDP shards, mid-epoch resume, fork safety."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import dask
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from tests.ddp_script import Recorder, ids_dataset
+from xr_datamodule import XarrayDataModule
+from xr_datamodule.samplers import ChunkShuffleSampler, EpochShuffleSampler, ShardedBatchSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_order(kind: str, n: int, seed: int):
+    if kind == "uniform":
+        return EpochShuffleSampler(n, seed)
+    cells = np.repeat(np.arange(n // 5 + 1), 5)[:n]
+    return ChunkShuffleSampler(cells, seed, cells_per_window=2, batch_size=4)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    batch=st.integers(1, 20),
+    world=st.integers(1, 4),
+    epoch=st.integers(0, 20),
+    seed=st.integers(0, 1000),
+    drop_last=st.booleans(),
+    kind=st.sampled_from(["uniform", "chunk"]),
+    resume_at=st.integers(0, 40),
+)
+def test_ranks_see_each_sample_once_and_resume_completes_the_epoch(
+    n, batch, world, epoch, seed, drop_last, kind, resume_at
+):
+    per_rank = []
+    for rank in range(world):
+        sampler = ShardedBatchSampler(make_order(kind, n, seed), batch, drop_last, world, rank)
+        sampler.set_epoch(epoch)
+        per_rank.append(list(sampler))
+        assert len(per_rank[-1]) == len(sampler)
+    # Every rank has the same number of batches, so DDP never waits on a rank that ran out.
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = np.concatenate([b for batches in per_rank for b in batches] or [np.empty(0, int)])
+    assert len(np.unique(seen)) == len(seen)  # no duplicates across ranks
+    kept = n - n % world
+    if not drop_last:
+        assert len(seen) == kept  # at most world - 1 samples left out
+    else:
+        assert len(seen) == world * (kept // world // batch) * batch
+    # The epoch's order is the same whoever computes it: ranks hold contiguous blocks of it.
+    full = make_order(kind, n, seed)
+    full.set_epoch(epoch)
+    blocks = full.order()[:kept].reshape(world, -1) if kept else np.empty((world, 0), int)
+    for rank, batches in enumerate(per_rank):
+        if batches:
+            got = np.concatenate(batches)
+            assert np.array_equal(got, blocks[rank][: len(got)])
+    # Resuming mid-epoch yields exactly the batches that remained.
+    for rank in range(world):
+        resumed = ShardedBatchSampler(
+            make_order(kind, n, seed), batch, drop_last, world, rank, resume=(epoch, resume_at)
+        )
+        resumed.set_epoch(epoch)
+        remaining = list(resumed)
+        assert [b.tolist() for b in remaining] == [b.tolist() for b in per_rank[rank][resume_at:]]
+        # The next epoch is whole again.
+        assert len(list(resumed)) == len(per_rank[rank])
+
+
+def train_ids(dm: XarrayDataModule, epochs: int = 1) -> list[list[int]]:
+    loader = dm.train_dataloader()
+    return [batch.reshape(-1).tolist() for _ in range(epochs) for batch, _ in loader]
+
+
+@pytest.mark.parametrize("load", [True, False])
+def test_training_order_is_the_same_for_any_number_of_workers(tmp_path, load):
+    path = tmp_path / "ids.zarr"
+    ds = xr.Dataset({"x": (("time", "lat"), np.arange(600.0).reshape(200, 3))})
+    ds.chunk({"time": 16}).to_zarr(path)
+    orders = []
+    for workers in (0, 1, 3):
+        dm = XarrayDataModule(
+            str(path),
+            input_vars=["x"],
+            input_dims={"time": 1, "lat": 1},
+            splits={"train": 1.0},
+            batch_size=7,
+            num_workers=workers,
+            load=load,
+            dtype="float64",
+            seed=3,
+        )
+        dm.setup("fit")
+        orders.append(train_ids(dm, epochs=2))
+    assert orders[0] == orders[1] == orders[2]
+    first, second = orders[0][: len(orders[0]) // 2], orders[0][len(orders[0]) // 2 :]
+    flat = [[i for batch in epoch for i in batch] for epoch in (first, second)]
+    assert sorted(flat[0]) == sorted(flat[1]) == list(range(600))
+    assert first != second
+
+
+def fit_ids(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
+    model = Recorder(out_dir=".")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        **trainer_kwargs,
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model.seen
+
+
+def ids_module(workers: int) -> XarrayDataModule:
+    return XarrayDataModule(
+        ids_dataset(90),
+        input_vars=["x"],
+        input_dims={"time": 1},
+        splits={"train": 1.0},
+        batch_size=8,
+        dtype="float64",
+        num_workers=workers,
+        seed=11,
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_path, workers):
+    full = fit_ids(ids_module(workers), max_epochs=2, enable_checkpointing=False)
+    assert len(full) == 2 * 12
+    every = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    interrupted = fit_ids(ids_module(workers), callbacks=[every], max_epochs=2)
+    assert interrupted == full
+    for step in (5, 15):  # mid epoch 0, and mid epoch 1
+        checkpoint = tmp_path / f"step={step}.ckpt"
+        stored = torch.load(checkpoint, weights_only=False)["XarrayDataModule"]
+        assert stored == {"seed": 11, "epoch": step // 12, "batches_done": step % 12}
+        rest = fit_ids(
+            ids_module(workers), ckpt_path=str(checkpoint), max_epochs=2, enable_checkpointing=False
+        )
+        assert rest == full[step:]  # exactly the batches that remained, in the same order
+
+
+@pytest.mark.timeout(120)
+def test_workers_do_not_hang_after_dask_threads_ran_in_the_parent(tmp_path):
+    path = tmp_path / "dask.zarr"
+    xr.Dataset({"x": (("time", "lat"), np.random.default_rng(0).random((400, 8)))}).chunk(
+        {"time": 50}
+    ).to_zarr(path)
+    ds = xr.open_zarr(path)  # dask-backed
+    with dask.config.set(scheduler="threads"):
+        assert float(ds.x.mean().compute()) > 0  # the parent's dask thread pool has run
+    dm = XarrayDataModule(
+        ds,
+        input_vars=["x"],
+        input_dims={"time": 4, "lat": 8},
+        splits={"train": 1.0},
+        batch_size=16,
+        num_workers=2,
+        load=False,
+        multiprocessing_context="fork",
+    )
+    dm.setup("fit")
+    total = sum(len(x) for x, _ in dm.train_dataloader())
+    assert total == len(dm.datasets["train"])
+
+
+@pytest.mark.timeout(240)
+def test_real_two_process_ddp_run_shards_without_duplicates(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(tmp_path), "101", "8"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=220,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(rank["world"] == 2 for rank in ranks)
+    batches = [rank["epochs"] for rank in ranks]
+    assert len(batches[0]) == len(batches[1])  # same number of steps on both ranks
+    per_epoch = len(batches[0]) // 2
+    for epoch in range(2):
+        seen = [
+            i
+            for rank in batches
+            for b in rank[epoch * per_epoch : (epoch + 1) * per_epoch]
+            for i in b
+        ]
+        assert len(seen) == len(set(seen)) == 100  # 101 - 101 % 2: one left out, none twice
+    epoch0 = [b for rank in batches for b in rank[:per_epoch]]
+    epoch1 = [b for rank in batches for b in rank[per_epoch:]]
+    assert epoch0 != epoch1
