@@ -1,6 +1,6 @@
 """Run by tests/test_exactly_once.py: a real 2-process DDP fit on CPU that records sample ids.
 
-    python tests/ddp_script.py OUT_DIR [N_SAMPLES] [BATCH]
+    python tests/ddp_script.py OUT_DIR [N_SAMPLES] [BATCH] [STYLE] [WORKERS]
 
 Each rank writes the ids of the samples it trained on, batch by batch, to OUT_DIR/rank{R}.json.
 """
@@ -49,6 +49,8 @@ def main() -> None:
     out_dir = sys.argv[1]
     n = int(sys.argv[2]) if len(sys.argv) > 2 else 101
     batch = int(sys.argv[3]) if len(sys.argv) > 3 else 8
+    style = sys.argv[4] if len(sys.argv) > 4 else "map"
+    workers = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     dm = XarrayDataModule(
         ids_dataset(n),
         input_vars=["x"],
@@ -56,7 +58,8 @@ def main() -> None:
         splits={"train": 1.0},
         batch_size=batch,
         dtype="float64",
-        num_workers=0,
+        num_workers=workers,
+        style=style,
     )
     trainer = pl.Trainer(
         strategy="ddp",

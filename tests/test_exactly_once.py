@@ -127,7 +127,7 @@ def fit_ids(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
     return model.seen
 
 
-def ids_module(workers: int) -> XarrayDataModule:
+def ids_module(workers: int, style: str = "map") -> XarrayDataModule:
     return XarrayDataModule(
         ids_dataset(90),
         input_vars=["x"],
@@ -137,24 +137,28 @@ def ids_module(workers: int) -> XarrayDataModule:
         dtype="float64",
         num_workers=workers,
         seed=11,
+        style=style,
     )
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_path, workers):
-    full = fit_ids(ids_module(workers), max_epochs=2, enable_checkpointing=False)
+@pytest.mark.parametrize(("workers", "style"), [(0, "map"), (2, "map"), (2, "iterable")])
+def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_path, workers, style):
+    full = fit_ids(ids_module(workers, style), max_epochs=2, enable_checkpointing=False)
     assert len(full) == 2 * 12
     every = ModelCheckpoint(
         dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"
     )
-    interrupted = fit_ids(ids_module(workers), callbacks=[every], max_epochs=2)
+    interrupted = fit_ids(ids_module(workers, style), callbacks=[every], max_epochs=2)
     assert interrupted == full
     for step in (5, 15):  # mid epoch 0, and mid epoch 1
         checkpoint = tmp_path / f"step={step}.ckpt"
         stored = torch.load(checkpoint, weights_only=False)["XarrayDataModule"]
         assert stored == {"seed": 11, "epoch": step // 12, "batches_done": step % 12}
         rest = fit_ids(
-            ids_module(workers), ckpt_path=str(checkpoint), max_epochs=2, enable_checkpointing=False
+            ids_module(workers, style),
+            ckpt_path=str(checkpoint),
+            max_epochs=2,
+            enable_checkpointing=False,
         )
         assert rest == full[step:]  # exactly the batches that remained, in the same order
 
@@ -184,9 +188,11 @@ def test_workers_do_not_hang_after_dask_threads_ran_in_the_parent(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_real_two_process_ddp_run_shards_without_duplicates(tmp_path):
+@pytest.mark.parametrize(("style", "workers"), [("map", 0), ("iterable", 2)])
+def test_real_two_process_ddp_run_shards_without_duplicates(tmp_path, style, workers):
+    script = str(ROOT / "tests" / "ddp_script.py")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "ddp_script.py"), str(tmp_path), "101", "8"],
+        [sys.executable, script, str(tmp_path), "101", "8", style, str(workers)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -210,3 +216,33 @@ def test_real_two_process_ddp_run_shards_without_duplicates(tmp_path):
     epoch0 = [b for rank in batches for b in rank[:per_epoch]]
     epoch1 = [b for rank in batches for b in rank[per_epoch:]]
     assert epoch0 != epoch1
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_iterable_style_streams_the_map_style_batches_with_any_workers(workers):
+    def epochs(style: str, n_workers: int) -> list[list[int]]:
+        dm = ids_module(n_workers, style)
+        dm.setup("fit")
+        return train_ids(dm, epochs=2)
+
+    assert epochs("iterable", workers) == epochs("map", 0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_iterable_shards_over_simulated_ranks_and_workers_exactly_once(world):
+    from torch.utils.data import DataLoader
+
+    from xr_datamodule import XarrayIterableDataset, collate_batch
+
+    dm = ids_module(0)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    per_rank = []
+    for rank in range(world):
+        batches = ShardedBatchSampler(EpochShuffleSampler(90, 11), 8, False, world, rank)
+        stream = XarrayIterableDataset(dataset, batches)
+        loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=collate_batch)
+        per_rank.append([x.reshape(-1).long().tolist() for x, _ in loader])
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == 90 - 90 % world

@@ -2,8 +2,13 @@
 
 from xr_datamodule.collate import collate_batch
 from xr_datamodule.datamodule import XarrayDataModule
-from xr_datamodule.datasets import Batch, XarrayWindowDataset
-from xr_datamodule.samplers import ArrayBatchSampler, EpochShuffleSampler
+from xr_datamodule.datasets import Batch, XarrayIterableDataset, XarrayWindowDataset
+from xr_datamodule.samplers import (
+    ArrayBatchSampler,
+    ChunkShuffleSampler,
+    EpochShuffleSampler,
+    ShardedBatchSampler,
+)
 from xr_datamodule.sources import SYNTHETIC_SOURCE
 from xr_datamodule.synthetic import make_weather
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
@@ -12,10 +17,13 @@ __all__ = [
     "SYNTHETIC_SOURCE",
     "ArrayBatchSampler",
     "Batch",
+    "ChunkShuffleSampler",
     "EpochShuffleSampler",
     "SampleIndex",
+    "ShardedBatchSampler",
     "WindowGeometry",
     "XarrayDataModule",
+    "XarrayIterableDataset",
     "XarrayWindowDataset",
     "build_index",
     "collate_batch",

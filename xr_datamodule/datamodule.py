@@ -20,7 +20,7 @@ import xarray as xr
 from torch.utils.data import DataLoader, SequentialSampler
 
 from xr_datamodule.collate import collate_batch
-from xr_datamodule.datasets import XarrayWindowDataset
+from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, WindowReader
 from xr_datamodule.samplers import (
     ArrayBatchSampler,
@@ -44,6 +44,7 @@ from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 __all__ = ["XarrayDataModule"]
 
 DTYPES = ("float16", "float32", "float64")
+STYLES = ("map", "iterable")
 LOAD_CHOICES = ("auto", True, False)
 LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
 AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
@@ -85,6 +86,23 @@ def _check_keys(mapping: Mapping[str, int], valid: Mapping[str, int], what: str)
     for dim in mapping:
         if dim not in valid:
             raise KeyError(f"{what}: dim {dim!r} is not in input_dims. Valid: {tuple(valid)}")
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader over an :class:`XarrayIterableDataset` that sets its epoch on each pass.
+
+    Lightning calls ``set_epoch`` only on samplers, and an iterable dataset has none; the
+    epoch is therefore asked of ``epoch_of`` (the trainer's epoch) when a pass starts, in the
+    main process, before the pass's workers are started.
+    """
+
+    def __init__(self, dataset: XarrayIterableDataset, epoch_of: Callable[[], int], **kwargs: Any):
+        self._epoch_of = epoch_of
+        super().__init__(dataset, **kwargs)
+
+    def __iter__(self) -> Any:
+        self.dataset.set_epoch(self._epoch_of())  # type: ignore[attr-defined]
+        return super().__iter__()
 
 
 def available_memory() -> int:
@@ -158,6 +176,10 @@ class XarrayDataModule(pl.LightningDataModule):
             from different cells, and each cell is decoded about once per epoch. About
             ``shuffle_chunks + 4`` decoded cells are cached in the main process, a share of
             them in each worker.
+        style: ``"map"`` (default): a map-style dataset with a DDP-aware batch sampler;
+            ``"iterable"``: an iterable dataset that streams whole batches, sharded across
+            DDP ranks and workers itself (workers are started anew each epoch). Both give the
+            same batches in the same order.
         dtype: Tensor dtype: ``"float16"``, ``"float32"`` (default) or ``"float64"``.
         transform: Optional function applied to each input window as an ``xr.Dataset``
             (e.g. ``lambda ds: ds.assign(speed=np.hypot(ds.u10, ds.v10))``); its data
@@ -202,6 +224,7 @@ class XarrayDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         load: bool | str = "auto",
         shuffle_chunks: int = 8,
+        style: str = "map",
         dtype: str = "float32",
         transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
         target_transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
@@ -261,6 +284,14 @@ class XarrayDataModule(pl.LightningDataModule):
         self.prefetch_factor = prefetch_factor
         self.multiprocessing_context = multiprocessing_context
         self.drop_last = bool(drop_last)
+        if style not in STYLES:
+            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+        if style == "iterable" and persistent_workers:
+            raise ValueError(
+                "style='iterable' needs persistent_workers=False: each epoch starts workers "
+                "that see the new epoch"
+            )
+        self.style = style
         if not (load == "auto" or isinstance(load, bool)):
             raise ValueError(f"load must be one of {LOAD_CHOICES}, got {load!r}")
         self.load = load
@@ -274,6 +305,7 @@ class XarrayDataModule(pl.LightningDataModule):
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
+        self._iterable_passes = 0
 
     @staticmethod
     def _names(names: Any, what: str) -> list[str]:
@@ -504,6 +536,17 @@ class XarrayDataModule(pl.LightningDataModule):
                 raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
             return []
         dataset = self._dataset(split)
+        if split == "train" and self.style == "iterable":
+            settings = self.loader_settings
+            if self.num_workers > 0:
+                settings["persistent_workers"] = False  # each pass must see the new epoch
+            return _EpochLoader(
+                XarrayIterableDataset(dataset, self._train_batches(dataset)),
+                epoch_of=self._iterable_epoch,
+                batch_size=None,
+                collate_fn=collate_batch,  # type: ignore[arg-type]
+                **settings,
+            )
         if split == "train":
             return DataLoader(
                 dataset,
@@ -533,6 +576,13 @@ class XarrayDataModule(pl.LightningDataModule):
         )
         self._resume = None  # handed over: the sampler applies it once
         return sampler
+
+    def _iterable_epoch(self) -> int:
+        """The epoch of the next iterable pass: the trainer's, or one more than the last."""
+        if self.trainer is not None:
+            return int(self.trainer.current_epoch)
+        self._iterable_passes += 1
+        return self._iterable_passes - 1
 
     def _world(self) -> tuple[int, int]:
         """(world size, global rank): from the trainer, else torch.distributed, else (1, 0)."""

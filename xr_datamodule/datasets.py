@@ -14,17 +14,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import numpy as np
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xr_datamodule.gather import Cut, WindowReader
+from xr_datamodule.samplers import ShardedBatchSampler
 from xr_datamodule.transforms import Transform, transformed_windows
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
-__all__ = ["Batch", "XarrayWindowDataset"]
+__all__ = ["Batch", "XarrayIterableDataset", "XarrayWindowDataset"]
 
 
 class Batch(NamedTuple):
@@ -131,3 +132,49 @@ class XarrayWindowDataset(Dataset):
             transform,
             self.reader.dtype,
         )
+
+
+class XarrayIterableDataset(IterableDataset):
+    """Iterable style: streams whole batches, sharded across DDP ranks and DataLoader workers.
+
+    Each epoch, ``batches`` gives this rank's batches (a contiguous block of the epoch's
+    order, the same number on every rank; see
+    :class:`~xr_datamodule.samplers.ShardedBatchSampler`), and DataLoader worker ``w`` of
+    ``n`` reads batches ``w, w + n, ...``. The DataLoader takes one batch from each worker in
+    turn, so the batches arrive in the same order as with the map style and with any number
+    of workers: no duplicates, no gaps. Use it with ``batch_size=None``.
+
+    The epoch must be set in the main process before each pass (:meth:`set_epoch`; the
+    datamodule's loader does it), and workers must not be persistent, so that each pass
+    starts workers that see the new epoch.
+
+    Args:
+        dataset: The map-style dataset that reads batches.
+        batches: This rank's batch sampler.
+
+    Example:
+        >>> from xr_datamodule import XarrayDataModule
+        >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"], batch_size=8,
+        ...                       input_dims={"time": 1, "lat": 32, "lon": 32}, style="iterable")
+        >>> X, y = next(iter(dm.train_dataloader()))
+        >>> tuple(X.shape)
+        (8, 1, 1, 32, 32)
+    """
+
+    def __init__(self, dataset: XarrayWindowDataset, batches: ShardedBatchSampler) -> None:
+        self.dataset = dataset
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next pass streams."""
+        self.batches.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        for number, batch in enumerate(self.batches):
+            if number % workers == worker:
+                yield self.dataset.__getitems__(batch)
