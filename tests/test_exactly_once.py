@@ -246,3 +246,56 @@ def test_iterable_shards_over_simulated_ranks_and_workers_exactly_once(world):
     assert len({len(batches) for batches in per_rank}) == 1
     seen = [i for batches in per_rank for b in batches for i in b]
     assert len(seen) == len(set(seen)) == 90 - 90 % world
+
+
+class _IdsOnly:
+    """Stands in for the map-style dataset: a batch is just its sample numbers."""
+
+    def __getitems__(self, batch):
+        return np.asarray(batch)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    batch=st.integers(1, 16),
+    world=st.integers(1, 4),
+    workers=st.integers(0, 3),
+    epoch=st.integers(0, 10),
+    resume_at=st.integers(0, 30),
+)
+def test_iterable_streams_over_ranks_and_workers_exactly_once(
+    n, batch, world, workers, epoch, resume_at
+):
+    import types
+
+    import xr_datamodule.datasets as datasets_module
+    from xr_datamodule import XarrayIterableDataset
+
+    def stream(rank: int, resume=None) -> list[list[int]]:
+        """What the DataLoader delivers: worker w's batches, taken in turn."""
+        per_worker = []
+        for worker in range(max(workers, 1)):
+            info = None if workers == 0 else types.SimpleNamespace(id=worker, num_workers=workers)
+            original = datasets_module.get_worker_info
+            datasets_module.get_worker_info = lambda info=info: info
+            try:
+                batches = ShardedBatchSampler(
+                    EpochShuffleSampler(n, 5), batch, False, world, rank, resume=resume
+                )
+                dataset = XarrayIterableDataset(_IdsOnly(), batches)
+                dataset.set_epoch(epoch)
+                per_worker.append([b.tolist() for b in dataset])
+            finally:
+                datasets_module.get_worker_info = original
+        delivered = []
+        for turn in range(max(len(w) for w in per_worker)):
+            delivered += [w[turn] for w in per_worker if turn < len(w)]
+        return delivered
+
+    per_rank = [stream(rank) for rank in range(world)]
+    assert len({len(batches) for batches in per_rank}) == 1
+    seen = [i for batches in per_rank for b in batches for i in b]
+    assert len(seen) == len(set(seen)) == n - n % world
+    for rank in range(world):
+        assert stream(rank, resume=(epoch, resume_at)) == per_rank[rank][resume_at:]
