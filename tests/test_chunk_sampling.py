@@ -89,19 +89,24 @@ def chunked_store(tmp_path: Path) -> Path:
     return path
 
 
-def test_each_chunk_is_decoded_once_per_epoch(chunked_store):
+def out_of_core(path: Path, **settings) -> XarrayDataModule:
+    """x -> y on 32x32 patches of the chunked store, read out of core, set up for fit."""
     dm = XarrayDataModule(
-        str(chunked_store),
+        str(path),
         input_vars=["x"],
         target_vars=["y"],
-        input_dims={"time": 1, "lat": 32, "lon": 32},
         splits={"train": 1.0},
+        input_dims={"time": 1, "lat": 32, "lon": 32},
         batch_size=16,
         load=False,
-        num_workers=0,
-        shuffle_chunks=2,
+        **settings,
     )
     dm.setup("fit")
+    return dm
+
+
+def test_each_chunk_is_decoded_once_per_epoch(chunked_store):
+    dm = out_of_core(chunked_store, num_workers=0, shuffle_chunks=2)
     reader = dm.datasets["train"].reader
     assert isinstance(reader, ChunkedReader)
     n_cells = int(np.prod(reader.grid_shape))
@@ -129,18 +134,7 @@ def rss(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_worker_memory_does_not_grow_across_epochs(chunked_store):
-    dm = XarrayDataModule(
-        str(chunked_store),
-        input_vars=["x"],
-        target_vars=["y"],
-        input_dims={"time": 1, "lat": 32, "lon": 32},
-        splits={"train": 1.0},
-        batch_size=16,
-        load=False,
-        num_workers=2,
-        shuffle_chunks=1,
-    )
-    dm.setup("fit")
+    dm = out_of_core(chunked_store, num_workers=2, shuffle_chunks=1)
     loader = dm.train_dataloader()
     totals = []
     for _ in range(5):

@@ -195,11 +195,6 @@ class WindowReader(ABC):
             [np.arange(self.n_channels)[self._channel_slices[name]] for name in names]
         )
 
-    @property
-    def nbytes(self) -> int:
-        """Size of all the selected variables in the output dtype."""
-        return self.n_channels * int(np.prod(self.shape)) * self.dtype.itemsize
-
     def _stack(self, region: dict[str, slice], out: np.ndarray | None = None) -> np.ndarray:
         """Read a region of every variable into one ``(channel, *space)`` array (or ``out``)."""
         subset = self.dataset.isel(region).compute() if region else self.dataset
@@ -348,11 +343,6 @@ class ChunkedReader(WindowReader):
         self._slots: OrderedDict[tuple[int, ...], int] = OrderedDict()  # cell -> slot, LRU
         self._arena: np.ndarray | None = None  # allocated on first read (in each worker)
         self.cells_read = 0
-
-    @property
-    def cell_nbytes(self) -> int:
-        """Bytes of one arena slot (the largest cell)."""
-        return self.n_channels * int(np.prod(self.cell_shape)) * self.dtype.itemsize
 
     def cell_of(self, positions: np.ndarray | int, axis: int) -> np.ndarray:
         """Cell number along ``axis`` of each position."""
