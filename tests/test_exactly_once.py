@@ -113,6 +113,10 @@ def test_training_order_is_the_same_for_any_number_of_workers(tmp_path, load):
 
 
 def fit_ids(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
+    return fit_ids_and_trainer(dm, ckpt_path, callbacks, **trainer_kwargs)[0]
+
+
+def fit_ids_and_trainer(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
     model = Recorder(out_dir=".")
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -124,7 +128,7 @@ def fit_ids(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
         **trainer_kwargs,
     )
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return model.seen
+    return model.seen, trainer
 
 
 def ids_module(workers: int, style: str = "map") -> XarrayDataModule:
@@ -153,7 +157,12 @@ def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_pa
     for step in (5, 15):  # mid epoch 0, and mid epoch 1
         checkpoint = tmp_path / f"step={step}.ckpt"
         stored = torch.load(checkpoint, weights_only=False)["XarrayDataModule"]
-        assert stored == {"seed": 11, "epoch": step // 12, "batches_done": step % 12}
+        assert stored == {
+            "seed": 11,
+            "epoch": step // 12,
+            "batches_done": step % 12,
+            "epoch_offset": 0,
+        }
         rest = fit_ids(
             ids_module(workers, style),
             ckpt_path=str(checkpoint),
@@ -161,6 +170,28 @@ def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_pa
             enable_checkpointing=False,
         )
         assert rest == full[step:]  # exactly the batches that remained, in the same order
+
+
+@pytest.mark.parametrize(("workers", "style"), [(0, "map"), (2, "iterable")])
+def test_resume_after_fit_stopped_by_max_steps_continues_the_cut_epoch(tmp_path, workers, style):
+    full = fit_ids(ids_module(workers, style), max_epochs=2, enable_checkpointing=False)
+    first, trainer = fit_ids_and_trainer(
+        ids_module(workers, style), max_steps=5, enable_checkpointing=False
+    )
+    assert first == full[:5]
+    checkpoint = tmp_path / "stopped.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    stored = torch.load(checkpoint, weights_only=False)["XarrayDataModule"]
+    # Lightning counts the cut epoch as finished (it resumes in its epoch 1); the data
+    # continue epoch 0 there, one epoch behind the trainer's count.
+    assert stored == {"seed": 11, "epoch": 0, "batches_done": 5, "epoch_offset": 1}
+    rest = fit_ids(
+        ids_module(workers, style),
+        ckpt_path=str(checkpoint),
+        max_epochs=3,
+        enable_checkpointing=False,
+    )
+    assert rest == full[5:]
 
 
 @pytest.mark.timeout(120)

@@ -305,6 +305,8 @@ class XarrayDataModule(pl.LightningDataModule):
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
+        self._epoch_offset = 0
+        self._train_batch_sampler: ShardedBatchSampler | None = None
         self._iterable_passes = 0
 
     @staticmethod
@@ -566,15 +568,22 @@ class XarrayDataModule(pl.LightningDataModule):
     def _train_batches(self, dataset: XarrayWindowDataset) -> ShardedBatchSampler:
         if self._train_sampler is None or self._train_sampler.n != len(dataset):
             self._train_sampler = self._make_train_sampler(dataset)
+        world_size, rank = self._world()
+        sampler = ShardedBatchSampler(
+            self._train_sampler,
+            self.batch_size,
+            self.drop_last,
+            world_size,
+            rank,
+            resume=self._resume,
+            epoch_offset=self._epoch_offset,
+        )
         if self.trainer is not None:
             # Lightning may start the loader's iterator (and workers' prefetching) before it
             # calls set_epoch, e.g. when resuming: start from the trainer's epoch already.
-            self._train_sampler.set_epoch(self.trainer.current_epoch)
-        world_size, rank = self._world()
-        sampler = ShardedBatchSampler(
-            self._train_sampler, self.batch_size, self.drop_last, world_size, rank, self._resume
-        )
+            sampler.set_epoch(self.trainer.current_epoch)
         self._resume = None  # handed over: the sampler applies it once
+        self._train_batch_sampler = sampler
         return sampler
 
     def _iterable_epoch(self) -> int:
@@ -598,15 +607,21 @@ class XarrayDataModule(pl.LightningDataModule):
         The seed, and while fitting the epoch and how many of its batches were trained on,
         so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
         """
-        state: dict[str, Any] = {"seed": self.seed}
-        trainer = self.trainer
-        if trainer is not None:
-            state["epoch"] = int(trainer.current_epoch)
+        state: dict[str, Any] = {"seed": self.seed, "epoch_offset": self._epoch_offset}
+        trainer, sampler = self.trainer, self._train_batch_sampler
+        if trainer is not None and sampler is not None:
             # `processed`, not `completed`: a checkpoint written in on_train_batch_end (as
             # ModelCheckpoint(every_n_train_steps=...) does) counts the current batch as
             # done, and Lightning resumes after it.
             progress = trainer.fit_loop.epoch_loop.batch_progress.current
-            state["batches_done"] = int(progress.processed)  # type: ignore[attr-defined]
+            done = int(progress.processed)  # type: ignore[attr-defined]
+            state["epoch"] = sampler.serving
+            state["batches_done"] = done
+            if 0 < done < len(sampler):
+                # Lightning may already count this epoch as finished (fit stopped by
+                # max_steps); it will then resume in its next epoch, which must continue
+                # this data epoch.
+                state["epoch_offset"] = int(trainer.current_epoch) - sampler.serving
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -622,6 +637,7 @@ class XarrayDataModule(pl.LightningDataModule):
         if int(state_dict.get("seed", self.seed)) != self.seed:
             self.seed = int(state_dict["seed"])
             self._train_sampler = None
+        self._epoch_offset = int(state_dict.get("epoch_offset", 0))
         if "epoch" in state_dict and state_dict.get("batches_done"):
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 

@@ -211,8 +211,11 @@ class ShardedBatchSampler(DistributedSampler):
         drop_last: Drop the rank's last batch when it is smaller than ``batch_size``.
         num_replicas: World size (number of DDP ranks).
         rank: This process's global rank.
-        resume: ``(epoch, batches)``: in that epoch, skip the first ``batches`` batches (they
-            were trained on before the checkpoint); other epochs are whole.
+        resume: ``(epoch, batches)``: in that data epoch, skip the first ``batches`` batches
+            (they were trained on before the checkpoint); other epochs are whole.
+        epoch_offset: Trainer epoch minus data epoch. Lightning counts an epoch cut short by
+            ``max_steps`` as finished; after resuming such a run the data epochs lag the
+            trainer's by one, so that the data continue exactly where they stopped.
 
     Example:
         >>> order = EpochShuffleSampler(10, seed=0)
@@ -231,6 +234,7 @@ class ShardedBatchSampler(DistributedSampler):
         num_replicas: int = 1,
         rank: int = 0,
         resume: tuple[int, int] | None = None,
+        epoch_offset: int = 0,
     ) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; the
         # datamodule knows it from the trainer (and tests simulate ranks).
@@ -244,6 +248,8 @@ class ShardedBatchSampler(DistributedSampler):
         self.seed = order.seed
         self.shuffle = True
         self.resume = resume
+        self.epoch_offset = int(epoch_offset)
+        self.serving = order.epoch  # data epoch of the pass under way (or the next one)
         self.num_samples = order.n // self.num_replicas
         self.total_size = self.num_samples * self.num_replicas
 
@@ -257,8 +263,9 @@ class ShardedBatchSampler(DistributedSampler):
         self.order.epoch = int(value)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose batches the next iteration yields."""
-        self.order.set_epoch(epoch)
+        """Select the (trainer) epoch whose batches the next iteration yields."""
+        self.order.set_epoch(epoch - self.epoch_offset)
+        self.serving = self.order.epoch
 
     def __len__(self) -> int:
         whole, part = divmod(self.num_samples, self.batch_size)
@@ -273,7 +280,7 @@ class ShardedBatchSampler(DistributedSampler):
     def __iter__(self) -> Iterator[np.ndarray]:  # type: ignore[override]
         # A generator: the epoch is taken when iteration starts, not when iter() is called
         # (torch's worker iterator calls iter() on its sampler twice before using it).
-        epoch = self.order.epoch
+        epoch = self.serving = self.order.epoch
         batches = self.epoch_batches()
         self.order.epoch += 1
         if self.resume is not None and self.resume[0] == epoch:
