@@ -9,7 +9,7 @@ grids) → :mod:`~xr_datamodule.gather` (one vectorised read per batch) →
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
@@ -38,6 +38,7 @@ from xr_datamodule.sources import (
     window_dim_order,
 )
 from xr_datamodule.splits import DEFAULT_SPLITS, check_splits, resolve_splits
+from xr_datamodule.stitch import stitch_windows
 from xr_datamodule.transforms import Transform, transformed_windows
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 
@@ -530,6 +531,29 @@ class XarrayDataModule(pl.LightningDataModule):
     def predict_dataloader(self) -> DataLoader | list:
         """Batches of the ``predict`` split in order (the ``test`` split when there is none)."""
         return self._dataloader("predict")
+
+    def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
+        """Put what ``trainer.predict`` returned back on the grid, as the target variables.
+
+        Windows are averaged where they overlap; positions no window covers are NaN. The
+        predictions must be the target windows of every sample of ``split`` in order (the
+        predict loader's order), e.g. ``trainer.predict(model, datamodule=dm)``.
+
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
+            ...                       input_overlap={"lon": 16})
+            >>> truth = [y for _, y in dm.predict_dataloader()]
+            >>> grid = dm.to_xarray(truth)
+            >>> bool((grid.t2m == dm.source.t2m.sel(time=grid.time)).all())
+            True
+        """
+        split = self._split_for(split)
+        if split not in self.indices:
+            raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
+        return stitch_windows(
+            predictions, self.indices[split], self.geometry, self.source, self.target_vars
+        )
 
     def _dataloader(self, split: str) -> Any:
         split = self._split_for(split)

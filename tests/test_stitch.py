@@ -1,0 +1,94 @@
+"""Predictions back on the grid: stitched windows against brute-force references."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import xarray as xr
+
+from xr_datamodule import XarrayDataModule
+from xr_datamodule.models import DemoForecaster
+
+CONFIG = dict(
+    input_vars=["a"],
+    target_vars=["c", "b"],
+    input_dims={"time": 3, "lat": 4, "lon": 5},
+    input_overlap={"time": 2, "lat": 2},
+    target_dims={"time": 1, "lat": 4, "lon": 5},
+    target_offset={"time": 3},
+    splits={"train": {"time": [None, "2020-01-25"]}, "predict": {"time": ["2020-01-26", None]}},
+    batch_size=6,
+    dtype="float64",
+)
+
+
+def test_true_targets_stitch_back_to_the_source(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    truth = [y for _, y in dm.predict_dataloader()]
+    grid = dm.to_xarray(truth)
+    assert list(grid.data_vars) == ["c", "b"]
+    assert grid.c.dims == small_ds.c.dims  # (level, lon, time, lat): the source's order
+    covered = grid.b.notnull()
+    assert covered.any()
+    expected = small_ds[["c", "b"]].sel(time=grid.time, lat=grid.lat, lon=grid.lon)
+    xr.testing.assert_allclose(grid.where(covered), expected.where(covered))
+    # Targets start 3 steps after the inputs: the first predicted time is 2020-01-29.
+    assert str(grid.time.values[0])[:10] == "2020-01-29"
+
+
+def test_overlapping_windows_are_averaged(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    n = len(dm.indices["predict"])
+    shape = (n, *dm.target_shape)
+    predictions = np.broadcast_to(np.arange(n, dtype=float).reshape(-1, 1, 1, 1, 1), shape)
+    grid = dm.to_xarray([predictions[:4], predictions[4:]])
+    # Brute force: every position gets the mean of the sample numbers whose window covers it.
+    starts = dm.indices["predict"].starts(np.arange(n)) + np.asarray(dm.geometry.target_offset)
+    dims, size = dm.geometry.dims, dm.geometry.target_size
+    lower = starts.min(axis=0)
+    totals, counts = {}, {}
+    for sample, start in enumerate(starts):
+        for offset in np.ndindex(*size):
+            key = tuple(int(s + o - lo) for s, o, lo in zip(start, offset, lower, strict=True))
+            totals[key] = totals.get(key, 0.0) + sample
+            counts[key] = counts.get(key, 0) + 1
+    b = grid.b.transpose(*dims).values
+    for key, total in totals.items():
+        assert b[key] == pytest.approx(total / counts[key])
+    assert max(counts.values()) > 1  # windows really overlap along lat
+    assert np.isnan(b).sum() == b.size - len(totals)
+
+
+def test_wrong_predictions_are_refused(small_ds):
+    dm = XarrayDataModule(small_ds, **CONFIG)
+    truth = [y for _, y in dm.predict_dataloader()]
+    with pytest.raises(ValueError, match=r"predictions have shape .* but the split's targets"):
+        dm.to_xarray(truth[:-1])
+    with pytest.raises(ValueError, match=r"unknown split 'val'"):
+        dm.to_xarray(truth, split="val")
+
+
+def test_trainer_predict_to_netcdf(tmp_path):
+    dm = XarrayDataModule(
+        "synthetic://weather",
+        input_vars=["t2m", "u10", "v10"],
+        target_vars=["t2m"],
+        input_dims={"time": 2, "lat": 32, "lon": 32},
+        input_overlap={"time": 1, "lon": 16},
+        target_dims={"time": 1, "lat": 32, "lon": 32},
+        target_offset={"time": 2},
+        splits={"train": {"time": [None, "2019-03-20"]}, "predict": {"time": ["2019-03-25", None]}},
+        batch_size=32,
+    )
+    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    grid = dm.to_xarray(trainer.predict(model, datamodule=dm))
+    path = tmp_path / "pred.nc"
+    grid.to_netcdf(path)
+    back = xr.open_dataset(path)
+    assert back.t2m.dims == ("time", "lat", "lon")
+    assert back.sizes["lat"] == 32 and back.sizes["lon"] == 64
+    assert bool(back.t2m.notnull().all())
