@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from xr_datamodule.collate import collate_batch
 from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, WindowReader
+from xr_datamodule.normalize import Statistics, zscore_statistics
 from xr_datamodule.samplers import (
     ArrayBatchSampler,
     ChunkShuffleSampler,
@@ -46,6 +47,7 @@ __all__ = ["XarrayDataModule"]
 
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
+NORMALIZATIONS = (None, "zscore")
 LOAD_CHOICES = ("auto", True, False)
 LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
 AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
@@ -189,6 +191,18 @@ class XarrayDataModule(pl.LightningDataModule):
         target_transform: Likewise for the target window.
         open_kwargs: Keyword arguments for the xarray opener (``engine``, ``chunks``,
             ``storage_options``, ...).
+        normalize: ``"zscore"`` normalises each channel with the mean and standard deviation
+            of the **training split only** (computed once, out of core with dask; saved in
+            the datamodule's ``state_dict`` so they travel in checkpoints). ``None``
+            (default): raw values. :meth:`denormalize` and :meth:`to_xarray` give
+            predictions back in physical units.
+        normalize_on: ``"gather"`` (default) normalises the data when they are read (once
+            per loaded copy or decoded cell, so it costs nothing per batch and works for any
+            model); ``"device"`` normalises each batch after Lightning moved it, in
+            ``on_after_batch_transfer`` (the arithmetic then runs on the GPU).
+        stats: Explicit statistics instead of computing them: ``{"mean": {var: value or
+            [per channel]}, "std": {...}}`` or the path of a JSON file holding that; implies
+            ``normalize="zscore"``.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -230,6 +244,9 @@ class XarrayDataModule(pl.LightningDataModule):
         transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
         target_transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
         open_kwargs: dict[str, Any] | None = None,
+        normalize: str | None = None,
+        normalize_on: str = "gather",
+        stats: dict[str, Any] | str | None = None,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -303,6 +320,22 @@ class XarrayDataModule(pl.LightningDataModule):
         self.transform = transform
         self.target_transform = target_transform
         self.open_kwargs = dict(open_kwargs or {})
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if normalize_on not in ("gather", "device"):
+            raise ValueError(
+                f"normalize_on must be one of ('gather', 'device'), got {normalize_on!r}"
+            )
+        if normalize is not None and (transform is not None or target_transform is not None):
+            raise ValueError(
+                "normalize works on the variables' channels; with a transform the channels "
+                "are the transform's: normalise inside the transform instead"
+            )
+        if stats is not None and normalize is None:
+            normalize = "zscore"  # explicit statistics mean: normalise with them
+        self.normalize = normalize
+        self.normalize_on = normalize_on
+        self.stats = stats
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
@@ -366,7 +399,7 @@ class XarrayDataModule(pl.LightningDataModule):
         """Sample index of every split (integer start grids; cheap, built once)."""
         geometry = self.geometry
         split_dim = self.split_dim or ("time" if "time" in geometry.dims else geometry.dims[0])
-        bounds = resolve_splits(self.splits, split_dim, self.source, geometry.dims)
+        bounds = self._bounds = resolve_splits(self.splits, split_dim, self.source, geometry.dims)
         indices = {}
         for name, split_bounds in bounds.items():
             index = build_index(geometry, split_bounds)
@@ -423,8 +456,11 @@ class XarrayDataModule(pl.LightningDataModule):
     @cached_property
     def _reader(self) -> WindowReader:
         # One reader for all splits: in-memory data is stacked once, not once per split.
+        affine = None
+        if self.normalize is not None and self.normalize_on == "gather":
+            affine = self.statistics.channel_arrays(self._all_vars)
         if self.loads_into_memory:
-            return InMemoryReader(self.source, self._all_vars, self.window_dims, self.dtype)
+            return InMemoryReader(self.source, self._all_vars, self.window_dims, self.dtype, affine)
         return ChunkedReader(
             self.source,
             self._all_vars,
@@ -432,6 +468,66 @@ class XarrayDataModule(pl.LightningDataModule):
             self.dtype,
             extent=self.geometry.extent,
             cache_cells=self._cache_cells,
+            affine=affine,
+        )
+
+    @cached_property
+    def statistics(self) -> Statistics:
+        """Per-channel z-score statistics.
+
+        Given (``stats``), restored from a checkpoint, or computed once from the training
+        split (out of core, with dask).
+        """
+        if self.stats is not None:
+            return Statistics.from_value(self.stats, self.source, self._all_vars, self.window_dims)
+        if "train" not in self._bounds:
+            raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
+        return zscore_statistics(
+            self.source, self._all_vars, self.window_dims, self._bounds["train"]
+        )
+
+    def denormalize(self, values: Any, names: Sequence[str] | None = None) -> Any:
+        """Undo the normalisation of ``(batch, channel, ...)`` values (tensor or array).
+
+        Args:
+            values: Normalised values, channels on axis 1 (e.g. predictions of ``y``).
+            names: Their variables (default: the target variables).
+
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
+            ...                       normalize="zscore")
+            >>> X, y = next(iter(dm.val_dataloader()))
+            >>> time = dm.indices["val"].starts([0])[0, 0]  # sample 0: first time, corner patch
+            >>> raw = dm.source.t2m.isel(time=time, lat=slice(0, 32), lon=slice(0, 32))
+            >>> bool(abs(dm.denormalize(y)[0, 0, 0].numpy() - raw.values).max() < 1e-4)
+            True
+        """
+        if self.normalize is None:
+            return values
+        mean, std = self.statistics.channel_arrays(names or self.target_vars)
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        if hasattr(values, "new_tensor"):
+            return values * values.new_tensor(std).reshape(shape) + values.new_tensor(mean).reshape(
+                shape
+            )
+        return values * std.reshape(shape) + mean.reshape(shape)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``normalize_on="device"``, normalise ``(X, y)`` after Lightning moved them.
+
+        Runs in each process on the device batch, so the arithmetic happens on the GPU.
+        """
+        if self.normalize is None or self.normalize_on != "device":
+            return batch
+        inputs, targets = batch
+        return self._scale(inputs, self.input_vars), self._scale(targets, self.target_vars)
+
+    def _scale(self, values: Any, names: Sequence[str]) -> Any:
+        mean, std = self.statistics.channel_arrays(names)
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        return (values - values.new_tensor(mean).reshape(shape)) / values.new_tensor(std).reshape(
+            shape
         )
 
     @property
@@ -551,8 +647,10 @@ class XarrayDataModule(pl.LightningDataModule):
         split = self._split_for(split)
         if split not in self.indices:
             raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
+        # Predictions are in normalised units when normalisation is on: back to physical.
+        physical = [self.denormalize(part) for part in predictions]
         return stitch_windows(
-            predictions, self.indices[split], self.geometry, self.source, self.target_vars
+            physical, self.indices[split], self.geometry, self.source, self.target_vars
         )
 
     def _dataloader(self, split: str) -> Any:
@@ -632,6 +730,8 @@ class XarrayDataModule(pl.LightningDataModule):
         so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
         """
         state: dict[str, Any] = {"seed": self.seed, "epoch_offset": self._epoch_offset}
+        if "statistics" in self.__dict__:  # computed or given: keep them with the model
+            state["statistics"] = self.statistics.to_dict()
         trainer, sampler = self.trainer, self._train_batch_sampler
         if trainer is not None and sampler is not None:
             # `processed`, not `completed`: a checkpoint written in on_train_batch_end (as
@@ -662,6 +762,11 @@ class XarrayDataModule(pl.LightningDataModule):
             self.seed = int(state_dict["seed"])
             self._train_sampler = None
         self._epoch_offset = int(state_dict.get("epoch_offset", 0))
+        if "statistics" in state_dict:
+            stored = state_dict["statistics"]
+            self.__dict__["statistics"] = Statistics(stored["mean"], stored["std"])
+            self.__dict__.pop("_reader", None)  # built with other statistics: build anew
+            self.datasets.clear()
         if "epoch" in state_dict and state_dict.get("batches_done"):
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
 

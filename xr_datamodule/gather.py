@@ -172,10 +172,18 @@ class WindowReader(ABC):
         names: Variables to read, in channel order.
         window_dims: Windowed dims, in the order of the output window axes.
         dtype: Output dtype.
+        affine: Optional ``(offset, scale)`` per channel: data are stored as
+            ``(value - offset) / scale`` (z-score normalisation), applied once when a block
+            is read, not per batch.
     """
 
     def __init__(
-        self, ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str], dtype: np.dtype
+        self,
+        ds: xr.Dataset,
+        names: Sequence[str],
+        window_dims: Sequence[str],
+        dtype: np.dtype,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         self.dataset = ds[list(names)]
         self.window_dims = tuple(window_dims)
@@ -188,6 +196,11 @@ class WindowReader(ABC):
         }
         self.n_channels = int(ends[-1])
         self.shape = tuple(ds.sizes[dim] for dim in self.window_dims)
+        self.affine = None
+        if affine is not None:
+            lead = (-1,) + (1,) * len(self.window_dims)
+            offset, scale = (np.asarray(a, dtype=self.dtype).reshape(lead) for a in affine)
+            self.affine = (offset, scale)
 
     def channels_of(self, names: Sequence[str]) -> np.ndarray:
         """Channel numbers of the given variables, in the order given."""
@@ -203,6 +216,9 @@ class WindowReader(ABC):
         for layout in self.layouts:
             values = subset[layout.name].transpose(*layout.extra_dims, *self.window_dims).values
             block[self._channel_slices[layout.name]] = values.reshape(-1, *space)
+        if self.affine is not None:
+            block -= self.affine[0]
+            block /= self.affine[1]
         return block
 
     @abstractmethod
@@ -225,9 +241,14 @@ class InMemoryReader(WindowReader):
     """Loads the variables once into one contiguous ``(channel, *space)`` array."""
 
     def __init__(
-        self, ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str], dtype: np.dtype
+        self,
+        ds: xr.Dataset,
+        names: Sequence[str],
+        window_dims: Sequence[str],
+        dtype: np.dtype,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype)
+        super().__init__(ds, names, window_dims, dtype, affine)
         self.block = self._stack({})
 
     def gather(
@@ -322,6 +343,7 @@ class ChunkedReader(WindowReader):
         dtype: Output dtype.
         extent: Length of a sample's span per windowed dim (used to size cells).
         cache_cells: Decoded cells kept per process (at least 2).
+        affine: Optional per-channel ``(offset, scale)`` applied to each decoded cell.
     """
 
     def __init__(
@@ -332,8 +354,9 @@ class ChunkedReader(WindowReader):
         dtype: np.dtype,
         extent: Sequence[int],
         cache_cells: int = 8,
+        affine: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype)
+        super().__init__(ds, names, window_dims, dtype, affine)
         self.edges = cell_edges(
             ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
         )
