@@ -395,13 +395,18 @@ class XarrayDataModule(pl.LightningDataModule):
         return geometry
 
     @cached_property
+    def split_bounds(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Position range ``[lower, upper)`` of every split along every windowed dim."""
+        geometry = self.geometry
+        split_dim = self.split_dim or ("time" if "time" in geometry.dims else geometry.dims[0])
+        return resolve_splits(self.splits, split_dim, self.source, geometry.dims)
+
+    @cached_property
     def indices(self) -> dict[str, SampleIndex]:
         """Sample index of every split (integer start grids; cheap, built once)."""
         geometry = self.geometry
-        split_dim = self.split_dim or ("time" if "time" in geometry.dims else geometry.dims[0])
-        bounds = self._bounds = resolve_splits(self.splits, split_dim, self.source, geometry.dims)
         indices = {}
-        for name, split_bounds in bounds.items():
+        for name, split_bounds in self.split_bounds.items():
             index = build_index(geometry, split_bounds)
             if len(index) == 0:
                 axis = index.grid_shape.index(0)
@@ -480,10 +485,10 @@ class XarrayDataModule(pl.LightningDataModule):
         """
         if self.stats is not None:
             return Statistics.from_value(self.stats, self.source, self._all_vars, self.window_dims)
-        if "train" not in self._bounds:
+        if "train" not in self.split_bounds:
             raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
         return zscore_statistics(
-            self.source, self._all_vars, self.window_dims, self._bounds["train"]
+            self.source, self._all_vars, self.window_dims, self.split_bounds["train"]
         )
 
     def denormalize(self, values: Any, names: Sequence[str] | None = None) -> Any:
