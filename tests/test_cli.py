@@ -47,6 +47,16 @@ def test_cli_reports_bad_config_clearly():
     assert "'nope' is not in the data" in result.stderr
 
 
+def test_bench_measures_and_recommends():
+    result = run(
+        "bench", "--config", "examples/synthetic.yaml", "--batches", "5", "--workers", "0", "1"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_workers=0:" in result.stdout and "num_workers=1:" in result.stdout
+    assert "samples/s" in result.stdout and "MB/s" in result.stdout
+    assert "recommendation: num_workers=" in result.stdout
+
+
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_other_subcommands_exist(subcommand):
     result = run(subcommand, "--help")

@@ -4,6 +4,7 @@ Example (shell)::
 
     xr-datamodule fit --config examples/synthetic.yaml
     xr-datamodule fit --config examples/netcdf.yaml --data.data ../shared/data/eraint_uvz.nc
+    xr-datamodule bench --config examples/synthetic.yaml --workers 0 2
 
 The model's ``input_shape`` and ``target_shape`` are linked from the datamodule once it is
 built (``apply_on="instantiate"``), so a model given by ``class_path`` must accept both.
@@ -11,14 +12,21 @@ built (``apply_on="instantiate"``), so a model given by ``class_path`` must acce
 
 from __future__ import annotations
 
+import argparse
+import sys
+import time
 from collections.abc import Sequence
+from itertools import islice
+from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from tqdm import tqdm
 
 from xr_datamodule.datamodule import XarrayDataModule
 
-__all__ = ["XarrayCLI", "main", "run_cli"]
+__all__ = ["XarrayCLI", "bench", "main", "run_cli"]
 
 
 def _input_shape(datamodule: XarrayDataModule) -> tuple[int, ...]:
@@ -51,9 +59,76 @@ def run_cli(args: Sequence[str] | None = None) -> XarrayCLI:
     )
 
 
+def _data_arguments(config: str) -> dict[str, Any]:
+    with open(config) as file:
+        data = (yaml.safe_load(file) or {}).get("data")
+    if not isinstance(data, dict):
+        raise ValueError(f"{config}: no 'data' section to build the datamodule from")
+    return dict(data.get("init_args", data))
+
+
+def bench(args: Sequence[str] | None = None) -> dict[int, float]:
+    """``xr-datamodule bench``: time the configured training loader as a user would run it.
+
+    For each ``--workers`` value, builds the datamodule from the config's ``data`` section,
+    times the first batch (from construction) and then ``--batches`` batches, with a
+    progress bar, and prints samples/s and MB/s; it ends with the setting to use and why.
+
+    Returns:
+        Delivered MB/s per number of workers.
+    """
+    parser = argparse.ArgumentParser(prog="xr-datamodule bench", description=bench.__doc__)
+    parser.add_argument("--config", required=True, help="a YAML config with a 'data' section")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--batches", type=int, default=200, help="batches timed per setting")
+    options = parser.parse_args(args)
+    data_args = _data_arguments(options.config)
+    rates: dict[int, float] = {}
+    for workers in options.workers:
+        began = time.perf_counter()
+        dm = XarrayDataModule(**{**data_args, "num_workers": workers})
+        dm.setup("fit")
+        batches = iter(dm.train_dataloader())
+        first_batch = next(batches)
+        first = time.perf_counter() - began
+        nbytes = samples = 0
+        timed = time.perf_counter()
+        total = min(options.batches, len(dm.train_dataloader()) - 1)
+        for inputs, targets in tqdm(
+            islice(batches, total), total=total, desc=f"num_workers={workers}", leave=False
+        ):
+            nbytes += inputs.nbytes + targets.nbytes
+            samples += len(inputs)
+        seconds = max(time.perf_counter() - timed, 1e-9)
+        rates[workers] = nbytes / seconds / 1e6
+        mode = "in memory" if dm.loads_into_memory else "out of core"
+        print(
+            f"num_workers={workers}: {samples / seconds:,.0f} samples/s, "
+            f"{rates[workers]:,.1f} MB/s, first batch after {first:.2f} s ({mode}, "
+            f"batch {tuple(first_batch[0].shape)})"
+        )
+    best = max(rates, key=rates.__getitem__)
+    others = [rate for workers, rate in rates.items() if workers != best]
+    reason = (
+        f"it delivered {rates[best]:,.1f} MB/s, {rates[best] / max(others):.1f}x the "
+        "next best setting"
+        if others
+        else "it is the only setting measured"
+    )
+    print(
+        f"recommendation: num_workers={best}, because {reason}; with the data "
+        f"{'in memory' if dm.loads_into_memory else 'read out of core'}, as load="
+        f"{data_args.get('load', 'auto')!r} decides."
+    )
+    return rates
+
+
 def main() -> None:
     """Console-script entry point of ``xr-datamodule``."""
-    run_cli()
+    if sys.argv[1:2] == ["bench"]:
+        bench(sys.argv[2:])
+    else:
+        run_cli()
 
 
 if __name__ == "__main__":
