@@ -8,6 +8,7 @@ grids) → :mod:`~xr_datamodule.gather` (one vectorised read per batch) →
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 from xr_datamodule.collate import collate_batch
 from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, WindowReader
+from xr_datamodule.missing import NAN_POLICIES, box_any, first_missing, missing_mask
 from xr_datamodule.normalize import Statistics, zscore_statistics
 from xr_datamodule.samplers import (
     ArrayBatchSampler,
@@ -44,6 +46,8 @@ from xr_datamodule.transforms import Transform, transformed_windows
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 
 __all__ = ["XarrayDataModule"]
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
@@ -200,6 +204,13 @@ class XarrayDataModule(pl.LightningDataModule):
             per loaded copy or decoded cell, so it costs nothing per batch and works for any
             model); ``"device"`` normalises each batch after Lightning moved it, in
             ``on_after_batch_transfer`` (the arithmetic then runs on the GPU).
+        nan_policy: Missing values (NaN). ``None`` (default): not looked for; they reach the
+            model as NaN. ``"error"``: scan the data in ``setup`` and name the first NaN
+            (variable and coordinates). ``"drop"``: leave out every sample whose input or
+            target window holds a NaN (one out-of-core scan, then vectorised over all
+            windows; the counts are in ``dropped_samples`` and the log). ``"fill"``:
+            replace NaN with ``fill_value`` (after normalisation, so 0 is the mean).
+        fill_value: The value ``nan_policy="fill"`` writes.
         stats: Explicit statistics instead of computing them: ``{"mean": {var: value or
             [per channel]}, "std": {...}}`` or the path of a JSON file holding that; implies
             ``normalize="zscore"``.
@@ -247,6 +258,8 @@ class XarrayDataModule(pl.LightningDataModule):
         normalize: str | None = None,
         normalize_on: str = "gather",
         stats: dict[str, Any] | str | None = None,
+        nan_policy: str | None = None,
+        fill_value: float = 0.0,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -336,6 +349,11 @@ class XarrayDataModule(pl.LightningDataModule):
         self.normalize = normalize
         self.normalize_on = normalize_on
         self.stats = stats
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
+        self.nan_policy = nan_policy
+        self.fill_value = float(fill_value)
+        self.dropped_samples: dict[str, int] = {}
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
@@ -419,7 +437,51 @@ class XarrayDataModule(pl.LightningDataModule):
                     f"at offset {geometry.target_offset[axis]})"
                 )
             indices[name] = index
+        if self.nan_policy == "error":
+            found = first_missing(self.source, self._all_vars, geometry.dims)
+            if found is not None:
+                name, where = found
+                place = ", ".join(f"{dim}={label}" for dim, label in where.items())
+                raise ValueError(
+                    f"variable {name!r} has a missing value (NaN) at {place}; use "
+                    "nan_policy='drop' to leave out windows with missing values or "
+                    "nan_policy='fill' to replace them"
+                )
+        if self.nan_policy == "drop":
+            indices = self._drop_missing(indices)
         return indices
+
+    def _drop_missing(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
+        """Leave out every sample whose input or target window holds a NaN (vectorised)."""
+        geometry = self.geometry
+        # X sees only the input variables, y only the target ones: one mask for each.
+        in_input = box_any(
+            missing_mask(self.source, self.input_vars, geometry.dims), geometry.input_size
+        )
+        in_target = box_any(
+            missing_mask(self.source, self.target_vars, geometry.dims), geometry.target_size
+        )
+        kept = {}
+        for name, index in indices.items():
+            at_input = np.ix_(*index.axis_starts)
+            at_target = np.ix_(
+                *(s + o for s, o in zip(index.axis_starts, geometry.target_offset, strict=True))
+            )
+            bad = (in_input[at_input] | in_target[at_target]).reshape(-1)[index.grid_ids()]
+            kept[name] = index.keep(~bad)
+            self.dropped_samples[name] = int(bad.sum())
+            if len(kept[name]) == 0:
+                raise ValueError(
+                    f"split {name!r}: every one of its {len(index)} windows holds a missing "
+                    "value (nan_policy='drop'); use nan_policy='fill' or other windows"
+                )
+            logger.info(
+                "nan_policy='drop': left out %d of %d samples of split %r (missing values)",
+                self.dropped_samples[name],
+                len(index),
+                name,
+            )
+        return kept
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -464,8 +526,11 @@ class XarrayDataModule(pl.LightningDataModule):
         affine = None
         if self.normalize is not None and self.normalize_on == "gather":
             affine = self.statistics.channel_arrays(self._all_vars)
+        fill = self.fill_value if self.nan_policy == "fill" else None
         if self.loads_into_memory:
-            return InMemoryReader(self.source, self._all_vars, self.window_dims, self.dtype, affine)
+            return InMemoryReader(
+                self.source, self._all_vars, self.window_dims, self.dtype, affine, fill
+            )
         return ChunkedReader(
             self.source,
             self._all_vars,
@@ -474,6 +539,7 @@ class XarrayDataModule(pl.LightningDataModule):
             extent=self.geometry.extent,
             cache_cells=self._cache_cells,
             affine=affine,
+            fill_value=fill,
         )
 
     @cached_property
@@ -779,7 +845,7 @@ class XarrayDataModule(pl.LightningDataModule):
         reader = dataset.reader
         if isinstance(reader, ChunkedReader):
             return ChunkShuffleSampler(
-                reader.home_cells(dataset.index.axis_starts),
+                reader.home_cells(dataset.index.axis_starts)[dataset.index.grid_ids()],
                 seed=self.seed,
                 cells_per_window=self._cells_per_window,
                 batch_size=self.batch_size,

@@ -175,6 +175,7 @@ class WindowReader(ABC):
         affine: Optional ``(offset, scale)`` per channel: data are stored as
             ``(value - offset) / scale`` (z-score normalisation), applied once when a block
             is read, not per batch.
+        fill_value: Optional value that replaces NaN (after ``affine``), also once per block.
     """
 
     def __init__(
@@ -184,8 +185,10 @@ class WindowReader(ABC):
         window_dims: Sequence[str],
         dtype: np.dtype,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        fill_value: float | None = None,
     ) -> None:
         self.dataset = ds[list(names)]
+        self.fill_value = fill_value
         self.window_dims = tuple(window_dims)
         self.dtype = np.dtype(dtype)
         self.layouts: list[VariableLayout] = channel_layouts(ds, names, window_dims)
@@ -219,6 +222,8 @@ class WindowReader(ABC):
         if self.affine is not None:
             block -= self.affine[0]
             block /= self.affine[1]
+        if self.fill_value is not None:
+            np.copyto(block, self.fill_value, where=np.isnan(block))
         return block
 
     @abstractmethod
@@ -247,8 +252,9 @@ class InMemoryReader(WindowReader):
         window_dims: Sequence[str],
         dtype: np.dtype,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        fill_value: float | None = None,
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, affine)
+        super().__init__(ds, names, window_dims, dtype, affine, fill_value)
         self.block = self._stack({})
 
     def gather(
@@ -355,8 +361,9 @@ class ChunkedReader(WindowReader):
         extent: Sequence[int],
         cache_cells: int = 8,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        fill_value: float | None = None,
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, affine)
+        super().__init__(ds, names, window_dims, dtype, affine, fill_value)
         self.edges = cell_edges(
             ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
         )

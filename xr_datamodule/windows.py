@@ -83,10 +83,13 @@ class SampleIndex:
     Args:
         dims: Windowed dims, in :class:`WindowGeometry` order.
         axis_starts: Valid input-window starts along each dim.
+        selected: Optional grid numbers (C order) of the samples kept, when some were
+            dropped (e.g. windows with missing values); ``None`` keeps the whole grid.
     """
 
     dims: tuple[str, ...]
     axis_starts: tuple[np.ndarray, ...]
+    selected: np.ndarray | None = None
 
     @property
     def grid_shape(self) -> tuple[int, ...]:
@@ -94,7 +97,19 @@ class SampleIndex:
         return tuple(len(starts) for starts in self.axis_starts)
 
     def __len__(self) -> int:
+        if self.selected is not None:
+            return len(self.selected)
         return int(np.prod(self.grid_shape, dtype=np.int64))
+
+    def keep(self, mask: np.ndarray) -> SampleIndex:
+        """The same split without the samples where ``mask`` (one bool per sample) is False."""
+        grid_ids = np.arange(len(self)) if self.selected is None else self.selected
+        return SampleIndex(self.dims, self.axis_starts, grid_ids[np.asarray(mask, bool)])
+
+    def grid_ids(self) -> np.ndarray:
+        """Grid number (C order over ``axis_starts``) of every sample."""
+        grid_size = int(np.prod(self.grid_shape, dtype=np.int64))
+        return np.arange(grid_size) if self.selected is None else self.selected
 
     def starts(self, sample_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Input-window starts of the given samples.
@@ -112,6 +127,8 @@ class SampleIndex:
         if ids.size and (ids.min() < 0 or ids.max() >= len(self)):
             bad = ids[(ids < 0) | (ids >= len(self))][0]
             raise IndexError(f"sample {bad} is out of range for a split of {len(self)} samples")
+        if self.selected is not None:
+            ids = self.selected[ids]
         positions = np.unravel_index(ids, self.grid_shape)
         out = np.empty((ids.size, len(self.dims)), dtype=np.int64)
         for axis, (starts, pos) in enumerate(zip(self.axis_starts, positions, strict=True)):

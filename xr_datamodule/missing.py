@@ -1,0 +1,76 @@
+"""Missing values (NaN): find them, or find the windows that contain them, vectorised.
+
+The data are scanned once, out of core (dask reduces a lazy store chunk by chunk), into one
+boolean per grid point of the windowed dims: "some selected variable or channel is NaN
+here". Which windows touch such a point is then a box-``any`` over that mask, computed for
+all window positions at once with sliding-window views (no loop over windows). The mask takes
+one byte per grid point of the windowed dims.
+
+Example:
+    >>> import numpy as np, xarray as xr
+    >>> ds = xr.Dataset({"x": (("time",), np.array([0.0, 1.0, np.nan, 3.0, 4.0]))})
+    >>> mask = missing_mask(ds, ["x"], ("time",))
+    >>> box_any(mask, (2,)).tolist()   # windows of 2 starting at 0..3
+    [False, True, True, False]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import dask
+import numpy as np
+import xarray as xr
+
+__all__ = ["NAN_POLICIES", "box_any", "first_missing", "missing_mask"]
+
+NAN_POLICIES = (None, "error", "drop", "fill")
+SCAN_CHUNK_BYTES = 64 * 2**20  # chunk size of the scan over a store without chunks
+
+
+def _is_missing(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.DataArray:
+    var = ds[name]
+    if var.chunks is None and not var.variable._in_memory:
+        per_step = int(np.prod([n for d, n in var.sizes.items() if d != window_dims[0]]))
+        step = max(1, SCAN_CHUNK_BYTES // max(per_step * var.dtype.itemsize, 1))
+        var = var.chunk({window_dims[0]: step})
+    extra = [dim for dim in var.dims if dim not in window_dims]
+    missing = var.isnull()
+    return (missing.any(extra) if extra else missing).transpose(*window_dims)
+
+
+def missing_mask(ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]) -> np.ndarray:
+    """Boolean over the windowed dims: True where any selected variable/channel is NaN."""
+    parts = dask.compute(*[_is_missing(ds, name, window_dims) for name in names])
+    mask = np.zeros(tuple(ds.sizes[dim] for dim in window_dims), dtype=bool)
+    for part in parts:
+        mask |= np.asarray(part)
+    return mask
+
+
+def box_any(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """For every window position, whether the window of ``size`` there holds a True.
+
+    Returns:
+        Boolean array with ``mask.shape[d] - size[d] + 1`` positions along each dim.
+    """
+    out = mask
+    for axis, length in enumerate(size):
+        out = np.asarray(np.lib.stride_tricks.sliding_window_view(out, length, axis=axis).any(-1))
+    return out
+
+
+def first_missing(
+    ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]
+) -> tuple[str, dict[str, object]] | None:
+    """The first variable with a NaN and the coordinates of its first NaN, or ``None``."""
+    for name in names:
+        mask = np.asarray(dask.compute(_is_missing(ds, name, window_dims))[0])
+        hits = np.argwhere(mask)
+        if len(hits):
+            where = {}
+            for dim, position in zip(window_dims, hits[0], strict=True):
+                labels = ds.indexes[dim] if dim in ds.indexes else None
+                where[dim] = labels[position] if labels is not None else int(position)
+            return name, where
+    return None
