@@ -8,6 +8,7 @@ grids) → :mod:`~xr_datamodule.gather` (one vectorised read per batch) →
 
 from __future__ import annotations
 
+import html
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -637,6 +638,83 @@ class XarrayDataModule(pl.LightningDataModule):
             return 0
         workers = min(AUTO_WORKERS_MAX, (os.cpu_count() or 1) // 2)
         return workers if workers >= 2 else 0
+
+    # ------------------------------------------------------------------ display
+
+    def summary(self) -> dict[str, Any]:
+        """What the datamodule will feed a model: source, variables, shapes, splits, loader.
+
+        Opens the source lazily (nothing is loaded); used by ``repr`` and the notebook view.
+        """
+        source = "xr.Dataset" if isinstance(self.data, xr.Dataset) else os.fspath(self.data)
+        geometry = self.geometry
+        splits = {}
+        for name, bounds in self.split_bounds.items():
+            ranges = []
+            for dim, (lo, hi) in bounds.items():
+                if (lo, hi) != (0, self.source.sizes[dim]):
+                    labels = self.source.indexes[dim] if dim in self.source.indexes else None
+                    first = labels[lo] if labels is not None else lo
+                    last = labels[hi - 1] if labels is not None else hi - 1
+                    ranges.append(f"{dim} {first} … {last}")
+            splits[name] = (", ".join(ranges) or "all", len(self.indices[name]))
+        return {
+            "source": source,
+            "reading": "in memory" if self.loads_into_memory else "out of core (by chunk)",
+            "inputs": (", ".join(self.input_vars), self.input_shape),
+            "targets": (", ".join(self.target_vars), self.target_shape),
+            "windows": ", ".join(
+                f"{dim} {size} (stride {stride}, target {tsize} at {offset:+d})"
+                for dim, size, stride, tsize, offset in zip(
+                    geometry.dims,
+                    geometry.input_size,
+                    geometry.stride,
+                    geometry.target_size,
+                    geometry.target_offset,
+                    strict=True,
+                )
+            ),
+            "splits": splits,
+            "loader": (
+                f"batch {self.batch_size}, workers {self.num_workers}, style {self.style}, "
+                f"dtype {self.dtype.name}, normalize {self.normalize}, "
+                f"nan_policy {self.nan_policy}"
+            ),
+        }
+
+    def __repr__(self) -> str:
+        try:
+            info = self.summary()
+        except Exception as err:  # a repr must not raise: show what is wrong instead
+            return f"XarrayDataModule(data={self.data!r}) — not usable yet: {err}"
+        lines = [f"XarrayDataModule: {info['source']} ({info['reading']})"]
+        lines.append(f"  X: {info['inputs'][0]} -> {info['inputs'][1]}")
+        lines.append(f"  y: {info['targets'][0]} -> {info['targets'][1]}")
+        lines.append(f"  windows: {info['windows']}")
+        for name, (where, count) in info["splits"].items():
+            lines.append(f"  {name}: {where} ({count:,} samples)")
+        lines.append(f"  loader: {info['loader']}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        try:
+            info = self.summary()
+        except Exception:
+            return f"<pre>{html.escape(repr(self))}</pre>"
+        rows = [
+            ("source", f"{info['source']} ({info['reading']})"),
+            ("X", f"{info['inputs'][0]} → {info['inputs'][1]}"),
+            ("y", f"{info['targets'][0]} → {info['targets'][1]}"),
+            ("windows", info["windows"]),
+            *((f"split {n}", f"{w} ({c:,} samples)") for n, (w, c) in info["splits"].items()),
+            ("loader", info["loader"]),
+        ]
+        body = "".join(
+            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+            for k, v in rows
+        )
+        return f"<b>XarrayDataModule</b><table>{body}</table>"
 
     # ------------------------------------------------------------------ Lightning hooks
 

@@ -1,0 +1,164 @@
+"""Plots of what a model will see: windows, splits, predictions beside the truth.
+
+Needs matplotlib (``pip install "xr_datamodule[plot]"``). Every function returns the
+``matplotlib.figure.Figure`` it drew.
+
+Example:
+    >>> from xr_datamodule import XarrayDataModule
+    >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+    ...                       input_dims={"time": 1, "lat": 32, "lon": 32})
+    >>> figure = plot_splits(dm)
+    >>> len(figure.axes)
+    1
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import xarray as xr
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from xr_datamodule.datamodule import XarrayDataModule
+
+__all__ = ["plot_prediction", "plot_splits", "plot_windows"]
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use(matplotlib.get_backend())  # keep the notebook's backend
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # an optional extra
+        raise ImportError(
+            'xr_datamodule.plot needs matplotlib: pip install "xr_datamodule[plot]"'
+        ) from err
+    return plt
+
+
+def _image(window: np.ndarray) -> np.ndarray:
+    """The last two axes of a ``(*lead, h, w)`` window, taking the last step of the others."""
+    while window.ndim > 2:
+        window = window[-1]
+    return window
+
+
+def plot_windows(
+    dm: XarrayDataModule, split: str = "train", n: int = 4, channel: int = 0
+) -> Figure:
+    """Input and target windows of ``n`` samples of a split, one column per sample.
+
+    Shows ``channel`` of ``X`` (its last step along any leading window axis, e.g. the most
+    recent time) above the first channel of ``y``, with their channel names.
+    """
+    plt = _pyplot()
+    dm.setup()
+    split = dm._split_for(split)
+    dataset = dm.datasets[split]
+    ids = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int)
+    batch = dataset.__getitems__(ids)
+    starts = dm.indices[split].starts(ids)
+    names = dm.input_channel_names
+    figure, axes = plt.subplots(2, len(ids), figsize=(2.6 * len(ids), 5.2), squeeze=False)
+    for column, (sample, start) in enumerate(zip(ids, starts, strict=True)):
+        where = ", ".join(f"{d}={s}" for d, s in zip(dm.window_dims, start, strict=True))
+        for row, (values, label) in enumerate(
+            (
+                (batch.inputs[column, channel], f"X: {names[channel]}"),
+                (batch.targets[column, 0], f"y: {dm.target_vars[0]}"),
+            )
+        ):
+            axis = axes[row, column]
+            image = axis.imshow(_image(values), origin="lower", cmap="RdBu_r")
+            axis.set_title(f"{label}\nsample {sample} ({where})" if row == 0 else label, fontsize=8)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            figure.colorbar(image, ax=axis, shrink=0.7)
+    figure.suptitle(f"{split}: inputs (top) and targets (bottom)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_splits(dm: XarrayDataModule, dim: str | None = None) -> Figure:
+    """A timeline of the splits along ``dim`` (default: the first dim a split restricts)."""
+    plt = _pyplot()
+    bounds = dm.split_bounds
+    source = dm.source
+    if dim is None:
+        restricted = [
+            d for ranges in bounds.values() for d, r in ranges.items() if r != (0, source.sizes[d])
+        ]
+        dim = restricted[0] if restricted else dm.window_dims[0]
+    coordinate = source[dim].values if dim in source.coords else np.arange(source.sizes[dim])
+    figure, axis = plt.subplots(figsize=(9, 0.6 + 0.5 * len(bounds)))
+    colours = {
+        "train": "tab:blue",
+        "val": "tab:orange",
+        "test": "tab:green",
+        "predict": "tab:purple",
+    }
+    for row, (name, ranges) in enumerate(bounds.items()):
+        lo, hi = ranges[dim]
+        axis.plot(
+            [coordinate[lo], coordinate[hi - 1]],
+            [row, row],
+            linewidth=10,
+            solid_capstyle="butt",
+            color=colours.get(name, "grey"),
+        )
+        axis.text(
+            coordinate[lo], row + 0.3, f"{name}: {len(dm.indices[name]):,} samples", fontsize=8
+        )
+    axis.set_yticks(range(len(bounds)), list(bounds))
+    axis.set_ylim(-0.6, len(bounds) - 0.2)
+    axis.set_xlabel(dim)
+    axis.set_title(f"splits along {dim} (windows never cross their edges)")
+    figure.autofmt_xdate()
+    figure.tight_layout()
+    return figure
+
+
+def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: Any) -> Figure:
+    """A 2-D field of a prediction beside the truth and their difference.
+
+    Args:
+        prediction: E.g. ``dm.to_xarray(trainer.predict(...))["t2m"]``.
+        truth: The same variable from the source.
+        **selection: Labels that pick one 2-D field, e.g. ``time="2019-03-28T12"``; without
+            them the first step of every leading dim is shown.
+    """
+    plt = _pyplot()
+    predicted = prediction.sel(**selection) if selection else prediction
+    while predicted.ndim > 2:
+        predicted = predicted.isel({predicted.dims[0]: 0})
+    # The same field of the truth: the fixed labels (e.g. time) and the 2-D coordinates.
+    fixed = {
+        name: coord.values
+        for name, coord in predicted.coords.items()
+        if coord.ndim == 0 and name in truth.dims
+    }
+    actual = truth.sel(fixed).sel({dim: predicted[dim] for dim in predicted.dims})
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    limit = float(np.nanmax(np.abs(actual.values)))
+    for axis, field, title in (
+        (axes[0], predicted, "prediction"),
+        (axes[1], actual, "truth"),
+        (axes[2], predicted - actual.values, "prediction - truth"),
+    ):
+        image = axis.imshow(
+            np.asarray(field), origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit
+        )
+        axis.set_title(title)
+        figure.colorbar(image, ax=axis, shrink=0.8)
+    figure.suptitle(
+        f"{prediction.name}: "
+        + ", ".join(
+            f"{k}={np.asarray(v.values)}" for k, v in predicted.coords.items() if v.ndim == 0
+        )
+    )
+    figure.tight_layout()
+    return figure
