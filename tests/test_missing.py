@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from tests.conftest import make_dataset
+from tests.conftest import make_dataset, reference_windows
 from xr_datamodule import XarrayDataModule
 
 CONFIG = dict(
@@ -106,3 +106,21 @@ def test_no_policy_lets_nan_through_and_bad_policy_is_refused(holey):
     assert np.isnan(batch.inputs).any()
     with pytest.raises(ValueError, match=r"nan_policy must be one of \(None, 'error', 'drop'"):
         XarrayDataModule(holey, **CONFIG, nan_policy="skip")
+
+
+@pytest.mark.parametrize("load", [True, False])
+def test_mask_channel_marks_filled_values(holey, load):
+    dm = XarrayDataModule(holey, **CONFIG, nan_policy="fill", nan_mask=True, load=load)
+    assert dm.input_shape[0] == 1 + 3 + 1  # a, c's three levels, the mask
+    assert dm.input_channel_names[-1] == "nan_mask"
+    dm.setup()
+    ids = np.arange(len(dm.datasets["train"]))
+    batch = dm.datasets["train"].__getitems__(ids)
+    starts = dm.indices["train"].starts(ids)
+    raw = reference_windows(holey, ["a", "c"], dm.window_dims, starts, dm.geometry.input_size)
+    expected_mask = np.isnan(raw).any(axis=1)
+    np.testing.assert_array_equal(batch.inputs[:, -1], expected_mask.astype(float))
+    assert expected_mask.any()
+    np.testing.assert_array_equal(batch.inputs[:, :-1], np.where(np.isnan(raw), 0.0, raw))
+    with pytest.raises(ValueError, match=r"nan_mask=True needs nan_policy='fill'"):
+        XarrayDataModule(holey, **CONFIG, nan_mask=True)

@@ -24,8 +24,12 @@ def test_quickstart_notebook_executes(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("ipykernel")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(tmp_path)}},
+    )
     client.execute()  # raises CellExecutionError on any failing cell
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     images = [out for out in outputs if "image/png" in out.get("data", {})]

@@ -212,6 +212,8 @@ class XarrayDataModule(pl.LightningDataModule):
             windows; the counts are in ``dropped_samples`` and the log). ``"fill"``:
             replace NaN with ``fill_value`` (after normalisation, so 0 is the mean).
         fill_value: The value ``nan_policy="fill"`` writes.
+        nan_mask: With ``nan_policy="fill"``, add a last input channel that is 1 where any
+            input variable or channel was missing (before filling) and 0 elsewhere.
         stats: Explicit statistics instead of computing them: ``{"mean": {var: value or
             [per channel]}, "std": {...}}`` or the path of a JSON file holding that; implies
             ``normalize="zscore"``.
@@ -261,6 +263,7 @@ class XarrayDataModule(pl.LightningDataModule):
         stats: dict[str, Any] | str | None = None,
         nan_policy: str | None = None,
         fill_value: float = 0.0,
+        nan_mask: bool = False,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -354,6 +357,12 @@ class XarrayDataModule(pl.LightningDataModule):
             raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
         self.nan_policy = nan_policy
         self.fill_value = float(fill_value)
+        if nan_mask and nan_policy != "fill":
+            raise ValueError(
+                f"nan_mask=True needs nan_policy='fill' (got {nan_policy!r}): the mask marks "
+                "the values that were filled"
+            )
+        self.nan_mask = bool(nan_mask)
         self.dropped_samples: dict[str, int] = {}
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
@@ -496,7 +505,8 @@ class XarrayDataModule(pl.LightningDataModule):
         Link it to a model in LightningCLI with ``apply_on="instantiate"``.
         """
         size = self.geometry.input_size
-        return (self._n_channels(self.input_vars, self.transform, size), *size)
+        channels = self._n_channels(self.input_vars, self.transform, size) + self.nan_mask
+        return (channels, *size)
 
     @property
     def target_shape(self) -> tuple[int, ...]:
@@ -508,7 +518,8 @@ class XarrayDataModule(pl.LightningDataModule):
     def input_channel_names(self) -> list[str]:
         """Readable name of each channel of ``X`` (without transform), e.g. ``u[level=200]``."""
         layouts = channel_layouts(self.source, self.input_vars, self.window_dims)
-        return [name for layout in layouts for name in layout.channel_names(self.source)]
+        names = [name for layout in layouts for name in layout.channel_names(self.source)]
+        return [*names, "nan_mask"] if self.nan_mask else names
 
     def _n_channels(self, names: list[str], transform: Transform | None, size: tuple) -> int:
         if transform is None:
@@ -528,9 +539,13 @@ class XarrayDataModule(pl.LightningDataModule):
         if self.normalize is not None and self.normalize_on == "gather":
             affine = self.statistics.channel_arrays(self._all_vars)
         fill = self.fill_value if self.nan_policy == "fill" else None
+        mask_of = None
+        if self.nan_mask:  # the input variables come first among the reader's channels
+            layouts = channel_layouts(self.source, self.input_vars, self.window_dims)
+            mask_of = np.arange(sum(layout.n_channels for layout in layouts))
         if self.loads_into_memory:
             return InMemoryReader(
-                self.source, self._all_vars, self.window_dims, self.dtype, affine, fill
+                self.source, self._all_vars, self.window_dims, self.dtype, affine, fill, mask_of
             )
         return ChunkedReader(
             self.source,
@@ -541,6 +556,7 @@ class XarrayDataModule(pl.LightningDataModule):
             cache_cells=self._cache_cells,
             affine=affine,
             fill_value=fill,
+            mask_of=mask_of,
         )
 
     @cached_property

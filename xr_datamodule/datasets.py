@@ -73,6 +73,8 @@ class XarrayWindowDataset(Dataset):
         self.input_vars = list(input_vars)
         self.target_vars = list(target_vars)
         self.input_channels = reader.channels_of(self.input_vars)
+        if reader.mask_channel is not None:  # the missing-value mask is the last input channel
+            self.input_channels = np.append(self.input_channels, reader.mask_channel)
         self.target_channels = reader.channels_of(self.target_vars)
         self.transform = transform
         self.target_transform = target_transform

@@ -176,6 +176,8 @@ class WindowReader(ABC):
             ``(value - offset) / scale`` (z-score normalisation), applied once when a block
             is read, not per batch.
         fill_value: Optional value that replaces NaN (after ``affine``), also once per block.
+        mask_of: Optional channels whose NaNs make an extra last channel, the mask
+            (:attr:`mask_channel`).
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class WindowReader(ABC):
         dtype: np.dtype,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
         fill_value: float | None = None,
+        mask_of: Sequence[int] | np.ndarray | None = None,
     ) -> None:
         self.dataset = ds[list(names)]
         self.fill_value = fill_value
@@ -197,7 +200,11 @@ class WindowReader(ABC):
             layout.name: slice(int(end - layout.n_channels), int(end))
             for layout, end in zip(self.layouts, ends, strict=True)
         }
-        self.n_channels = int(ends[-1])
+        self.n_data_channels = int(ends[-1])
+        self.mask_of = None if mask_of is None else np.asarray(mask_of, dtype=np.int64)
+        # With a missing-value mask, one more channel follows the data: 1.0 where any of the
+        # ``mask_of`` channels is NaN (computed before filling).
+        self.n_channels = self.n_data_channels + (self.mask_of is not None)
         self.shape = tuple(ds.sizes[dim] for dim in self.window_dims)
         self.affine = None
         if affine is not None:
@@ -219,12 +226,20 @@ class WindowReader(ABC):
         for layout in self.layouts:
             values = subset[layout.name].transpose(*layout.extra_dims, *self.window_dims).values
             block[self._channel_slices[layout.name]] = values.reshape(-1, *space)
+        data = block[: self.n_data_channels]
+        if self.mask_of is not None:
+            block[self.n_data_channels] = np.isnan(block[self.mask_of]).any(axis=0)
         if self.affine is not None:
-            block -= self.affine[0]
-            block /= self.affine[1]
+            data -= self.affine[0]
+            data /= self.affine[1]
         if self.fill_value is not None:
-            np.copyto(block, self.fill_value, where=np.isnan(block))
+            np.copyto(data, self.fill_value, where=np.isnan(data))
         return block
+
+    @property
+    def mask_channel(self) -> int | None:
+        """Channel number of the missing-value mask, if there is one."""
+        return self.n_data_channels if self.mask_of is not None else None
 
     @abstractmethod
     def gather(
@@ -253,8 +268,9 @@ class InMemoryReader(WindowReader):
         dtype: np.dtype,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
         fill_value: float | None = None,
+        mask_of: Sequence[int] | np.ndarray | None = None,
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, affine, fill_value)
+        super().__init__(ds, names, window_dims, dtype, affine, fill_value, mask_of)
         self.block = self._stack({})
 
     def gather(
@@ -362,8 +378,9 @@ class ChunkedReader(WindowReader):
         cache_cells: int = 8,
         affine: tuple[np.ndarray, np.ndarray] | None = None,
         fill_value: float | None = None,
+        mask_of: Sequence[int] | np.ndarray | None = None,
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, affine, fill_value)
+        super().__init__(ds, names, window_dims, dtype, affine, fill_value, mask_of)
         self.edges = cell_edges(
             ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
         )
