@@ -124,3 +124,14 @@ def test_mask_channel_marks_filled_values(holey, load):
     np.testing.assert_array_equal(batch.inputs[:, :-1], np.where(np.isnan(raw), 0.0, raw))
     with pytest.raises(ValueError, match=r"nan_mask=True needs nan_policy='fill'"):
         XarrayDataModule(holey, **CONFIG, nan_mask=True)
+
+
+def test_drop_refuses_a_split_left_without_windows(holey):
+    holey["b"][28:, :, :] = np.nan  # every target of the test split (times 28 and later)
+    dm = XarrayDataModule(holey, **CONFIG, nan_policy="drop")
+    with pytest.raises(
+        ValueError,
+        match=r"split 'test': every one of its \d+ windows holds a "
+        r"missing value",
+    ):
+        dm.setup()
