@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from xr_datamodule.collate import collate_batch
 from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
-from xr_datamodule.gather import ChunkedReader, InMemoryReader, WindowReader
+from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
 from xr_datamodule.missing import NAN_POLICIES, box_any, first_missing, missing_mask
 from xr_datamodule.normalize import Statistics, zscore_statistics
 from xr_datamodule.samplers import (
@@ -535,17 +535,18 @@ class XarrayDataModule(pl.LightningDataModule):
     @cached_property
     def _reader(self) -> WindowReader:
         # One reader for all splits: in-memory data is stacked once, not once per split.
-        affine = None
-        if self.normalize is not None and self.normalize_on == "gather":
-            affine = self.statistics.channel_arrays(self._all_vars)
-        fill = self.fill_value if self.nan_policy == "fill" else None
-        mask_of = None
-        if self.nan_mask:  # the input variables come first among the reader's channels
-            layouts = channel_layouts(self.source, self.input_vars, self.window_dims)
-            mask_of = np.arange(sum(layout.n_channels for layout in layouts))
+        prepare = Preparation(
+            mask_of=self._input_channel_range() if self.nan_mask else None,
+            affine=(
+                self.statistics.channel_arrays(self._all_vars)
+                if self.normalize is not None and self.normalize_on == "gather"
+                else None
+            ),
+            fill_value=self.fill_value if self.nan_policy == "fill" else None,
+        )
         if self.loads_into_memory:
             return InMemoryReader(
-                self.source, self._all_vars, self.window_dims, self.dtype, affine, fill, mask_of
+                self.source, self._all_vars, self.window_dims, self.dtype, prepare
             )
         return ChunkedReader(
             self.source,
@@ -554,10 +555,13 @@ class XarrayDataModule(pl.LightningDataModule):
             self.dtype,
             extent=self.geometry.extent,
             cache_cells=self._cache_cells,
-            affine=affine,
-            fill_value=fill,
-            mask_of=mask_of,
+            prepare=prepare,
         )
+
+    def _input_channel_range(self) -> np.ndarray:
+        # The input variables come first among the reader's channels.
+        layouts = channel_layouts(self.source, self.input_vars, self.window_dims)
+        return np.arange(sum(layout.n_channels for layout in layouts))
 
     @cached_property
     def statistics(self) -> Statistics:

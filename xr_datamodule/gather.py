@@ -28,6 +28,7 @@ import itertools
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +41,7 @@ __all__ = [
     "ChunkedReader",
     "Cut",
     "InMemoryReader",
+    "Preparation",
     "WindowReader",
     "cell_edges",
     "gather_cuts",
@@ -164,6 +166,23 @@ class Cut(NamedTuple):
     size: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Preparation:
+    """What is done to a block once, right after it is read (not per batch).
+
+    Args:
+        mask_of: Channels whose NaNs make an extra last channel, the mask (1.0 where any of
+            them is NaN, computed before filling).
+        affine: ``(offset, scale)`` per data channel: values become
+            ``(value - offset) / scale`` (z-score normalisation).
+        fill_value: Replaces NaN in the data channels (after ``affine``).
+    """
+
+    mask_of: np.ndarray | None = None
+    affine: tuple[np.ndarray, np.ndarray] | None = None
+    fill_value: float | None = None
+
+
 class WindowReader(ABC):
     """Reads batches of windows of a fixed set of variables, channel-major.
 
@@ -172,12 +191,7 @@ class WindowReader(ABC):
         names: Variables to read, in channel order.
         window_dims: Windowed dims, in the order of the output window axes.
         dtype: Output dtype.
-        affine: Optional ``(offset, scale)`` per channel: data are stored as
-            ``(value - offset) / scale`` (z-score normalisation), applied once when a block
-            is read, not per batch.
-        fill_value: Optional value that replaces NaN (after ``affine``), also once per block.
-        mask_of: Optional channels whose NaNs make an extra last channel, the mask
-            (:attr:`mask_channel`).
+        prepare: What to do to each block once it is read (mask, normalise, fill).
     """
 
     def __init__(
@@ -186,12 +200,10 @@ class WindowReader(ABC):
         names: Sequence[str],
         window_dims: Sequence[str],
         dtype: np.dtype,
-        affine: tuple[np.ndarray, np.ndarray] | None = None,
-        fill_value: float | None = None,
-        mask_of: Sequence[int] | np.ndarray | None = None,
+        prepare: Preparation = Preparation(),
     ) -> None:
         self.dataset = ds[list(names)]
-        self.fill_value = fill_value
+        self.fill_value = prepare.fill_value
         self.window_dims = tuple(window_dims)
         self.dtype = np.dtype(dtype)
         self.layouts: list[VariableLayout] = channel_layouts(ds, names, window_dims)
@@ -201,15 +213,16 @@ class WindowReader(ABC):
             for layout, end in zip(self.layouts, ends, strict=True)
         }
         self.n_data_channels = int(ends[-1])
+        mask_of = prepare.mask_of
         self.mask_of = None if mask_of is None else np.asarray(mask_of, dtype=np.int64)
         # With a missing-value mask, one more channel follows the data: 1.0 where any of the
         # ``mask_of`` channels is NaN (computed before filling).
         self.n_channels = self.n_data_channels + (self.mask_of is not None)
         self.shape = tuple(ds.sizes[dim] for dim in self.window_dims)
         self.affine = None
-        if affine is not None:
+        if prepare.affine is not None:
             lead = (-1,) + (1,) * len(self.window_dims)
-            offset, scale = (np.asarray(a, dtype=self.dtype).reshape(lead) for a in affine)
+            offset, scale = (np.asarray(a, dtype=self.dtype).reshape(lead) for a in prepare.affine)
             self.affine = (offset, scale)
 
     def channels_of(self, names: Sequence[str]) -> np.ndarray:
@@ -266,11 +279,9 @@ class InMemoryReader(WindowReader):
         names: Sequence[str],
         window_dims: Sequence[str],
         dtype: np.dtype,
-        affine: tuple[np.ndarray, np.ndarray] | None = None,
-        fill_value: float | None = None,
-        mask_of: Sequence[int] | np.ndarray | None = None,
+        prepare: Preparation = Preparation(),
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, affine, fill_value, mask_of)
+        super().__init__(ds, names, window_dims, dtype, prepare)
         self.block = self._stack({})
 
     def gather(
@@ -365,7 +376,7 @@ class ChunkedReader(WindowReader):
         dtype: Output dtype.
         extent: Length of a sample's span per windowed dim (used to size cells).
         cache_cells: Decoded cells kept per process (at least 2).
-        affine: Optional per-channel ``(offset, scale)`` applied to each decoded cell.
+        prepare: What to do to each decoded cell (mask, normalise, fill).
     """
 
     def __init__(
@@ -376,11 +387,9 @@ class ChunkedReader(WindowReader):
         dtype: np.dtype,
         extent: Sequence[int],
         cache_cells: int = 8,
-        affine: tuple[np.ndarray, np.ndarray] | None = None,
-        fill_value: float | None = None,
-        mask_of: Sequence[int] | np.ndarray | None = None,
+        prepare: Preparation = Preparation(),
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, affine, fill_value, mask_of)
+        super().__init__(ds, names, window_dims, dtype, prepare)
         self.edges = cell_edges(
             ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
         )
