@@ -29,6 +29,18 @@ def make_dataset(n_time: int = 40, n_lat: int = 12, n_lon: int = 10, seed: int =
     )
 
 
+# The synthetic forecasting set-up: two hours of t2m, u10, v10 -> t2m two hours on.
+FORECAST = dict(
+    input_vars=["t2m", "u10", "v10"],
+    target_vars=["t2m"],
+    input_dims={"time": 2, "lat": 32, "lon": 32},
+    input_overlap={"time": 1, "lon": 16},
+    target_dims={"time": 1, "lat": 32, "lon": 32},
+    target_offset={"time": 2},
+    batch_size=32,
+)
+
+
 @pytest.fixture
 def small_ds() -> xr.Dataset:
     return make_dataset()

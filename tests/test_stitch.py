@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from tests.conftest import FORECAST
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
 
@@ -70,17 +71,8 @@ def test_wrong_predictions_are_refused(small_ds):
 
 
 def test_trainer_predict_to_netcdf(tmp_path):
-    dm = XarrayDataModule(
-        "synthetic://weather",
-        input_vars=["t2m", "u10", "v10"],
-        target_vars=["t2m"],
-        input_dims={"time": 2, "lat": 32, "lon": 32},
-        input_overlap={"time": 1, "lon": 16},
-        target_dims={"time": 1, "lat": 32, "lon": 32},
-        target_offset={"time": 2},
-        splits={"train": {"time": [None, "2019-03-20"]}, "predict": {"time": ["2019-03-25", None]}},
-        batch_size=32,
-    )
+    splits = {"train": {"time": [None, "2019-03-20"]}, "predict": {"time": ["2019-03-25", None]}}
+    dm = XarrayDataModule("synthetic://weather", **FORECAST, splits=splits)
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
     trainer = pl.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False

@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
+from tests.conftest import FORECAST
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
 
@@ -108,16 +109,7 @@ def test_fit_with_workers(workers):
 
 
 def test_demo_learns_the_synthetic_target_beyond_climatology():
-    dm = XarrayDataModule(
-        "synthetic://weather",
-        input_vars=["t2m", "u10", "v10"],
-        target_vars=["t2m"],
-        input_dims={"time": 2, "lat": 32, "lon": 32},
-        input_overlap={"time": 1, "lon": 16},
-        target_dims={"time": 1, "lat": 32, "lon": 32},
-        target_offset={"time": 2},
-        batch_size=32,
-    )
+    dm = XarrayDataModule("synthetic://weather", **FORECAST)
     dm.setup("fit")
     train_mean = torch.cat([y for _, y in dm.train_dataloader()]).mean()
     climatology = torch.cat([(y - train_mean) ** 2 for _, y in dm.val_dataloader()]).mean()

@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -273,15 +273,9 @@ class WindowReader(ABC):
 class InMemoryReader(WindowReader):
     """Loads the variables once into one contiguous ``(channel, *space)`` array."""
 
-    def __init__(
-        self,
-        ds: xr.Dataset,
-        names: Sequence[str],
-        window_dims: Sequence[str],
-        dtype: np.dtype,
-        prepare: Preparation = Preparation(),
-    ) -> None:
-        super().__init__(ds, names, window_dims, dtype, prepare)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Same arguments as :class:`WindowReader`; loads at once, before workers fork."""
+        super().__init__(*args, **kwargs)
         self.block = self._stack({})
 
     def gather(
