@@ -12,7 +12,7 @@ import html
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, SequentialSampler
 
-from xr_datamodule.collate import collate_batch
+from xr_datamodule.collate import DEFAULT_RING_SLOTS, collate_batch
 from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
 from xr_datamodule.missing import NAN_POLICIES, box_any, first_missing, missing_mask
@@ -837,7 +837,7 @@ class XarrayDataModule(pl.LightningDataModule):
                 XarrayIterableDataset(dataset, self._train_batches(dataset)),
                 epoch_of=self._iterable_epoch,
                 batch_size=None,
-                collate_fn=collate_batch,  # type: ignore[arg-type]
+                collate_fn=self._collate,
                 **settings,
             )
         if split == "train":
@@ -845,16 +845,23 @@ class XarrayDataModule(pl.LightningDataModule):
                 dataset,
                 sampler=self._train_batches(dataset),
                 batch_size=None,  # the sampler yields whole batches
-                collate_fn=collate_batch,  # type: ignore[arg-type]  # one Batch, not a list
+                collate_fn=self._collate,  # one Batch, not a list
                 **self.loader_settings,
             )
         batch_sampler = ArrayBatchSampler(SequentialSampler(dataset), self.batch_size, False)
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
-            collate_fn=collate_batch,  # type: ignore[arg-type]
+            collate_fn=self._collate,
             **self.loader_settings,
         )
+
+    @property
+    def _collate(self) -> Any:
+        # A worker's ring needs a slot per batch it may have in flight (prefetch_factor)
+        # plus two; see xr_datamodule.handoff.
+        prefetch = self.prefetch_factor or DEFAULT_RING_SLOTS - 2
+        return partial(collate_batch, ring_slots=prefetch + 2)
 
     def _train_batches(self, dataset: XarrayWindowDataset) -> ShardedBatchSampler:
         if self._train_sampler is None or self._train_sampler.n != len(dataset):
