@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.gather import ChunkedReader
-from xr_datamodule.samplers import ArrayBatchSampler, ChunkShuffleSampler
+from xr_datamodule.samplers import ArrayBatchSampler, ChunkShuffleSampler, ShardedBatchSampler
 
 
 def batches_of(sampler: ChunkShuffleSampler, batch_size: int) -> list[np.ndarray]:
@@ -63,14 +63,23 @@ def test_order_is_a_function_of_seed_and_epoch_and_changes_per_epoch():
     assert not np.array_equal(np.unique(cells[first][:120]), np.unique(cells[second][:120]))
 
 
-def test_streams_give_each_worker_its_own_cells():
-    cells = np.repeat(np.arange(16), 64)
-    sampler = ChunkShuffleSampler(cells, seed=0, cells_per_window=2, batch_size=32, streams=2)
-    batches = batches_of(sampler, 32)
-    # The DataLoader deals batch i to worker i % 2.
-    worker_cells = [set(np.unique(cells[np.concatenate(batches[w::2])])) for w in range(2)]
-    assert worker_cells[0].isdisjoint(worker_cells[1])
-    assert worker_cells[0] | worker_cells[1] == set(range(16))
+@pytest.mark.parametrize(("world", "streams"), [(1, 2), (1, 3), (2, 2), (2, 3)])
+def test_streams_give_each_worker_of_each_rank_its_own_cells(world, streams):
+    cells = np.repeat(np.arange(24), 64)
+    for rank in range(world):
+        order = ChunkShuffleSampler(
+            cells, seed=0, cells_per_window=2, batch_size=32, streams=streams
+        )
+        batches = list(ShardedBatchSampler(order, 32, False, world, rank))
+        # The DataLoader deals batch i to worker i % num_workers.
+        worker_cells = [
+            set(np.unique(cells[np.concatenate(batches[w::streams])]).tolist())
+            for w in range(streams)
+        ]
+        for a in range(streams):
+            for b in range(a + 1, streams):
+                assert worker_cells[a].isdisjoint(worker_cells[b])
+        assert sum(len(mine) for mine in worker_cells) == 24 // world
 
 
 @pytest.fixture
@@ -144,3 +153,42 @@ def test_worker_memory_does_not_grow_across_epochs(chunked_store):
         totals.append(sum(rss(worker.pid) for worker in workers))
     # Loose: after the first epoch warms the caches, memory stays within 10 %.
     assert max(totals[1:]) <= 1.10 * totals[1]
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+def test_out_of_core_order_gives_each_worker_its_own_cells(chunked_store, workers):
+    dm = out_of_core(chunked_store, num_workers=workers, shuffle_chunks=6)
+    dataset = dm.datasets["train"]
+    reader = dataset.reader
+    cells = reader.home_cells(dataset.index.axis_starts)[dataset.index.grid_ids()]
+    batches = list(dm._train_batches(dataset))
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(dataset)))
+    # Reproducible: the same settings give the same order.
+    again = out_of_core(chunked_store, num_workers=workers, shuffle_chunks=6)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(batches, again._train_batches(again.datasets["train"]), strict=True)
+    )
+    processes = max(1, workers)
+    per_process = [
+        set(cells[np.concatenate(batches[p::processes])].tolist()) for p in range(processes)
+    ]
+    # Each process shuffles over shuffle_chunks / processes cells and caches one more.
+    assert reader.cache_cells == 6 // processes + 1
+    # 12 cells; each read by one process, except where a window is cut at the epoch's end.
+    assert sum(len(cells_read) for cells_read in per_process) <= 12 + processes - 1
+
+
+def test_a_checkpoint_keeps_its_interleaving_when_resumed_with_other_workers(chunked_store, caplog):
+    written = out_of_core(chunked_store, num_workers=2, shuffle_chunks=4)
+    full = list(written._train_batches(written.datasets["train"]))
+    assert written.state_dict()["streams"] == 2
+    resumed = out_of_core(chunked_store, num_workers=0, shuffle_chunks=4)
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict({"seed": 0, "streams": 2, "epoch": 0, "batches_done": 3})
+    assert "interleaves 2 streams" in caplog.text
+    # The one process now reads both streams: its cache holds both windows.
+    assert resumed.datasets["train"].reader.cache_cells == 2 * 2 + 1
+    rest = list(resumed._train_batches(resumed.datasets["train"]))
+    assert len(rest) == len(full) - 3
+    assert all(np.array_equal(a, b) for a, b in zip(rest, full[3:], strict=True))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from types import SimpleNamespace
@@ -93,6 +94,13 @@ def test_val_and_test_are_in_order(small_ds):
         n = len(dm.datasets[split])
         expected = dm.datasets[split].__getitems__(np.arange(n)).inputs
         np.testing.assert_array_equal(np.concatenate(epoch_inputs(loader)), expected)
+
+
+@pytest.mark.parametrize(("cores", "out_of_core"), [(1, 0), (2, 2), (4, 2), (8, 4), (64, 4)])
+def test_auto_workers_follow_the_data_and_the_cores(small_ds, monkeypatch, cores, out_of_core):
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    assert XarrayDataModule(small_ds, **CONFIG).num_workers == 0  # in memory: never
+    assert XarrayDataModule(small_ds, **{**CONFIG, "load": False}).num_workers == out_of_core
 
 
 def test_loader_settings_defaults_and_overrides(small_ds):

@@ -24,11 +24,11 @@ from xr_datamodule.samplers import ChunkShuffleSampler, EpochShuffleSampler, Sha
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_order(kind: str, n: int, seed: int):
+def make_order(kind: str, n: int, seed: int, batch: int = 4, streams: int = 1):
     if kind == "uniform":
         return EpochShuffleSampler(n, seed)
     cells = np.repeat(np.arange(n // 5 + 1), 5)[:n]
-    return ChunkShuffleSampler(cells, seed, cells_per_window=2, batch_size=4)
+    return ChunkShuffleSampler(cells, seed, cells_per_window=2, batch_size=batch, streams=streams)
 
 
 @settings(max_examples=120, deadline=None)
@@ -40,14 +40,18 @@ def make_order(kind: str, n: int, seed: int):
     seed=st.integers(0, 1000),
     drop_last=st.booleans(),
     kind=st.sampled_from(["uniform", "chunk"]),
+    streams=st.integers(1, 3),
     resume_at=st.integers(0, 40),
 )
 def test_ranks_see_each_sample_once_and_resume_completes_the_epoch(
-    n, batch, world, epoch, seed, drop_last, kind, resume_at
+    n, batch, world, epoch, seed, drop_last, kind, streams, resume_at
 ):
+    def order():
+        return make_order(kind, n, seed, batch, streams)
+
     per_rank = []
     for rank in range(world):
-        sampler = ShardedBatchSampler(make_order(kind, n, seed), batch, drop_last, world, rank)
+        sampler = ShardedBatchSampler(order(), batch, drop_last, world, rank)
         sampler.set_epoch(epoch)
         per_rank.append(list(sampler))
         assert len(per_rank[-1]) == len(sampler)
@@ -60,18 +64,24 @@ def test_ranks_see_each_sample_once_and_resume_completes_the_epoch(
         assert len(seen) == kept  # at most world - 1 samples left out
     else:
         assert len(seen) == world * (kept // world // batch) * batch
-    # The epoch's order is the same whoever computes it: ranks hold contiguous blocks of it.
-    full = make_order(kind, n, seed)
+    # The epoch's order is the same whoever computes it: ranks hold contiguous blocks of it
+    # (a chunk-aware order deals each block's windows to the streams).
+    full = make_order(kind, n, seed, batch, streams=1)
     full.set_epoch(epoch)
     blocks = full.order()[:kept].reshape(world, -1) if kept else np.empty((world, 0), int)
     for rank, batches in enumerate(per_rank):
         if batches:
             got = np.concatenate(batches)
-            assert np.array_equal(got, blocks[rank][: len(got)])
+            if drop_last:
+                assert set(got.tolist()) <= set(blocks[rank].tolist())
+            else:
+                assert np.array_equal(np.sort(got), np.sort(blocks[rank]))
+            if streams == 1:
+                assert np.array_equal(got, blocks[rank][: len(got)])
     # Resuming mid-epoch yields exactly the batches that remained.
     for rank in range(world):
         resumed = ShardedBatchSampler(
-            make_order(kind, n, seed), batch, drop_last, world, rank, resume=(epoch, resume_at)
+            order(), batch, drop_last, world, rank, resume=(epoch, resume_at)
         )
         resumed.set_epoch(epoch)
         remaining = list(resumed)
@@ -85,8 +95,7 @@ def train_ids(dm: XarrayDataModule, epochs: int = 1) -> list[list[int]]:
     return [batch.reshape(-1).tolist() for _ in range(epochs) for batch, _ in loader]
 
 
-@pytest.mark.parametrize("load", [True, False])
-def test_training_order_is_the_same_for_any_number_of_workers(tmp_path, load):
+def test_in_memory_training_order_is_the_same_for_any_number_of_workers(tmp_path):
     path = tmp_path / "ids.zarr"
     ds = xr.Dataset({"x": (("time", "lat"), np.arange(600.0).reshape(200, 3))})
     ds.chunk({"time": 16}).to_zarr(path)
@@ -99,7 +108,7 @@ def test_training_order_is_the_same_for_any_number_of_workers(tmp_path, load):
             splits={"train": 1.0},
             batch_size=7,
             num_workers=workers,
-            load=load,
+            load=True,
             dtype="float64",
             seed=3,
         )

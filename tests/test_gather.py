@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -60,22 +62,44 @@ def lazy(ds) -> bool:
     return not any(ds[name].variable._in_memory for name in ds.data_vars)
 
 
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("opened", ["path", "dask"])
-def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened):
+def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened, workers):
     # By path the store opens without dask; an xr.open_zarr Dataset comes dask-backed.
     data = str(zarr_path) if opened == "path" else xr.open_zarr(zarr_path)
-    dm = XarrayDataModule(data, **CONFIG, load=False)
+    dm = XarrayDataModule(data, **CONFIG, load=False, num_workers=workers)
     dm.setup()
     assert lazy(dm.source)
     assert (dm.source["a"].chunks is not None) == (opened == "dask")
     reader = dm.datasets["train"].reader
     assert isinstance(reader, ChunkedReader)
+    # Without workers the main process decodes a batch's missing cells in parallel threads.
+    assert reader.decode_threads == (min(4, os.cpu_count() or 1) if workers == 0 else 1)
     # Chunks of 7 along time are merged to cells of 14: one sample reaches 4 steps.
     assert reader.edges[dm.window_dims.index("time")].tolist() == [0, 14, 28, 40]
     for split in ("train", "test"):
         check_random_batches(dm, small_ds, split)
     # Reading batches loaded nothing into the source.
     assert lazy(dm.source)
+
+
+def test_a_failed_decode_leaves_no_cell_behind(small_ds, zarr_path, monkeypatch):
+    dm = XarrayDataModule(str(zarr_path), **CONFIG, load=False, num_workers=0)
+    dm.setup("fit")
+    reader = dm.datasets["train"].reader
+    assert isinstance(reader, ChunkedReader) and reader.decode_threads >= 1
+    calls = []
+
+    def failing(region, out=None):
+        calls.append(region)
+        raise OSError("store went away")
+
+    monkeypatch.setattr(reader, "_stack", failing)
+    with pytest.raises(OSError, match="store went away"):
+        dm.datasets["train"].__getitems__(np.arange(len(dm.datasets["train"])))
+    assert calls and not reader._slots and reader.cells_read == 0
+    monkeypatch.undo()
+    check_random_batches(dm, small_ds, "train")  # the same slots now decode correctly
 
 
 def test_netcdf_batches_equal_isel(small_ds, tmp_path):
@@ -117,8 +141,8 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path)
     )
     dm.setup("fit")
     reader = dm.datasets["train"].reader
-    # 4 streams x (1 cell per window + 1 across a window edge), no workers on 2 cores
-    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 4 * 2
+    # One stream without workers: 1 cell per window, + 1 for samples reaching into the next
+    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 1 + 1
     dataset = dm.datasets["train"]
     ids = np.arange(len(dataset))
     batch = dataset.__getitems__(ids)

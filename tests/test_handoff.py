@@ -42,7 +42,6 @@ def test_a_ticket_arrives_as_equal_tensors_that_own_their_memory():
     for tensor, array in zip(received, arrays, strict=True):
         np.testing.assert_array_equal(tensor.numpy(), array)
         assert not tensor.is_shared()  # a private copy: the slot can be reused
-    assert received[0].untyped_storage().data_ptr() == received[1].untyped_storage().data_ptr()
 
 
 def test_a_full_ring_falls_back_and_a_received_ticket_frees_its_slot():
@@ -134,6 +133,6 @@ def test_a_ticket_for_a_ring_never_received_is_an_error():
     arrays = batch_arrays(3)
     ticket = handoff.send(arrays, slots=2)
     assert ticket is not None
-    ticket.ring.state[handoff._ATTACHED] = ticket.ring.token  # pretend it was attached
+    ticket.ring.state_view[handoff._ATTACHED] = ticket.ring.token  # pretend it was attached
     with pytest.raises(RuntimeError, match="never received"):
         deliver(ticket)

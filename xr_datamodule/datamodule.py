@@ -8,9 +8,12 @@ grids) → :mod:`~xr_datamodule.gather` (one vectorised read per batch) →
 
 from __future__ import annotations
 
+import gc
 import html
 import logging
+import math
 import os
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property, partial
 from typing import Any
@@ -55,8 +58,8 @@ STYLES = ("map", "iterable")
 NORMALIZATIONS = (None, "zscore")
 LOAD_CHOICES = ("auto", True, False)
 LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
+DECODE_THREADS_MAX = 4  # threads decoding cells in parallel without workers
 AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
-SHUFFLE_STREAMS = 4  # interleaved chunk-aware streams; worker counts 1, 2, 4 keep cells apart
 STAGE_SPLITS = {
     "fit": ("train", "val"),
     "validate": ("val",),
@@ -126,10 +129,21 @@ def available_memory() -> int:
 
 
 def _init_worker(worker_id: int) -> None:
-    """Worker start: dask runs synchronously (no thread pool after fork), numpy is seeded."""
+    """Worker start: synchronous dask, one zarr thread, numpy seeded, inherited objects frozen.
+
+    - Dask runs synchronously: no thread pool after fork.
+    - Zarr decodes with one thread: a worker reads one chunk at a time anyway, and each extra
+      thread kept its own malloc arena (2 workers held 35 MB less on the benchmark, at the
+      same speed).
+    - ``gc.freeze()``: the collector no longer walks the objects inherited from the parent,
+      so their pages stay shared instead of being copied into each worker.
+    """
     import dask
 
+    gc.freeze()
     dask.config.set(scheduler="synchronous")
+    if "zarr" in sys.modules:
+        sys.modules["zarr"].config.set({"threading.max_workers": 1})
     # Seed the legacy global RNG too: user transforms commonly draw from it.
     np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002
 
@@ -162,11 +176,10 @@ class XarrayDataModule(pl.LightningDataModule):
         seed: Seed of the training order; the order is a function of ``(seed, epoch)``.
         num_workers: DataLoader worker processes, or ``"auto"`` (default). In memory: 0, since
             a batch is one sub-millisecond gather and workers only add a copy through shared
-            memory (on the benchmark, 2 workers delivered a fifth of what 0 did). Out of core:
-            half the cores, at most 4, so decoding overlaps the training step; but 0 below 4
-            cores, where dask's threads already decode in parallel in the main process (on
-            2 cores: 0 workers ~400 MB/s, 1 worker ~220, 2 workers ~300 on the benchmark's
-            zarr store).
+            memory (on the benchmark, 2 workers delivered 1.3 GB/s against 2.0 for 0). Out of
+            core: half the cores, at least 2 and at most 4, so decoding overlaps the training
+            step (on 2 cores, the benchmark's zarr store: 2 workers 538 MB/s, 0 workers 484
+            with the main process decoding in 2 threads); 0 on a single core.
         pin_memory: Page-lock batches for faster host→GPU copies. Default: on only when the
             attached trainer runs on a CUDA GPU (pinning is wasted work on CPU).
         persistent_workers: Keep workers between epochs; default on when ``num_workers > 0``.
@@ -178,12 +191,13 @@ class XarrayDataModule(pl.LightningDataModule):
             never does: the data are then read out of core, cell by cell (groups of storage
             chunks), with chunk-aware shuffling for training.
         shuffle_chunks: Out of core only: how many cells (groups of storage chunks) feed
-            training at any moment. The order interleaves 4 streams, each shuffling the
-            samples of ``shuffle_chunks / 4`` cells at a time, so a batch draws from
-            ``shuffle_chunks / 4`` cells (twice that at a window edge), consecutive batches
-            from different cells, and each cell is decoded about once per epoch. About
-            ``shuffle_chunks + 4`` decoded cells are cached in the main process, a share of
-            them in each worker.
+            training at any moment, per rank. Each worker (or the main process without
+            workers) shuffles the samples of ``shuffle_chunks / max(1, num_workers)`` cells
+            at a time (at least 1), so a batch draws from that many cells (twice that where
+            it spans two of them), consecutive batches come from different workers' cells,
+            and each cell is decoded about once per epoch. Each process caches one cell more
+            than it shuffles over. The order therefore depends on ``num_workers``; a
+            checkpoint keeps the interleaving it was written with.
         style: ``"map"`` (default): a map-style dataset with a DDP-aware batch sampler;
             ``"iterable"``: an iterable dataset that streams whole batches, sharded across
             DDP ranks and workers itself (workers are started anew each epoch). Both give the
@@ -252,7 +266,7 @@ class XarrayDataModule(pl.LightningDataModule):
         multiprocessing_context: str | None = None,
         drop_last: bool = False,
         load: bool | str = "auto",
-        shuffle_chunks: int = 8,
+        shuffle_chunks: int = 4,
         style: str = "map",
         dtype: str = "float32",
         transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
@@ -367,6 +381,7 @@ class XarrayDataModule(pl.LightningDataModule):
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
+        self._resumed_streams: int | None = None  # the interleaving a checkpoint was made with
         self._epoch_offset = 0
         self._train_batch_sampler: ShardedBatchSampler | None = None
         self._iterable_passes = 0
@@ -556,6 +571,7 @@ class XarrayDataModule(pl.LightningDataModule):
             extent=self.geometry.extent,
             cache_cells=self._cache_cells,
             prepare=prepare,
+            decode_threads=self._decode_threads,
         )
 
     def _input_channel_range(self) -> np.ndarray:
@@ -623,15 +639,34 @@ class XarrayDataModule(pl.LightningDataModule):
         )
 
     @property
+    def _shuffle_streams(self) -> int:
+        # One stream per worker: the DataLoader deals batch i to worker i % num_workers, so
+        # each worker then reads only its own cells (with 4 fixed streams, 3 workers each
+        # read every cell and delivered 31 MB/s instead of ~500 on the benchmark's store).
+        if self._resumed_streams is not None:
+            return self._resumed_streams
+        return max(1, self.num_workers)
+
+    @property
     def _cells_per_window(self) -> int:
-        return max(1, self.shuffle_chunks // SHUFFLE_STREAMS)
+        return max(1, self.shuffle_chunks // self._shuffle_streams)
+
+    @property
+    def _decode_threads(self) -> int:
+        # Without workers the main process decodes a window's cells in parallel threads;
+        # workers already decode in parallel with each other (and share the cores).
+        if self.num_workers > 0:
+            return 1
+        return min(DECODE_THREADS_MAX, os.cpu_count() or 1)
 
     @property
     def _cache_cells(self) -> int:
-        # Each process holds the current window (+1 cell across a window edge) of the
-        # streams it reads: all of them without workers, its share with workers.
-        streams_here = -(-SHUFFLE_STREAMS // max(1, self.num_workers))
-        return streams_here * (self._cells_per_window + 1)
+        # A process reads its streams' windows (one stream, unless a checkpoint's
+        # interleaving does not match the workers), plus one cell for samples that reach
+        # into a neighbouring cell. When a window ends, the old window's cells are the least
+        # recently used and are the ones replaced.
+        streams, processes = self._shuffle_streams, max(1, self.num_workers)
+        return streams // math.gcd(streams, processes) * self._cells_per_window + 1
 
     @cached_property
     def loads_into_memory(self) -> bool:
@@ -656,8 +691,8 @@ class XarrayDataModule(pl.LightningDataModule):
             return int(self._num_workers)
         if self.loads_into_memory:
             return 0
-        workers = min(AUTO_WORKERS_MAX, (os.cpu_count() or 1) // 2)
-        return workers if workers >= 2 else 0
+        cores = os.cpu_count() or 1
+        return min(AUTO_WORKERS_MAX, max(2, cores // 2)) if cores >= 2 else 0
 
     # ------------------------------------------------------------------ display
 
@@ -906,6 +941,8 @@ class XarrayDataModule(pl.LightningDataModule):
         so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
         """
         state: dict[str, Any] = {"seed": self.seed, "epoch_offset": self._epoch_offset}
+        if isinstance(self._train_sampler, ChunkShuffleSampler):
+            state["streams"] = self._train_sampler.streams  # the order depends on it
         if "statistics" in self.__dict__:  # computed or given: keep them with the model
             state["statistics"] = self.statistics.to_dict()
         trainer, sampler = self.trainer, self._train_batch_sampler
@@ -945,6 +982,23 @@ class XarrayDataModule(pl.LightningDataModule):
             self.datasets.clear()
         if "epoch" in state_dict and state_dict.get("batches_done"):
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
+        if "streams" in state_dict and int(state_dict["streams"]) != self._shuffle_streams:
+            self._restore_streams(int(state_dict["streams"]))
+
+    def _restore_streams(self, streams: int) -> None:
+        """Keep a checkpoint's chunk-aware interleaving, so the resumed order is the same."""
+        logger.warning(
+            "the checkpoint's chunk-aware order interleaves %d streams, one per DataLoader "
+            "worker then; keeping it with num_workers=%d so that every sample still comes "
+            "exactly once (some cells may be decoded by more than one worker)",
+            streams,
+            self.num_workers,
+        )
+        self._resumed_streams = streams
+        self._train_sampler = None
+        reader = self.__dict__.get("_reader")
+        if isinstance(reader, ChunkedReader):  # built already: size its cache for the streams
+            reader.cache_cells = max(2, self._cache_cells)
 
     def _make_train_sampler(self, dataset: XarrayWindowDataset) -> EpochSampler:
         reader = dataset.reader
@@ -954,7 +1008,7 @@ class XarrayDataModule(pl.LightningDataModule):
                 seed=self.seed,
                 cells_per_window=self._cells_per_window,
                 batch_size=self.batch_size,
-                streams=SHUFFLE_STREAMS,
+                streams=self._shuffle_streams,
             )
         return EpochShuffleSampler(len(dataset), self.seed)
 

@@ -25,9 +25,11 @@ Nothing here knows about Lightning; torch serves only as a copy kernel (see
 from __future__ import annotations
 
 import itertools
+import os
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -379,6 +381,10 @@ class ChunkedReader(WindowReader):
         extent: Length of a sample's span per windowed dim (used to size cells).
         cache_cells: Decoded cells kept per process (at least 2).
         prepare: What to do to each decoded cell (mask, normalise, fill).
+        decode_threads: Threads that decode the cells a batch needs at once (zarr's and
+            netCDF's decompressors release the GIL: on the benchmark's zarr store 2 threads
+            decoded 740-850 MB/s against 470-620 MB/s for one). Use 1 inside DataLoader
+            workers, which already decode in parallel.
     """
 
     def __init__(
@@ -390,8 +396,11 @@ class ChunkedReader(WindowReader):
         extent: Sequence[int],
         cache_cells: int = 8,
         prepare: Preparation = Preparation(),
+        decode_threads: int = 1,
     ) -> None:
         super().__init__(ds, names, window_dims, dtype, prepare)
+        self.decode_threads = max(1, int(decode_threads))
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
         self.edges = cell_edges(
             ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
         )
@@ -418,31 +427,60 @@ class ChunkedReader(WindowReader):
     def __getstate__(self) -> dict:
         # Workers start with an empty cache of their own, not a copy of this one.
         state = self.__dict__.copy()
-        state.update(_arena=None, _slots=OrderedDict(), cells_read=0)
+        state.update(_arena=None, _slots=OrderedDict(), cells_read=0, _pool=None)
         return state
 
     def _slot(self, cell: tuple[int, ...]) -> int:
         """Arena slot holding ``cell``, decoding it into the least recently used slot."""
-        slot = self._slots.get(cell)
-        if slot is not None:
-            self._slots.move_to_end(cell)
-            return slot
+        return self._slots_for([cell])[0]
+
+    def _slots_for(self, cells: Sequence[tuple[int, ...]]) -> list[int]:
+        """Arena slots holding ``cells`` (at most ``cache_cells``), decoding the missing ones.
+
+        The cached ones are marked recent first, so that the missing ones replace other cells.
+        """
+        for cell in cells:
+            if cell in self._slots:
+                self._slots.move_to_end(cell)
         if self._arena is None:
             self._arena = np.empty(
                 (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
             )
-        if len(self._slots) < self.cache_cells:
-            slot = len(self._slots)
-        else:
-            _, slot = self._slots.popitem(last=False)
+        missing = []
+        for cell in cells:
+            if cell in self._slots:
+                continue
+            if len(self._slots) < self.cache_cells:
+                slot = len(self._slots)
+            else:
+                _, slot = self._slots.popitem(last=False)
+            self._slots[cell] = slot
+            missing.append((cell, slot))
+        try:
+            if len(missing) > 1 and self.decode_threads > 1:
+                list(self._decode_pool().map(lambda job: self._decode(*job), missing))
+            else:
+                for job in missing:
+                    self._decode(*job)
+        except BaseException:
+            for cell, _ in missing:  # their slots hold no valid cell
+                self._slots.pop(cell, None)
+            raise
+        self.cells_read += len(missing)
+        return [self._slots[cell] for cell in cells]
+
+    def _decode(self, cell: tuple[int, ...], slot: int) -> None:
         region = {
             dim: slice(int(edges[i]), int(edges[i + 1]))
             for dim, edges, i in zip(self.window_dims, self.edges, cell, strict=True)
         }
         self._stack(region, out=self._cell_view(slot, cell))
-        self.cells_read += 1
-        self._slots[cell] = slot
-        return slot
+
+    def _decode_pool(self) -> ThreadPoolExecutor:
+        # One pool per process: a forked child must not use its parent's (dead) threads.
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.decode_threads))
+        return self._pool[1]
 
     def _cell_view(self, slot: int, cell: tuple[int, ...]) -> np.ndarray:
         assert self._arena is not None
@@ -527,10 +565,7 @@ class ChunkedReader(WindowReader):
                     out[rows] = part
             return outputs
         wave = [tuple(int(c) for c in cells[row]) for row in first_row]
-        for cell in wave:  # mark the cached ones as recent, so loading the others keeps them
-            if cell in self._slots:
-                self._slots.move_to_end(cell)
-        slot_of_key = np.array([self._slot(cell) for cell in wave], dtype=np.int64)
+        slot_of_key = np.array(self._slots_for(wave), dtype=np.int64)
         slots = slot_of_key[np.searchsorted(unique_keys, keys)]
         lower = np.stack([edges[cells[:, a]] for a, edges in enumerate(self.edges)], axis=1)
         assert self._arena is not None

@@ -4,19 +4,18 @@ The DataLoader's own ``BatchSampler`` collects a Python list of ints per batch; 
 one numpy permutation per epoch, so the dataset's ``__getitems__`` receives an int64 array
 and no per-sample object is built.
 
-Two orders, both functions of ``(seed, epoch)`` only:
+Two orders, both functions of ``(seed, epoch)`` (and the settings they were built with):
 
 * :class:`EpochShuffleSampler`: a uniform permutation (in-memory data).
 * :class:`ChunkShuffleSampler`: chunk-aware, for data decoded chunk by chunk. Cells (groups of
   storage chunks, see :class:`~xr_datamodule.gather.ChunkedReader`) are put in a random
   order and taken ``cells_per_window`` at a time; the samples of those cells are shuffled
-  together. A batch therefore draws from at most ``cells_per_window`` cells, or twice that
-  where it spans two windows (when cells hold fewer samples than a batch, it spans more),
-  and each cell is decoded about once per epoch instead of once per sample. Windows are
-  dealt to a fixed number of ``streams`` whose whole batches are interleaved round-robin:
-  consecutive batches come from different cells, and since the DataLoader deals batch ``i``
-  to worker ``i % num_workers``, with a worker count that divides ``streams`` each worker
-  decodes only its own cells. The order does not depend on the number of workers.
+  together. Each rank takes a contiguous block of that order and deals its windows to
+  ``streams`` streams (one per DataLoader worker) whose whole batches alternate. Since the
+  DataLoader deals batch ``i`` to worker ``i % num_workers``, each worker reads only its
+  own stream's cells: each cell is decoded about once per epoch per rank, and a batch draws
+  from at most ``cells_per_window`` cells (twice that where it spans two windows; more only
+  when a cell holds fewer samples than a batch).
 """
 
 from __future__ import annotations
@@ -57,6 +56,14 @@ class EpochSampler(Sampler[int]):
     @abstractmethod
     def order(self) -> np.ndarray:
         """The order of the current epoch (int64), a permutation of ``range(n)``."""
+
+    def rank_order(self, rank: int, world: int) -> np.ndarray:
+        """Rank ``rank``'s share of the current epoch: a contiguous block of ``n // world``.
+
+        At most ``world - 1`` samples are left out, the same for every rank.
+        """
+        size = self.n // world
+        return self.order()[rank * size : (rank + 1) * size]
 
     def take_order(self) -> np.ndarray:
         """The current epoch's order; the next call gives the next epoch's."""
@@ -100,8 +107,8 @@ class ChunkShuffleSampler(EpochSampler):
         seed: Base seed.
         cells_per_window: Cells whose samples are mixed together.
         batch_size: Batch size, to deal whole batches to streams.
-        streams: Number of interleaved streams (fixed: the order must not depend on the
-            number of workers; a worker count that divides it keeps workers' cells apart).
+        streams: Interleaved streams per rank; use the number of DataLoader workers (or 1),
+            so that each worker decodes only its own cells.
 
     Example:
         >>> cells = np.repeat(np.arange(6), 10)     # 6 cells of 10 samples
@@ -128,15 +135,28 @@ class ChunkShuffleSampler(EpochSampler):
         self.batch_size = max(1, int(batch_size))
         self.streams = max(1, int(streams))
 
-    def order(self) -> np.ndarray:
-        """This epoch's order: windows of cells in random order, shuffled within."""
+    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """This epoch's window of every sample, and the order (windows in turn, shuffled)."""
         rng = np.random.default_rng([self.seed, self.epoch])
         rank = rng.permutation(len(self._unique_cells))
         window = rank[self.cells] // self.cells_per_window
-        order = np.lexsort((rng.random(self.n), window))
-        if self.streams == 1:
-            return order
-        return self._interleave(order, window[order] % self.streams)
+        return window, np.lexsort((rng.random(self.n), window))
+
+    def order(self) -> np.ndarray:
+        """This epoch's order for a single rank, its windows dealt to the streams."""
+        return self.rank_order(0, 1)
+
+    def rank_order(self, rank: int, world: int) -> np.ndarray:
+        """A rank's contiguous block of the windowed order, dealt to its streams."""
+        window, order = self._windows()
+        size = self.n // world
+        block = order[rank * size : (rank + 1) * size]
+        if self.streams == 1 or not block.size:
+            return block
+        # Windows in the order they come in the block, numbered 0, 1, ...: dealt round-robin.
+        window_of = window[block]
+        turn = np.cumsum(np.r_[0, window_of[1:] != window_of[:-1]])
+        return self._interleave(block, turn % self.streams)
 
     def _interleave(self, order: np.ndarray, stream_of: np.ndarray) -> np.ndarray:
         """Deal whole batches of each stream round-robin; leftovers go last."""
@@ -199,8 +219,9 @@ class ShardedBatchSampler(DistributedSampler):
     the same for every rank) and rank ``r`` takes the ``r``-th contiguous block, so ranks
     never share a sample and all have the same number of batches (DDP never waits on a rank
     that ran out). Contiguous blocks keep chunk-aware orders chunk-aware: each rank reads its
-    own run of cells. Each item is a whole batch of sample numbers (an int64 array), for a
-    DataLoader with ``batch_size=None``.
+    own run of cells, dealt to its workers' streams (see :meth:`EpochSampler.rank_order`).
+    Each item is a whole batch of sample numbers (an int64 array), for a DataLoader with
+    ``batch_size=None``.
 
     It is a ``DistributedSampler``, so Lightning leaves it in place instead of injecting one
     that pads with repeated samples; Lightning's ``set_epoch`` reaches the order.
@@ -273,7 +294,7 @@ class ShardedBatchSampler(DistributedSampler):
 
     def epoch_batches(self) -> list[np.ndarray]:
         """This rank's batches of the current epoch (the epoch is not advanced)."""
-        block = self.order.order()[: self.total_size].reshape(self.num_replicas, -1)[self.rank]
+        block = self.order.rank_order(self.rank, self.num_replicas)
         stop = len(block) - len(block) % self.batch_size if self.drop_last else len(block)
         return [block[begin : begin + self.batch_size] for begin in range(0, stop, self.batch_size)]
 
