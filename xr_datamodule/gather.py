@@ -13,8 +13,9 @@ Two readers provide the blocks:
   dtype (one copy of the selected variables, shared by all splits).
 * :class:`ChunkedReader` never loads the data whole. It cuts the windowed dims into *cells*
   (whole storage chunks, merged where a chunk is too thin for the windows), decodes a cell
-  with one ``isel`` + ``compute`` when a batch first needs it, keeps a few decoded cells in a
-  bounded LRU cache, and gathers each batch cell by cell. With the chunk-aware sampler
+  one variable at a time when a batch first needs it (several cells in parallel threads if
+  asked), keeps a few decoded cells in a bounded LRU arena, and gathers each batch from the
+  arena in one go. With the chunk-aware sampler
   (:class:`~xr_datamodule.samplers.ChunkShuffleSampler`) each cell is decoded about once per
   epoch.
 
