@@ -7,13 +7,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils.data import SequentialSampler
 
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.gather import ChunkedReader
-from xr_datamodule.samplers import ArrayBatchSampler, ChunkShuffleSampler, ShardedBatchSampler
+from xr_datamodule.samplers import (
+    ArrayBatchSampler,
+    BlockInterleavedSampler,
+    ChunkShuffleSampler,
+    ShardedBatchSampler,
+    sample_order,
+)
 
 
 def batches_of(sampler: ChunkShuffleSampler, batch_size: int) -> list[np.ndarray]:
@@ -192,3 +200,44 @@ def test_a_checkpoint_keeps_its_interleaving_when_resumed_with_other_workers(chu
     rest = list(resumed._train_batches(resumed.datasets["train"]))
     assert len(rest) == len(full) - 3
     assert all(np.array_equal(a, b) for a, b in zip(rest, full[3:], strict=True))
+
+
+@settings(max_examples=150, deadline=None)
+@given(n=st.integers(0, 400), batch_size=st.integers(1, 20), blocks=st.integers(1, 4))
+def test_evaluation_order_gives_each_worker_a_contiguous_run(n, batch_size, blocks):
+    order = BlockInterleavedSampler(n, batch_size, blocks).order()
+    assert np.array_equal(np.sort(order), np.arange(n))
+    sampler = BlockInterleavedSampler(n, batch_size, blocks)
+    batches = list(ArrayBatchSampler(sampler, batch_size, False))
+    full = n // batch_size
+    # Whole rounds (every run still has a batch): batch i belongs to run i % blocks, the run
+    # of whole batches a worker reads alone.
+    for i, batch in enumerate(batches[: (full // blocks) * blocks]):
+        assert len(batch) == batch_size
+        assert np.array_equal(batch, np.arange(batch[0], batch[0] + batch_size))
+        assert (batch[0] // batch_size) * blocks // full == i % blocks
+
+
+@pytest.mark.parametrize(("workers", "load"), [(2, False), (0, False), (2, True)])
+def test_evaluation_loaders_deal_runs_to_workers_out_of_core(chunked_store, workers, load):
+    dm = XarrayDataModule(
+        str(chunked_store),
+        input_vars=["x"],
+        target_vars=["y"],
+        splits={"train": 0.5, "val": 0.25, "test": 0.25},
+        input_dims={"time": 1, "lat": 32, "lon": 32},
+        batch_size=16,
+        num_workers=workers,
+        load=load,
+    )
+    dm.setup("fit")
+    dealt = workers > 1 and not load
+    for name in ("val", "test", "predict"):  # predict runs over test here, in order
+        loader = getattr(dm, f"{name}_dataloader")()
+        sampler = loader.batch_sampler.sampler
+        expected = BlockInterleavedSampler if dealt and name != "predict" else SequentialSampler
+        assert isinstance(sampler, expected), name
+        if name == "val":  # through the workers, exactly the samples of the order, in it
+            delivered = torch.cat([x for x, _ in loader]).numpy()
+            expected = dm.datasets["val"].__getitems__(sample_order(sampler)).inputs
+            np.testing.assert_array_equal(delivered, expected)

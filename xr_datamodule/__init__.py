@@ -5,6 +5,7 @@ from xr_datamodule.datamodule import XarrayDataModule
 from xr_datamodule.datasets import Batch, XarrayIterableDataset, XarrayWindowDataset
 from xr_datamodule.samplers import (
     ArrayBatchSampler,
+    BlockInterleavedSampler,
     ChunkShuffleSampler,
     EpochShuffleSampler,
     ShardedBatchSampler,
@@ -17,6 +18,7 @@ __all__ = [
     "SYNTHETIC_SOURCE",
     "ArrayBatchSampler",
     "Batch",
+    "BlockInterleavedSampler",
     "ChunkShuffleSampler",
     "EpochShuffleSampler",
     "SampleIndex",

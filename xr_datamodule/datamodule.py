@@ -31,6 +31,7 @@ from xr_datamodule.missing import NAN_POLICIES, box_any, first_missing, missing_
 from xr_datamodule.normalize import Statistics, zscore_statistics
 from xr_datamodule.samplers import (
     ArrayBatchSampler,
+    BlockInterleavedSampler,
     ChunkShuffleSampler,
     EpochSampler,
     EpochShuffleSampler,
@@ -857,8 +858,8 @@ class XarrayDataModule(pl.LightningDataModule):
             physical, self.indices[split], self.geometry, self.source, self.target_vars
         )
 
-    def _dataloader(self, split: str) -> Any:
-        split = self._split_for(split)
+    def _dataloader(self, requested: str) -> Any:
+        split = self._split_for(requested)
         if split not in self.indices:
             if split == "train":
                 raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
@@ -883,13 +884,27 @@ class XarrayDataModule(pl.LightningDataModule):
                 collate_fn=self._collate,  # one Batch, not a list
                 **self.loader_settings,
             )
-        batch_sampler = ArrayBatchSampler(SequentialSampler(dataset), self.batch_size, False)
+        order = self._eval_order(requested, dataset)
+        batch_sampler = ArrayBatchSampler(order, self.batch_size, False)
         return DataLoader(
             dataset,
             batch_sampler=batch_sampler,
             collate_fn=self._collate,
             **self.loader_settings,
         )
+
+    def _eval_order(self, requested: str, dataset: XarrayWindowDataset) -> Any:
+        # Out of core with workers, validation and test deal one contiguous run of batches to
+        # each worker, so that each cell is decoded once, not once per worker (2 workers on
+        # the benchmark's store: 389 MB/s in order, 615-622 dealt). Prediction stays in
+        # order: to_xarray and prediction writers expect it.
+        if (
+            requested in ("val", "test")
+            and self.num_workers > 1
+            and isinstance(dataset.reader, ChunkedReader)
+        ):
+            return BlockInterleavedSampler(len(dataset), self.batch_size, self.num_workers)
+        return SequentialSampler(dataset)
 
     @property
     def _collate(self) -> Any:
