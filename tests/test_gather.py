@@ -84,10 +84,17 @@ def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened, work
 
 
 def test_a_failed_decode_leaves_no_cell_behind(small_ds, zarr_path, monkeypatch):
-    dm = XarrayDataModule(str(zarr_path), **CONFIG, load=False, num_workers=0)
+    # Two cached cells for three: reading the whole split evicts, and a failure mid-way
+    # must hand the evicted slot back, not leave it to be handed out twice.
+    settings = {**CONFIG, "splits": {"train": 1.0}}
+    dm = XarrayDataModule(str(zarr_path), **settings, load=False, num_workers=0, shuffle_chunks=1)
     dm.setup("fit")
-    reader = dm.datasets["train"].reader
-    assert isinstance(reader, ChunkedReader) and reader.decode_threads >= 1
+    dataset = dm.datasets["train"]
+    reader = dataset.reader
+    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 2
+    assert int(np.prod(reader.grid_shape)) == 3
+    check_random_batches(dm, small_ds, "train")  # the cache is full now
+    read_before = reader.cells_read
     calls = []
 
     def failing(region, out=None):
@@ -96,10 +103,22 @@ def test_a_failed_decode_leaves_no_cell_behind(small_ds, zarr_path, monkeypatch)
 
     monkeypatch.setattr(reader, "_stack", failing)
     with pytest.raises(OSError, match="store went away"):
-        dm.datasets["train"].__getitems__(np.arange(len(dm.datasets["train"])))
-    assert calls and not reader._slots and reader.cells_read == 0
+        dataset.__getitems__(np.arange(len(dataset)))
+    assert calls and reader.cells_read == read_before
+    assert len(reader._slots) + len(reader._free) == reader.cache_cells
     monkeypatch.undo()
-    check_random_batches(dm, small_ds, "train")  # the same slots now decode correctly
+    for _ in range(3):  # the slots decode correctly again, whatever is evicted
+        check_random_batches(dm, small_ds, "train")
+    np.testing.assert_array_equal(
+        dataset.__getitems__(np.arange(len(dataset))).inputs,
+        reference_windows(
+            small_ds,
+            dm.input_vars,
+            dm.geometry.dims,
+            dm.indices["train"].starts(np.arange(len(dataset))),
+            dm.geometry.input_size,
+        ).astype(np.float32),
+    )
 
 
 def test_netcdf_batches_equal_isel(small_ds, tmp_path):

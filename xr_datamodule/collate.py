@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
@@ -54,7 +55,7 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
     return torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
 
 
-def _view_of(whole: torch.Tensor, base: Any, part: Any) -> torch.Tensor:
+def _view_of(whole: torch.Tensor, base: np.ndarray, part: np.ndarray) -> torch.Tensor:
     """The slice of ``whole`` (a flat tensor over ``base``) that holds the contiguous ``part``."""
     begin = (part.ctypes.data - base.ctypes.data) // part.itemsize
     return whole[begin : begin + part.size].view(part.shape)

@@ -1013,7 +1013,7 @@ class XarrayDataModule(pl.LightningDataModule):
         self._train_sampler = None
         reader = self.__dict__.get("_reader")
         if isinstance(reader, ChunkedReader):  # built already: size its cache for the streams
-            reader.cache_cells = max(2, self._cache_cells)
+            reader.resize_cache(self._cache_cells)
 
     def _make_train_sampler(self, dataset: XarrayWindowDataset) -> EpochSampler:
         reader = dataset.reader

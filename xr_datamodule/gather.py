@@ -409,6 +409,7 @@ class ChunkedReader(WindowReader):
         self.cell_shape = tuple(int(np.diff(edges).max()) for edges in self.edges)
         self.cache_cells = max(2, int(cache_cells))
         self._slots: OrderedDict[tuple[int, ...], int] = OrderedDict()  # cell -> slot, LRU
+        self._free: list[int] = []  # slots holding no cell
         self._arena: np.ndarray | None = None  # allocated on first read (in each worker)
         self.cells_read = 0
 
@@ -428,8 +429,13 @@ class ChunkedReader(WindowReader):
     def __getstate__(self) -> dict:
         # Workers start with an empty cache of their own, not a copy of this one.
         state = self.__dict__.copy()
-        state.update(_arena=None, _slots=OrderedDict(), cells_read=0, _pool=None)
+        state.update(_arena=None, _slots=OrderedDict(), _free=[], cells_read=0, _pool=None)
         return state
+
+    def resize_cache(self, cache_cells: int) -> None:
+        """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
+        self.cache_cells = max(2, int(cache_cells))
+        self._arena, self._slots, self._free = None, OrderedDict(), []
 
     def _slot(self, cell: tuple[int, ...]) -> int:
         """Arena slot holding ``cell``, decoding it into the least recently used slot."""
@@ -447,14 +453,12 @@ class ChunkedReader(WindowReader):
             self._arena = np.empty(
                 (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
             )
+            self._free = list(range(self.cache_cells - 1, -1, -1))
         missing = []
         for cell in cells:
             if cell in self._slots:
                 continue
-            if len(self._slots) < self.cache_cells:
-                slot = len(self._slots)
-            else:
-                _, slot = self._slots.popitem(last=False)
+            slot = self._free.pop() if self._free else self._slots.popitem(last=False)[1]
             self._slots[cell] = slot
             missing.append((cell, slot))
         try:
@@ -464,8 +468,9 @@ class ChunkedReader(WindowReader):
                 for job in missing:
                     self._decode(*job)
         except BaseException:
-            for cell, _ in missing:  # their slots hold no valid cell
-                self._slots.pop(cell, None)
+            for cell, slot in missing:  # these slots hold no valid cell now
+                del self._slots[cell]
+                self._free.append(slot)
             raise
         self.cells_read += len(missing)
         return [self._slots[cell] for cell in cells]

@@ -5,7 +5,7 @@ shared-memory segment (allocated, copied into, page-faulted, its file descriptor
 socket with an authentication handshake) and the main process maps it. On the benchmark's
 1 MB batches that costs more CPU than gathering the batch: a DataLoader whose two workers only
 returned ready 1 MB tensors delivered ~720 MB/s on a 2-core machine, and the same workers
-writing into a ring delivered 1.4-2.0 GB/s (see the issue-3 note).
+writing into a ring delivered 1.4-2.0 GB/s.
 
 Here each worker allocates, once, a ring of ``slots`` shared-memory slots. A batch is copied
 into the next free slot and the worker returns a :class:`Ticket` (slot number and layout, a
