@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import xarray as xr
 
 from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule
+from xr_datamodule.datamodule import _init_worker
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, gather_windows
 
 CONFIG = dict(
@@ -277,3 +279,38 @@ def test_loader_batches_cover_split_in_order(small_ds, zarr_path, backing):
         small_ds, dm.input_vars, dm.window_dims, starts, dm.geometry.input_size
     )
     np.testing.assert_array_equal(X, expected.astype(np.float32))
+
+
+def _read_many(ds: xr.Dataset, name: str, expected: np.ndarray, init: bool, queue) -> None:
+    try:
+        if init:
+            _init_worker(0)  # what each DataLoader worker runs first
+        for i in range(20):
+            got = ds[name].isel(longitude=slice(i, i + 30)).values
+            np.testing.assert_array_equal(got, expected[..., i : i + 30])
+        queue.put("ok")
+    except Exception as error:  # reported to the parent
+        queue.put(repr(error))
+
+
+def test_workers_open_their_own_netcdf3_handles(era_path):
+    # The real netCDF3 file: a handle opened in the parent and used by forked processes at
+    # once failed in one of two children ("Inappropriate ioctl for device") before workers
+    # dropped the inherited handles.
+    with xr.open_dataset(era_path) as other:
+        expected = {name: other[name].values for name in ("u", "v", "z")}
+    ds = xr.open_dataset(era_path)
+    _ = ds["u"].isel(longitude=slice(0, 10)).values  # read through the handle, not cached whole
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    children = [
+        context.Process(target=_read_many, args=(ds, name, expected[name], True, queue))
+        for name in ("u", "z")
+    ]
+    for child in children:
+        child.start()
+    _read_many(ds, "v", expected["v"], False, queue)  # the parent keeps reading meanwhile
+    results = [queue.get(timeout=60) for _ in range(3)]
+    for child in children:
+        child.join(timeout=60)
+    assert results == ["ok"] * 3

@@ -130,7 +130,7 @@ def available_memory() -> int:
 
 
 def _init_worker(worker_id: int) -> None:
-    """Worker start: synchronous dask, one zarr thread, numpy seeded, inherited objects frozen.
+    """Worker start: synchronous dask, one zarr thread, own file handles, numpy seeded.
 
     - Dask runs synchronously: no thread pool after fork.
     - Zarr decodes with one thread: a worker reads one chunk at a time anyway, and each extra
@@ -138,10 +138,17 @@ def _init_worker(worker_id: int) -> None:
       same speed).
     - ``gc.freeze()``: the collector no longer walks the objects inherited from the parent,
       so their pages stay shared instead of being copied into each worker.
+    - Files opened by the parent are forgotten (not closed) by xarray's file cache here, so
+      the worker opens its own: a netCDF3 handle shared across a fork shares its file
+      offset, and two processes reading through it failed with "Inappropriate ioctl for
+      device" or "Resource temporarily unavailable".
     """
     import dask
+    from xarray.backends.file_manager import FILE_CACHE
 
     gc.freeze()
+    for key in list(FILE_CACHE):
+        del FILE_CACHE[key]  # deleting does not close (eviction would)
     dask.config.set(scheduler="synchronous")
     if "zarr" in sys.modules:
         sys.modules["zarr"].config.set({"threading.max_workers": 1})
