@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -84,3 +85,17 @@ def reference_windows(
             channels.append(values.reshape(-1, *size))
         samples.append(np.concatenate(channels))
     return np.stack(samples)
+
+
+def cpu_trainer(**kwargs) -> pl.Trainer:
+    """A quiet CPU trainer; ``kwargs`` override the defaults."""
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**{**settings, **kwargs})

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import dask
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from tests.conftest import cpu_trainer
 from tests.ddp_script import Recorder, ids_dataset
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.samplers import ChunkShuffleSampler, EpochShuffleSampler, ShardedBatchSampler
@@ -127,15 +127,9 @@ def fit_ids(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
 
 def fit_ids_and_trainer(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
     model = Recorder(out_dir=".")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        **trainer_kwargs,
-    )
+    # Lightning's own defaults for epochs and checkpointing, unless the caller sets them.
+    settings = {"max_epochs": None, "enable_checkpointing": True, "callbacks": list(callbacks)}
+    trainer = cpu_trainer(**{**settings, **trainer_kwargs})
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     return model.seen, trainer
 

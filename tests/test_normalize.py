@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 import xarray as xr
 
-from tests.conftest import reference_windows
+from tests.conftest import cpu_trainer, reference_windows
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
 
@@ -81,14 +80,7 @@ def test_statistics_travel_in_checkpoints(zarr_path, tmp_path):
     config = {**CONFIG, "dtype": "float32"}
     dm = XarrayDataModule(str(zarr_path), **config)
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = cpu_trainer(max_steps=2, max_epochs=None)
     trainer.fit(model, datamodule=dm)
     checkpoint = tmp_path / "norm.ckpt"
     trainer.save_checkpoint(checkpoint)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import xarray as xr
 
-from tests.conftest import FORECAST
+from tests.conftest import FORECAST, cpu_trainer
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
 
@@ -74,9 +73,7 @@ def test_trainer_predict_to_netcdf(tmp_path):
     splits = {"train": {"time": [None, "2019-03-20"]}, "predict": {"time": ["2019-03-25", None]}}
     dm = XarrayDataModule("synthetic://weather", **FORECAST, splits=splits)
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = cpu_trainer()
     grid = dm.to_xarray(trainer.predict(model, datamodule=dm))
     path = tmp_path / "pred.nc"
     grid.to_netcdf(path)

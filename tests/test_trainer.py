@@ -6,23 +6,9 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import FORECAST
+from tests.conftest import FORECAST, cpu_trainer
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
-
-
-def cpu_trainer(**kwargs) -> pl.Trainer:
-    """A quiet CPU trainer; ``kwargs`` override the defaults."""
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**{**settings, **kwargs})
 
 
 def run_all_stages(dm: XarrayDataModule, **trainer_kwargs) -> list[torch.Tensor]:
