@@ -28,7 +28,9 @@ def make_order(kind: str, n: int, seed: int, batch: int = 4, streams: int = 1):
     if kind == "uniform":
         return EpochShuffleSampler(n, seed)
     cells = np.repeat(np.arange(n // 5 + 1), 5)[:n]
-    return ChunkShuffleSampler(cells, seed, cells_per_window=2, batch_size=batch, streams=streams)
+    return ChunkShuffleSampler(
+        cells, seed, streams=streams, batch_size=batch, processes=streams, walk=np.arange(n)
+    )
 
 
 @settings(max_examples=120, deadline=None)
@@ -65,7 +67,7 @@ def test_ranks_see_each_sample_once_and_resume_completes_the_epoch(
     else:
         assert len(seen) == world * (kept // world // batch) * batch
     # The epoch's order is the same whoever computes it: ranks hold contiguous blocks of it
-    # (a chunk-aware order deals each block's windows to the streams).
+    # (a chunk-aware order mixes each block's streams and deals it to the processes).
     full = make_order(kind, n, seed, batch, streams=1)
     full.set_epoch(epoch)
     blocks = full.order()[:kept].reshape(world, -1) if kept else np.empty((world, 0), int)
@@ -285,7 +287,7 @@ def test_iterable_shards_over_simulated_ranks_and_workers_exactly_once(world):
 class _IdsOnly:
     """Stands in for the map-style dataset: a batch is just its sample numbers."""
 
-    def __getitems__(self, batch):
+    def __getitem__(self, batch):
         return np.asarray(batch)
 
 

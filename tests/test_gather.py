@@ -10,7 +10,7 @@ import pytest
 import xarray as xr
 
 from tests.conftest import reference_windows
-from xr_datamodule import XarrayDataModule
+from xr_datamodule import XarrayDataModule, decode
 from xr_datamodule.datamodule import _init_worker
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, gather_windows
 
@@ -77,8 +77,9 @@ def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened, work
     assert isinstance(reader, ChunkedReader)
     # Without workers the main process decodes a batch's missing cells in parallel threads.
     assert reader.decode_threads == (min(4, os.cpu_count() or 1) if workers == 0 else 1)
-    # Chunks of 7 along time are merged to cells of 14: one sample reaches 4 steps.
-    assert reader.edges[dm.window_dims.index("time")].tolist() == [0, 14, 28, 40]
+    # Cells are the chunks of 7 along time: samples that reach into the next cell are
+    # gathered with the rest of the batch.
+    assert reader.edges[dm.window_dims.index("time")].tolist() == [0, 7, 14, 21, 28, 35, 40]
     for split in ("train", "test"):
         check_random_batches(dm, small_ds, split)
     # Reading batches loaded nothing into the source.
@@ -86,24 +87,25 @@ def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened, work
 
 
 def test_a_failed_decode_leaves_no_cell_behind(small_ds, zarr_path, monkeypatch):
-    # Two cached cells for three: reading the whole split evicts, and a failure mid-way
+    # Two cached cells for six: reading the whole split evicts, and a failure mid-way
     # must hand the evicted slot back, not leave it to be handed out twice.
     settings = {**CONFIG, "splits": {"train": 1.0}}
-    dm = XarrayDataModule(str(zarr_path), **settings, load=False, num_workers=0, shuffle_chunks=1)
+    dm = XarrayDataModule(str(zarr_path), **settings, load=False, num_workers=0)
     dm.setup("fit")
     dataset = dm.datasets["train"]
     reader = dataset.reader
-    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 2
-    assert int(np.prod(reader.grid_shape)) == 3
+    assert isinstance(reader, ChunkedReader) and reader.cells_per_sample == 2
+    reader.resize_cache(2)
+    assert int(np.prod(reader.grid_shape)) == 6
     check_random_batches(dm, small_ds, "train")  # the cache is full now
     read_before = reader.cells_read
     calls = []
 
-    def failing(region, out=None):
-        calls.append(region)
+    def failing(jobs):
+        calls.append(jobs)
         raise OSError("store went away")
 
-    monkeypatch.setattr(reader, "_stack", failing)
+    monkeypatch.setattr(reader.decoder, "decode", failing)
     with pytest.raises(OSError, match="store went away"):
         dataset.__getitems__(np.arange(len(dataset)))
     assert calls and reader.cells_read == read_before
@@ -146,7 +148,8 @@ def test_load_auto_loads_a_small_store_and_load_false_reads_numpy_by_cells(small
     check_random_batches(cells, small_ds, "train")
 
 
-def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path):
+def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path, monkeypatch):
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)  # keep the small chunks as cells
     path = tmp_path / "thin.zarr"
     small_ds.chunk({"time": 4, "lat": 3, "lon": 2}).to_zarr(path)
     dm = XarrayDataModule(
@@ -162,26 +165,35 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path)
     )
     dm.setup("fit")
     reader = dm.datasets["train"].reader
-    # One stream without workers: 1 cell per window, + 1 for samples reaching into the next
-    assert isinstance(reader, ChunkedReader) and reader.cache_cells == 1 + 1
+    # Samples cross cell edges along time (cells of 4) and lat (cells of 3): a span touches
+    # up to 2 x 2 cells. Along lon (the last dim) chunks of 2 are merged: 4 x 2 positions.
+    assert isinstance(reader, ChunkedReader) and reader.cells_per_sample == 4
+    assert [len(e) - 1 for e in reader.edges] == [10, 4, 1]
     dataset = dm.datasets["train"]
-    ids = np.arange(len(dataset))
-    batch = dataset.__getitems__(ids)
-    starts = dm.indices["train"].starts(ids)
     geometry = dm.geometry
-    np.testing.assert_array_equal(
-        batch.inputs,
-        reference_windows(small_ds, ["a", "c"], geometry.dims, starts, geometry.input_size).astype(
-            np.float32
-        ),
-    )
-    np.testing.assert_array_equal(
-        batch.targets,
-        reference_windows(
-            small_ds, ["b"], geometry.dims, starts - [1, 0, 0], geometry.target_size
-        ).astype(np.float32),
-    )
-    assert len(reader._slots) <= reader.cache_cells
+    # The whole split at once, then shuffled with the arena as small as one sample's cells:
+    # read in waves that fit.
+    for ids, cache in [
+        (np.arange(len(dataset)), None),
+        (np.random.default_rng(0).permutation(len(dataset)), 4),
+    ]:
+        if cache is not None:
+            reader.resize_cache(cache)
+        batch = dataset.__getitems__(ids)
+        starts = dm.indices["train"].starts(ids)
+        np.testing.assert_array_equal(
+            batch.inputs,
+            reference_windows(
+                small_ds, ["a", "c"], geometry.dims, starts, geometry.input_size
+            ).astype(np.float32),
+        )
+        np.testing.assert_array_equal(
+            batch.targets,
+            reference_windows(
+                small_ds, ["b"], geometry.dims, starts - [1, 0, 0], geometry.target_size
+            ).astype(np.float32),
+        )
+        assert len(reader._slots) <= reader.cache_cells
 
 
 def test_negative_target_offset_and_float64(small_ds):

@@ -33,7 +33,7 @@ def batch_arrays(seed: int, batch: int = 5) -> list[np.ndarray]:
     ]
 
 
-def test_a_ticket_arrives_as_equal_tensors_that_own_their_memory():
+def test_a_ticket_arrives_as_equal_tensors_that_view_the_ring():
     arrays = batch_arrays(0)
     ticket = handoff.send(arrays, slots=3)
     assert ticket is not None
@@ -41,33 +41,72 @@ def test_a_ticket_arrives_as_equal_tensors_that_own_their_memory():
     assert [t.dtype for t in received] == [torch.float32, torch.int64]
     for tensor, array in zip(received, arrays, strict=True):
         np.testing.assert_array_equal(tensor.numpy(), array)
-        assert not tensor.is_shared()  # a private copy: the slot can be reused
+    # No copy: the tensors are the slot's memory.
+    ring = ticket.ring
+    slot_memory = ring.region(ticket.slot, ring.slot_bytes)
+    assert np.shares_memory(received[0].numpy(), slot_memory)
 
 
-def test_a_full_ring_falls_back_and_a_received_ticket_frees_its_slot():
+def test_a_slot_is_reused_only_once_every_tensor_of_its_batch_is_freed():
     slots = 3
     sent = [batch_arrays(seed) for seed in range(slots)]
     tickets = [handoff.send(arrays, slots) for arrays in sent]
     assert all(ticket is not None for ticket in tickets)
-    assert handoff.send(batch_arrays(99), slots) is None  # every slot is still unread
-    first = deliver(tickets[0])
+    assert handoff.send(batch_arrays(99), slots) is None  # every slot is in use
+    received = [deliver(ticket) for ticket in tickets]
+    # Received but held: the worker still may not write them.
+    assert handoff.send(batch_arrays(99), slots) is None
+    X0, y0 = received[0]
+    view = X0[1:3]  # a view keeps the batch's slot too
+    del received[0], X0, y0
+    assert handoff.send(batch_arrays(99), slots) is None
+    del view
     reused = handoff.send(batch_arrays(100), slots)
     assert reused is not None and reused.slot == tickets[0].slot
-    # Receiving the others afterwards still gives their own data, and the reused slot its new data.
-    for ticket, arrays in zip(tickets[1:], sent[1:], strict=True):
-        np.testing.assert_array_equal(deliver(ticket)[0].numpy(), arrays[0])
-    np.testing.assert_array_equal(first[0].numpy(), sent[0][0])
+    # The batches still held kept their data; the reused slot has the new one.
+    for (X, _), arrays in zip(received, sent[1:], strict=True):
+        np.testing.assert_array_equal(X.numpy(), arrays[0])
     np.testing.assert_array_equal(deliver(reused)[1].numpy(), batch_arrays(100)[1])
 
 
-def test_a_larger_batch_gets_a_new_ring():
-    small = handoff.send(batch_arrays(1, batch=2), slots=2)
-    assert small is not None
-    deliver(small)
-    large_arrays = batch_arrays(2, batch=50)
-    large = handoff.send(large_arrays, slots=2)
-    assert large is not None and large.ring is not small.ring
-    np.testing.assert_array_equal(deliver(large)[0].numpy(), large_arrays[0])
+def test_a_batch_gathered_into_its_slot_is_sent_without_a_copy(monkeypatch):
+    monkeypatch.setattr(handoff, "get_worker_info", lambda: object())  # as in a worker
+    arrays = batch_arrays(4)
+    sizes = [handoff.aligned(a.nbytes) for a in arrays]
+    buffer = handoff.allocate(sum(sizes), ring_slots=3)
+    parts = [
+        buffer[offset : offset + a.nbytes].view(a.dtype).reshape(a.shape)
+        for offset, a in zip([0, sizes[0]], arrays, strict=True)
+    ]
+    for part, array in zip(parts, arrays, strict=True):
+        part[...] = array
+    ticket = handoff.send(parts, slots=3)
+    assert ticket is not None
+    assert [offset for offset, *_ in ticket.layout] == [0, sizes[0]]  # where they lie
+    for tensor, array in zip(deliver(ticket), arrays, strict=True):
+        np.testing.assert_array_equal(tensor.numpy(), array)
+    del tensor  # the batch is freed: its slot too
+    # A batch that failed before its ticket was made gives its slot back.
+    handoff.allocate(100, ring_slots=3)
+    handoff.allocate(100, ring_slots=3)
+    ring = handoff._sender.ring
+    assert int((ring.state_view[: ring.slots] == handoff._BUSY).sum()) == 1
+
+
+def test_the_main_process_reuses_a_buffer_once_nothing_views_it():
+    pool = handoff._Pool()
+    first = pool.take(2**20)
+    address = first.__array_interface__["data"][0]
+    tensor = torch.from_numpy(first[64:].view(np.float32))
+    del first
+    second = pool.take(2**20)  # the first is still viewed by the tensor: another buffer
+    other = second.__array_interface__["data"][0]
+    assert other != address
+    del tensor, second
+    assert pool.lent == 0 and len(pool.free) == 2
+    third = pool.take(2**20 - 64)  # a smaller batch fits a returned buffer
+    assert third.__array_interface__["data"][0] in {address, other}
+    assert pool.lent == 1 and len(pool.free) == 1
 
 
 class Batches(Dataset):
@@ -118,6 +157,16 @@ def test_datamodule_worker_batches_equal_the_in_process_ones(small_ds):
     assert len(in_process) == len(from_workers) > 1
     for (X0, y0), (X2, y2) in zip(in_process, from_workers, strict=True):
         assert torch.equal(X0, X2) and torch.equal(y0, y2)
+
+
+def test_batches_kept_by_the_main_process_stay_intact():
+    # Keeping every batch (as a prediction loop may) holds every slot: the workers then
+    # hand over through torch's path, and nothing kept is overwritten.
+    loader = DataLoader(Batches(), batch_size=None, num_workers=2, collate_fn=collate_batch)
+    kept = list(loader)
+    for i, (X, y) in enumerate(kept):
+        np.testing.assert_array_equal(X.numpy(), Batches()[i].inputs)
+        np.testing.assert_array_equal(y.numpy(), Batches()[i].targets)
 
 
 def test_rings_of_finished_workers_are_released():

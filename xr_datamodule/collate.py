@@ -1,24 +1,22 @@
 """Zero-copy collate: the gathered numpy batch becomes torch tensors sharing its memory.
 
-In a DataLoader worker the batch instead goes to the main process through the worker's
-shared-memory ring (:mod:`xr_datamodule.handoff`), which costs a fraction of torch's
-per-tensor shared-memory transfer.
+In a DataLoader worker the batch instead goes to the main process as a ticket for the slot
+of the worker's shared-memory ring it was gathered into (:mod:`xr_datamodule.handoff`),
+which costs a fraction of torch's per-tensor shared-memory transfer.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
 from xr_datamodule import handoff
 from xr_datamodule.datasets import Batch
+from xr_datamodule.handoff import DEFAULT_RING_SLOTS
 
 __all__ = ["DEFAULT_RING_SLOTS", "collate_batch"]
-
-DEFAULT_RING_SLOTS = 4  # torch's default prefetch_factor (2) plus two
 
 
 def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
@@ -28,8 +26,8 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
     :class:`~xr_datamodule.datasets.XarrayWindowDataset`; device placement is left to
     Lightning (or to you). In the main process the tensors share the batch's memory (no
     copy). In a DataLoader worker it returns a :class:`~xr_datamodule.handoff.Ticket`
-    for the batch, copied into the worker's shared-memory ring; the DataLoader's main
-    process receives it as the same ``(X, y)`` tensors.
+    for the batch, which lies in (or is copied into) the worker's shared-memory ring; the
+    DataLoader's main process receives it as the same ``(X, y)`` tensors.
 
     Args:
         batch: The gathered batch.
@@ -46,16 +44,4 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
         ticket = handoff.send([batch.inputs, batch.targets], ring_slots)
         if ticket is not None:
             return ticket
-    base = batch.inputs.base
-    if base is not None and base is batch.targets.base and base.flags.c_contiguous:
-        # Inputs and targets were gathered into one allocation: hand out two views of one
-        # tensor, so a DataLoader worker moves a single storage to shared memory per batch.
-        whole = torch.from_numpy(base).reshape(-1)
-        return _view_of(whole, base, batch.inputs), _view_of(whole, base, batch.targets)
     return torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
-
-
-def _view_of(whole: torch.Tensor, base: np.ndarray, part: np.ndarray) -> torch.Tensor:
-    """The slice of ``whole`` (a flat tensor over ``base``) that holds the contiguous ``part``."""
-    begin = (part.ctypes.data - base.ctypes.data) // part.itemsize
-    return whole[begin : begin + part.size].view(part.shape)

@@ -26,6 +26,13 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 from xr_datamodule.collate import DEFAULT_RING_SLOTS, collate_batch
 from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
+from xr_datamodule.decode import (
+    CellDecoder,
+    TensorStoreDecoder,
+    ZarrDecoder,
+    tensorstore_available,
+    zarr_decoding,
+)
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
 from xr_datamodule.missing import NAN_POLICIES, box_any, first_missing, missing_mask
 from xr_datamodule.normalize import Statistics, zscore_statistics
@@ -36,14 +43,17 @@ from xr_datamodule.samplers import (
     EpochSampler,
     EpochShuffleSampler,
     ShardedBatchSampler,
+    batch_spread,
 )
 from xr_datamodule.sources import (
     channel_layouts,
     check_source_exists,
     check_variables,
     is_in_memory,
+    local_zarr_group,
     open_source,
     window_dim_order,
+    zarr_opener,
 )
 from xr_datamodule.splits import DEFAULT_SPLITS, check_splits, resolve_splits
 from xr_datamodule.stitch import stitch_windows
@@ -56,6 +66,11 @@ logger = logging.getLogger(__name__)
 
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
+SHUFFLES = ("auto", "chunks", "full")
+MIN_STREAMS = 4  # chunk-aware streams per rank at least (shuffle_chunks="auto")
+FULL_SHUFFLE_CACHE_BYTES = 2**30  # most a full shuffle out of core caches per process
+STREAM_CACHE_BYTES = 256 * 2**20  # shuffle_chunks="auto": cells of the streams, per process
+STREAM_MIN_CELLS = 10  # shuffle_chunks="auto": a stream spans this many samples' cells at least
 NORMALIZATIONS = (None, "zscore")
 LOAD_CHOICES = ("auto", True, False)
 LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
@@ -198,14 +213,23 @@ class XarrayDataModule(pl.LightningDataModule):
             at most a quarter of the available memory, ``True`` always loads, ``False``
             never does: the data are then read out of core, cell by cell (groups of storage
             chunks), with chunk-aware shuffling for training.
-        shuffle_chunks: Out of core only: how many cells (groups of storage chunks) feed
-            training at any moment, per rank. Each worker (or the main process without
-            workers) shuffles the samples of ``shuffle_chunks / max(1, num_workers)`` cells
-            at a time (at least 1), so a batch draws from that many cells (twice that where
-            it spans two of them), consecutive batches come from different workers' cells,
-            and each cell is decoded about once per epoch. Each process caches one cell more
-            than it shuffles over. The order therefore depends on ``num_workers``; a
-            checkpoint keeps the interleaving it was written with.
+        shuffle: How training samples are shuffled. ``"auto"`` (default): ``"full"`` for data
+            in memory, ``"chunks"`` out of core. ``"chunks"``: a chunk-aware order that
+            decodes each storage chunk about once per epoch: streams walk the chunks (the
+            chunks a sample reaches into, e.g. the next time steps, come next in its stream)
+            and every batch mixes ``shuffle_chunks`` streams, so a batch of full-field
+            samples holds samples from that many different dates; consecutive batches of a
+            process come from the same streams, a little further on. ``"full"``: a uniform
+            per-sample shuffle, decoding whatever each batch needs (out of core a chunk is
+            then decoded about as often as samples use it, like a hand-written Dataset but
+            batched and with every read in flight at once).
+        shuffle_chunks: Out of core, chunk-aware order: streams per rank, i.e. how many
+            places of the data feed training at any moment (each DataLoader worker has
+            ``shuffle_chunks / max(1, num_workers)`` of them, at least 1). ``"auto"``
+            (default): enough for a batch to draw each sample from another stream where a
+            cell holds fewer samples than a batch (full-field samples), at least 4 per rank.
+            Each stream caches the cells one sample touches. The order depends on it and on
+            ``num_workers``; a checkpoint keeps the layout it was written with.
         style: ``"map"`` (default): a map-style dataset with a DDP-aware batch sampler;
             ``"iterable"``: an iterable dataset that streams whole batches, sharded across
             DDP ranks and workers itself (workers are started anew each epoch). Both give the
@@ -274,7 +298,7 @@ class XarrayDataModule(pl.LightningDataModule):
         multiprocessing_context: str | None = None,
         drop_last: bool = False,
         load: bool | str = "auto",
-        shuffle_chunks: int = 4,
+        shuffle_chunks: int | str = "auto",
         style: str = "map",
         dtype: str = "float32",
         transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
@@ -286,6 +310,7 @@ class XarrayDataModule(pl.LightningDataModule):
         nan_policy: str | None = None,
         fill_value: float = 0.0,
         nan_mask: bool = False,
+        shuffle: str = "auto",
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -352,7 +377,12 @@ class XarrayDataModule(pl.LightningDataModule):
         if not (load == "auto" or isinstance(load, bool)):
             raise ValueError(f"load must be one of {LOAD_CHOICES}, got {load!r}")
         self.load = load
-        self.shuffle_chunks = _positive_int(shuffle_chunks, "shuffle_chunks")
+        if shuffle_chunks != "auto":
+            _positive_int(shuffle_chunks, "shuffle_chunks")
+        self.shuffle_chunks = shuffle_chunks
+        if shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+        self.shuffle = shuffle
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         self.dtype = np.dtype(dtype)
@@ -389,7 +419,7 @@ class XarrayDataModule(pl.LightningDataModule):
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._train_sampler: EpochSampler | None = None
         self._resume: tuple[int, int] | None = None
-        self._resumed_streams: int | None = None  # the interleaving a checkpoint was made with
+        self._resumed_layout: tuple[int, int] | None = None  # a checkpoint's (parts, streams)
         self._epoch_offset = 0
         self._train_batch_sampler: ShardedBatchSampler | None = None
         self._iterable_passes = 0
@@ -571,15 +601,56 @@ class XarrayDataModule(pl.LightningDataModule):
             return InMemoryReader(
                 self.source, self._all_vars, self.window_dims, self.dtype, prepare
             )
-        return ChunkedReader(
+        reader = ChunkedReader(
             self.source,
             self._all_vars,
             self.window_dims,
             self.dtype,
             extent=self.geometry.extent,
-            cache_cells=self._cache_cells,
+            cache_cells=1,  # sized below, once the cells are known
             prepare=prepare,
             decode_threads=self._decode_threads,
+            decoder=self._zarr_decoder(),
+        )
+        reader.resize_cache(self._cache_cells_for(reader))
+        return reader
+
+    def _zarr_decoder(self) -> CellDecoder | None:
+        """Zarr's asynchronous reads when the store allows them exactly, else None (xarray)."""
+        opener = zarr_opener(self.data, self.open_kwargs, self._all_vars)
+        if opener is None:
+            return None
+        try:
+            arrays = opener()
+        except Exception as error:  # xarray opened it; read through xarray then
+            logger.info("reading through xarray: zarr could not open the store (%s)", error)
+            return None
+        decodings = {}
+        for name in self._all_vars:
+            decoding = zarr_decoding(self.source[name], arrays[name], self.dtype)
+            if decoding is None:
+                logger.info(
+                    "reading through xarray: variable %r has an encoding zarr reads differently",
+                    name,
+                )
+                return None
+            decodings[name] = decoding
+        layouts = channel_layouts(self.source, self._all_vars, self.window_dims)
+        dims = {name: tuple(map(str, self.source[name].dims)) for name in self._all_vars}
+        decoder = ZarrDecoder(opener, layouts, self.window_dims, dims, decodings)
+        decoder._arrays = (os.getpid(), arrays)  # opened already in this process
+        folder = local_zarr_group(self.data, self.open_kwargs)
+        if folder is None or not tensorstore_available():
+            return decoder
+        specs = {
+            name: {
+                "driver": "zarr3" if arrays[name].metadata.zarr_format == 3 else "zarr",
+                "kvstore": {"driver": "file", "path": os.path.join(folder, name)},
+            }
+            for name in self._all_vars
+        }
+        return TensorStoreDecoder(
+            specs, layouts, self.window_dims, dims, decodings, self._decode_threads, decoder
         )
 
     def _input_channel_range(self) -> np.ndarray:
@@ -647,34 +718,81 @@ class XarrayDataModule(pl.LightningDataModule):
         )
 
     @property
-    def _shuffle_streams(self) -> int:
-        # One stream per worker: the DataLoader deals batch i to worker i % num_workers, so
-        # each worker then reads only its own cells (with 4 fixed streams, 3 workers each
-        # read every cell and delivered 31 MB/s instead of ~500 on the benchmark's store).
-        if self._resumed_streams is not None:
-            return self._resumed_streams
-        return max(1, self.num_workers)
+    def train_shuffle(self) -> str:
+        """The training order in use: ``"full"`` (uniform) or ``"chunks"`` (chunk-aware)."""
+        if self.shuffle == "full" or self.loads_into_memory:
+            return "full"
+        return "chunks"
 
-    @property
-    def _cells_per_window(self) -> int:
-        return max(1, self.shuffle_chunks // self._shuffle_streams)
+    @cached_property
+    def _train_cells(self) -> np.ndarray:
+        """Cell of every training sample (where its span starts), out of core."""
+        reader = self._reader
+        assert isinstance(reader, ChunkedReader)
+        index = self.indices["train"]
+        below = self.geometry.reach_below
+        starts = [axis - low for axis, low in zip(index.axis_starts, below, strict=True)]
+        return reader.home_cells(starts)[index.grid_ids()]
+
+    def _samples_per_cell(self) -> float:
+        cells = self._train_cells
+        return len(cells) / max(1, len(np.unique(cells)))
+
+    def chunk_layout(self) -> tuple[int, int]:
+        """Chunk-aware order: (parts, streams per part); a part per DataLoader worker.
+
+        Each DataLoader worker (or the main process) reads its own part of every epoch,
+        and each batch mixes the part's streams. ``shuffle_chunks="auto"`` gives at least 4
+        streams per rank and, where a cell holds fewer samples than a batch (full-field
+        samples), one per sample of a batch as long as their cells fit in 256 MiB per
+        process and each stream is long enough: where a stream ends, the cells its last
+        samples reach into are decoded by the next stream too, so a stream spans at least
+        ``STREAM_MIN_CELLS`` times the cells a sample touches (on the benchmark's store of 183
+        cells of 4 steps, 16 streams over 2 workers decoded 1.16 chunks per chunk, 8 decoded
+        about 1.08). A checkpoint's layout is kept on resume.
+        """
+        if self._resumed_layout is not None:
+            return self._resumed_layout
+        processes = max(1, self.num_workers)
+        if self.shuffle_chunks != "auto":
+            return processes, max(1, int(self.shuffle_chunks) // processes)
+        least = -(-MIN_STREAMS // processes)
+        reader = self._reader
+        if self._samples_per_cell() >= self.batch_size or not isinstance(reader, ChunkedReader):
+            return processes, least
+        stream_bytes = reader.cells_per_sample * reader.cell_bytes
+        affordable = STREAM_CACHE_BYTES // max(stream_bytes, 1)
+        world, _ = self._world()
+        cells = len(np.unique(self._train_cells)) // world
+        long_enough = cells // (processes * STREAM_MIN_CELLS * reader.cells_per_sample)
+        return processes, max(least, min(self.batch_size, affordable, long_enough))
+
+    def _cache_cells_for(self, reader: ChunkedReader) -> int:
+        """Cells each process caches: what its share of the training order keeps in use."""
+        per_sample = reader.cells_per_sample
+        if "train" not in self.split_bounds:
+            return per_sample + 1
+        if self.train_shuffle == "full":
+            wanted = self.batch_size * per_sample + 1
+            return max(per_sample, min(wanted, FULL_SHUFFLE_CACHE_BYTES // reader.cell_bytes))
+        self.__dict__["_reader"] = reader  # chunk_layout reads the cells through it
+        parts, streams = self.chunk_layout()
+        processes = max(1, self.num_workers)
+        # A process reads one part, unless a checkpoint's layout does not match the workers.
+        parts_read = parts // math.gcd(parts, processes)
+        # Each stream keeps the cells of its current sample; within a batch, streams move on
+        # to their next cell about batch_size / samples-per-cell times.
+        moves = math.ceil(self.batch_size / self._samples_per_cell())
+        return parts_read * (streams * per_sample + moves) + 1
 
     @property
     def _decode_threads(self) -> int:
-        # Without workers the main process decodes a window's cells in parallel threads;
-        # workers already decode in parallel with each other (and share the cores).
+        # Without workers the main process decodes a batch's cells in parallel threads, and
+        # the next batch's in the background; workers already decode in parallel with each
+        # other (and share the cores).
         if self.num_workers > 0:
             return 1
         return min(DECODE_THREADS_MAX, os.cpu_count() or 1)
-
-    @property
-    def _cache_cells(self) -> int:
-        # A process reads its streams' windows (one stream, unless a checkpoint's
-        # interleaving does not match the workers), plus one cell for samples that reach
-        # into a neighbouring cell. When a window ends, the old window's cells are the least
-        # recently used and are the ones replaced.
-        streams, processes = self._shuffle_streams, max(1, self.num_workers)
-        return streams // math.gcd(streams, processes) * self._cells_per_window + 1
 
     @cached_property
     def loads_into_memory(self) -> bool:
@@ -821,6 +939,7 @@ class XarrayDataModule(pl.LightningDataModule):
                 self.target_vars,
                 self.transform,
                 self.target_transform,
+                ring_slots=self._ring_slots,
             )
         return self.datasets[split]
 
@@ -915,10 +1034,14 @@ class XarrayDataModule(pl.LightningDataModule):
 
     @property
     def _collate(self) -> Any:
+        return partial(collate_batch, ring_slots=self._ring_slots)
+
+    @property
+    def _ring_slots(self) -> int:
         # A worker's ring needs a slot per batch it may have in flight (prefetch_factor)
-        # plus two; see xr_datamodule.handoff.
+        # plus two held by the training loop; see xr_datamodule.handoff.
         prefetch = self.prefetch_factor or DEFAULT_RING_SLOTS - 2
-        return partial(collate_batch, ring_slots=prefetch + 2)
+        return prefetch + 2
 
     def _train_batches(self, dataset: XarrayWindowDataset) -> ShardedBatchSampler:
         if self._train_sampler is None or self._train_sampler.n != len(dataset):
@@ -932,6 +1055,8 @@ class XarrayDataModule(pl.LightningDataModule):
             rank,
             resume=self._resume,
             epoch_offset=self._epoch_offset,
+            # Without workers the reader decodes the next batch's cells in the background.
+            lookahead=int(self.num_workers == 0 and isinstance(dataset.reader, ChunkedReader)),
         )
         if self.trainer is not None:
             # Lightning may start the loader's iterator (and workers' prefetching) before it
@@ -940,6 +1065,45 @@ class XarrayDataModule(pl.LightningDataModule):
         self._resume = None  # handed over: the sampler applies it once
         self._train_batch_sampler = sampler
         return sampler
+
+    def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
+        """Sample numbers of every training batch of a data epoch on this rank, in order.
+
+        The order the training loader yields in that epoch (it is a function of ``(seed,
+        epoch)`` and the settings), computed without reading any data.
+
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
+            ...                       batch_size=8)
+            >>> batches = dm.train_batches(epoch=0)
+            >>> sum(len(b) for b in batches) == dm.split_sizes["train"]
+            True
+        """
+        dataset = self._dataset("train") if "train" in self.indices else None
+        if dataset is None:
+            raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
+        world, rank = self._world()
+        order = self._make_train_sampler(dataset)
+        sampler = ShardedBatchSampler(order, self.batch_size, self.drop_last, world, rank)
+        sampler.set_epoch(epoch - self._epoch_offset)
+        return sampler.epoch_batches()
+
+    def batch_spread(self, dim: str | None = None, epoch: int = 0) -> float:
+        """How varied training batches are along ``dim``, against a full shuffle (1.0).
+
+        The mean standard deviation of the samples' positions along ``dim`` (default: the
+        split dim, e.g. time) within a batch, over that of a uniform shuffle; see
+        :func:`~xr_datamodule.samplers.batch_spread`. With ``shuffle="chunks"`` it shows
+        what the chunk-aware order gives up for its speed.
+        """
+        dims = self.geometry.dims
+        dim = dim or self.split_dim or ("time" if "time" in dims else dims[0])
+        if dim not in dims:
+            raise KeyError(f"batch_spread: {dim!r} is not a windowed dim. Valid: {dims}")
+        index = self.indices["train"]
+        positions = index.starts(np.arange(len(index)))[:, dims.index(dim)]
+        return batch_spread(self.train_batches(epoch), positions)
 
     def _iterable_epoch(self) -> int:
         """The epoch of the next iterable pass: the trainer's, or one more than the last."""
@@ -964,7 +1128,8 @@ class XarrayDataModule(pl.LightningDataModule):
         """
         state: dict[str, Any] = {"seed": self.seed, "epoch_offset": self._epoch_offset}
         if isinstance(self._train_sampler, ChunkShuffleSampler):
-            state["streams"] = self._train_sampler.streams  # the order depends on it
+            # The order depends on them: a resume with other workers keeps them.
+            state["chunk_layout"] = [self._train_sampler.processes, self._train_sampler.streams]
         if "statistics" in self.__dict__:  # computed or given: keep them with the model
             state["statistics"] = self.statistics.to_dict()
         trainer, sampler = self.trainer, self._train_batch_sampler
@@ -1004,33 +1169,38 @@ class XarrayDataModule(pl.LightningDataModule):
             self.datasets.clear()
         if "epoch" in state_dict and state_dict.get("batches_done"):
             self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
-        if "streams" in state_dict and int(state_dict["streams"]) != self._shuffle_streams:
-            self._restore_streams(int(state_dict["streams"]))
+        layout = state_dict.get("chunk_layout")
+        if layout is not None and self.train_shuffle == "chunks":
+            layout = (int(layout[0]), int(layout[1]))
+            if layout != self.chunk_layout():
+                self._restore_layout(layout)
 
-    def _restore_streams(self, streams: int) -> None:
-        """Keep a checkpoint's chunk-aware interleaving, so the resumed order is the same."""
+    def _restore_layout(self, layout: tuple[int, int]) -> None:
+        """Keep a checkpoint's chunk-aware layout, so the resumed order is the same."""
         logger.warning(
-            "the checkpoint's chunk-aware order interleaves %d streams, one per DataLoader "
-            "worker then; keeping it with num_workers=%d so that every sample still comes "
-            "exactly once (some cells may be decoded by more than one worker)",
-            streams,
+            "the checkpoint's chunk-aware order has %d parts of %d streams (one part per "
+            "DataLoader worker then); keeping it with num_workers=%d so that every sample "
+            "still comes exactly once (some cells may be decoded by more than one worker)",
+            *layout,
             self.num_workers,
         )
-        self._resumed_streams = streams
+        self._resumed_layout = layout
         self._train_sampler = None
         reader = self.__dict__.get("_reader")
-        if isinstance(reader, ChunkedReader):  # built already: size its cache for the streams
-            reader.resize_cache(self._cache_cells)
+        if isinstance(reader, ChunkedReader):  # built already: size its cache for the layout
+            reader.resize_cache(self._cache_cells_for(reader))
 
     def _make_train_sampler(self, dataset: XarrayWindowDataset) -> EpochSampler:
         reader = dataset.reader
-        if isinstance(reader, ChunkedReader):
+        if isinstance(reader, ChunkedReader) and self.train_shuffle == "chunks":
+            parts, streams = self.chunk_layout()
             return ChunkShuffleSampler(
-                reader.home_cells(dataset.index.axis_starts)[dataset.index.grid_ids()],
+                self._train_cells,
                 seed=self.seed,
-                cells_per_window=self._cells_per_window,
+                streams=streams,
                 batch_size=self.batch_size,
-                streams=self._shuffle_streams,
+                processes=parts,
+                walk=reader.cell_walk(),
             )
         return EpochShuffleSampler(len(dataset), self.seed)
 

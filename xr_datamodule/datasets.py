@@ -20,8 +20,9 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from xr_datamodule import handoff
 from xr_datamodule.gather import Cut, WindowReader
-from xr_datamodule.samplers import ShardedBatchSampler
+from xr_datamodule.samplers import BatchPlan, ShardedBatchSampler
 from xr_datamodule.transforms import Transform, transformed_windows
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
@@ -42,9 +43,12 @@ class XarrayWindowDataset(Dataset):
     """The samples of one split: input and target windows cut from a :class:`WindowReader`.
 
     ``__getitems__`` (called once per batch by torch's DataLoader) reads the whole batch with
-    one vectorised gather per side; ``__getitem__`` is the same for a single sample. Build the
-    DataLoader with ``collate_fn=collate_batch``; :class:`~xr_datamodule.XarrayDataModule`
-    does this for you.
+    one vectorised gather per side, into memory from :func:`~xr_datamodule.handoff.allocate`
+    (a reused buffer, or in a DataLoader worker a slot of its shared-memory ring);
+    ``__getitem__`` is the same for a single sample, and takes a
+    :class:`~xr_datamodule.samplers.BatchPlan` too (then the reader decodes the next batch's
+    chunks ahead). Build the DataLoader with ``collate_fn=collate_batch``;
+    :class:`~xr_datamodule.XarrayDataModule` does this for you.
 
     Args:
         reader: Provides the data of every variable named below.
@@ -55,6 +59,8 @@ class XarrayWindowDataset(Dataset):
         transform: Optional function on each input window (an ``xr.Dataset``); see
             :mod:`xr_datamodule.transforms` for its cost.
         target_transform: Likewise for the target window.
+        ring_slots: Slots of a DataLoader worker's shared-memory ring (its prefetch depth
+            plus two).
     """
 
     def __init__(
@@ -66,6 +72,7 @@ class XarrayWindowDataset(Dataset):
         target_vars: Sequence[str],
         transform: Transform | None = None,
         target_transform: Transform | None = None,
+        ring_slots: int = handoff.DEFAULT_RING_SLOTS,
     ) -> None:
         self.reader = reader
         self.index = index
@@ -78,15 +85,25 @@ class XarrayWindowDataset(Dataset):
         self.target_channels = reader.channels_of(self.target_vars)
         self.transform = transform
         self.target_transform = target_transform
+        self.ring_slots = int(ring_slots)
         self._reach_below = np.asarray(geometry.reach_below, dtype=np.int64)
         self._target_offset = np.asarray(geometry.target_offset, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitems__(self, indices: Sequence[int] | np.ndarray) -> Batch:
-        """Read a whole batch of samples at once."""
+    def __getitems__(
+        self, indices: Sequence[int] | np.ndarray, upcoming: np.ndarray | None = None
+    ) -> Batch:
+        """Read a whole batch of samples at once.
+
+        Args:
+            indices: Sample numbers.
+            upcoming: Sample numbers of the batch read next, if known: its chunks are then
+                decoded in the background (out of core, without DataLoader workers).
+        """
         starts = self.index.starts(indices)
+        ahead = None if upcoming is None else self.index.starts(upcoming) - self._reach_below
         geometry = self.geometry
         cuts = []
         if self.transform is None:
@@ -95,7 +112,15 @@ class XarrayWindowDataset(Dataset):
             target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
             cuts.append(Cut(self.target_channels, target_at, geometry.target_size))
         gathered = iter(
-            self.reader.gather(starts - self._reach_below, geometry.extent, cuts) if cuts else []
+            self.reader.gather(
+                starts - self._reach_below,
+                geometry.extent,
+                cuts,
+                self._outputs(len(starts), cuts),
+                upcoming=ahead,
+            )
+            if cuts
+            else []
         )
         if self.transform is None:
             inputs = next(gathered)
@@ -112,12 +137,27 @@ class XarrayWindowDataset(Dataset):
             )
         return Batch(inputs, targets)
 
-    def __getitem__(self, index: int | np.ndarray) -> Batch:
-        """One sample, without the batch axis; an index array reads a whole batch.
+    def _outputs(self, batch: int, cuts: Sequence[Cut]) -> list[np.ndarray]:
+        """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`)."""
+        dtype = self.reader.dtype
+        shapes = [(batch, len(cut.channels), *cut.size) for cut in cuts]
+        sizes = [int(np.prod(shape)) * dtype.itemsize for shape in shapes]
+        offsets = np.cumsum([0] + [handoff.aligned(size) for size in sizes])
+        buffer = handoff.allocate(int(offsets[-1]), self.ring_slots)
+        return [
+            buffer[offset : offset + size].view(dtype).reshape(shape)
+            for offset, size, shape in zip(offsets, sizes, shapes, strict=False)
+        ]
 
-        The array form serves DataLoaders whose sampler yields whole batches
-        (``batch_size=None``), as the datamodule's training loader does.
+    def __getitem__(self, index: int | np.ndarray | BatchPlan) -> Batch:
+        """One sample, without the batch axis; an index array or a plan reads a whole batch.
+
+        The array and plan forms serve DataLoaders whose sampler yields whole batches
+        (``batch_size=None``), as the datamodule's training loader does. With a plan, the
+        reader is told the next batch once this one is read.
         """
+        if isinstance(index, BatchPlan):
+            return self.__getitems__(index.ids, index.upcoming)
         if isinstance(index, np.ndarray) and index.ndim == 1:
             return self.__getitems__(index)
         batch = self.__getitems__([int(index)])
@@ -179,4 +219,4 @@ class XarrayIterableDataset(IterableDataset):
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         for number, batch in enumerate(self.batches):
             if number % workers == worker:
-                yield self.dataset.__getitems__(batch)
+                yield self.dataset[batch]

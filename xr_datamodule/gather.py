@@ -1,23 +1,25 @@
-"""Batched, vectorised window reads: one numpy fancy-index per batch, no loop over samples.
+"""Batched, vectorised window reads: one index computation and one copy per batch and window.
 
 The variables a dataset needs are seen as one channel-major block ``(channel, *space)`` whose
 last axes are the windowed dims (see :mod:`xr_datamodule.sources` for the channel rule). A
-batch of windows is then a single advanced-indexing expression over a
-``sliding_window_view`` of the last axis, so every window row is one contiguous copy and the
-result lands in one freshly allocated ``(batch, channel, *window)`` array that the collate
-hands to torch without copying.
+batch of windows is a set of *runs*, contiguous stretches of memory: a row along the last
+windowed dim, or, when a window spans whole trailing dims (a full-field sample spans all of
+``lat`` and ``lon``), a whole ``lat x lon`` plane. The flat offset of every run of the batch
+is computed with numpy and all runs are copied by a single ``index_select`` into the output,
+a buffer the caller may provide (a reused one, or a worker's shared-memory slot).
 
 Two readers provide the blocks:
 
 * :class:`InMemoryReader` stacks the variables once into a contiguous array of the output
   dtype (one copy of the selected variables, shared by all splits).
 * :class:`ChunkedReader` never loads the data whole. It cuts the windowed dims into *cells*
-  (whole storage chunks, merged where a chunk is too thin for the windows), decodes a cell
-  one variable at a time when a batch first needs it (several cells in parallel threads if
-  asked), keeps a few decoded cells in a bounded LRU arena, and gathers each batch from the
-  arena in one go. With the chunk-aware sampler
-  (:class:`~xr_datamodule.samplers.ChunkShuffleSampler`) each cell is decoded about once per
-  epoch.
+  (storage chunks, :func:`~xr_datamodule.decode.cell_edges`), decodes the cells a batch needs
+  into slots of a bounded arena (least recently used slots are reused) with a
+  :class:`~xr_datamodule.decode.CellDecoder`, and gathers the batch from the arena in one go,
+  also the samples whose windows cross cell edges (each run is looked up in its own cell).
+  It can decode the next batch's cells in the background while the current one is used.
+  With the chunk-aware sampler (:class:`~xr_datamodule.samplers.ChunkShuffleSampler`) each
+  cell is decoded about once per epoch.
 
 Nothing here knows about Lightning; torch serves only as a copy kernel (see
 :func:`_take_runs`), arrays in and out are numpy.
@@ -27,10 +29,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +41,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from xr_datamodule.decode import CellDecoder, DecodeJob, XarrayDecoder, cell_edges
 from xr_datamodule.sources import VariableLayout, channel_layouts
 
 __all__ = [
@@ -46,43 +50,125 @@ __all__ = [
     "InMemoryReader",
     "Preparation",
     "WindowReader",
-    "cell_edges",
-    "gather_cuts",
     "gather_windows",
 ]
 
 
-def _row_offsets(
-    steps: Sequence[int], channels: np.ndarray, starts: np.ndarray, size: Sequence[int]
-) -> np.ndarray:
-    """Flat offset of every window row, shaped ``(batch, channel, *size[:-1])``."""
-    ndim = len(size)
-    lead = (1,) * (ndim - 1)
-    offsets = np.asarray(channels).reshape(1, -1, *lead) * steps[0]
+class Cut(NamedTuple):
+    """One output of a batch read: which channels, where in the sample's span, how large."""
+
+    channels: np.ndarray
+    offset: tuple[int, ...]
+    size: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Memory:
+    """Where data lie: cells of ``cell_shape`` in slots of a C-contiguous array.
+
+    ``edges`` cut each windowed dim into cells; a position's cell holds it at
+    ``position - edges[cell]``. Items are counted in elements of the array.
+    """
+
+    shape: tuple[int, ...]  # the data's length along each windowed dim
+    edges: tuple[np.ndarray, ...]
+    channel_items: int
+    axis_items: tuple[int, ...]
+    slot_items: int
+
+    @property
+    def grid_shape(self) -> tuple[int, ...]:
+        return tuple(len(edges) - 1 for edges in self.edges)
+
+    @classmethod
+    def of_block(cls, block: np.ndarray) -> _Memory:
+        """A single cell: a whole ``(channel, *space)`` array."""
+        items = [stride // block.itemsize for stride in block.strides]
+        return cls(
+            tuple(block.shape[1:]),
+            tuple(np.asarray([0, n], dtype=np.int64) for n in block.shape[1:]),
+            items[0],
+            tuple(items[1:]),
+            0,
+        )
+
+
+def _merged_axes(size: Sequence[int], shape: Sequence[int]) -> int:
+    """How many trailing axes a window spans whole (their runs merge into one)."""
+    merged = 0
+    for length, whole in zip(reversed(size), reversed(shape), strict=True):
+        if length != whole:
+            break
+        merged += 1
+    return merged
+
+
+class _Runs(NamedTuple):
+    """The runs of one cut for a batch, before slots are known."""
+
+    within: np.ndarray  # flat offset of each run inside its cell, (batch, channel, *lens)
+    keys: np.ndarray  # flat cell number of each run, (batch, 1, *lens)
+    width: int
+
+
+def _runs(memory: _Memory, base: np.ndarray, cut: Cut) -> _Runs:
+    """Offsets of every run of a cut within its cell, and the cell of every run."""
+    ndim = len(cut.size)
+    merged = _merged_axes(cut.size, memory.shape)
+    enumerated = ndim - max(merged, 1)  # axes whose every position starts runs
+    width = int(np.prod(cut.size[ndim - merged :])) if merged else int(cut.size[-1])
+    batch = len(base)
+    keys = np.zeros((batch, 1, *(1,) * ndim), dtype=np.int64)
+    within = np.asarray(cut.channels, dtype=np.int64).reshape(1, -1, *(1,) * ndim)
+    within = within * memory.channel_items + keys  # every run of every sample
     for axis in range(ndim):
-        along = starts[:, axis].reshape(-1, 1, *lead)
-        if axis < ndim - 1:
-            shape = [1] * (ndim + 1)
-            shape[2 + axis] = size[axis]
-            along = along + np.arange(size[axis]).reshape(shape)
-        offsets = offsets + along * steps[1 + axis]
-    return offsets
+        if axis >= enumerated and not (axis == ndim - 1 and merged == 0):
+            continue  # merged into the run: position 0 of the only cell
+        length = cut.size[axis] if axis < enumerated else 1
+        positions = base[:, axis, None] + (cut.offset[axis] + np.arange(length))
+        edges = memory.edges[axis]
+        shape = [batch, 1] + [1] * ndim
+        shape[2 + axis] = length
+        if len(edges) > 2:
+            cell = np.searchsorted(edges, positions, side="right") - 1
+            positions = positions - edges[cell]
+            keys = keys + (cell * _key_step(memory.grid_shape, axis)).reshape(shape)
+        within = within + (positions * memory.axis_items[axis]).reshape(shape)
+    return _Runs(within, keys, width)
 
 
-def _take_runs(source: np.ndarray, width: int, starts: np.ndarray) -> np.ndarray:
-    """Copy the runs of ``width`` items that begin at the given flat offsets of ``source``.
+def _key_step(grid_shape: Sequence[int], axis: int) -> int:
+    return int(np.prod(grid_shape[axis + 1 :], dtype=np.int64))
+
+
+def _take_runs(source: np.ndarray, width: int, starts: np.ndarray, out: np.ndarray) -> None:
+    """Copy the runs of ``width`` items that begin at the flat offsets ``starts`` into ``out``.
 
     The runs are rows of an overlapping strided view of the C-contiguous ``source``; torch's
-    ``index_select`` copies them into a fresh array (no copy of the view is made). It is the
-    one place torch is used here, as a kernel on numpy memory: on the benchmark's batches
-    it copies ~10 GB/s against ~3 GB/s for numpy's fancy indexing of the same view.
+    ``index_select`` copies them into ``out`` (C-contiguous, ``len(starts) * width`` items)
+    without a copy of the view. It is the one place torch is used here, as a kernel on numpy
+    memory: on the benchmark's batches it copies ~10 GB/s against ~3 GB/s for numpy's fancy
+    indexing of the same view, and ~20 GB/s into a buffer that is reused (a fresh one pays
+    its page faults).
     """
     flat = torch.from_numpy(source.reshape(-1))  # zero-copy; the source is C-contiguous
     runs = torch.as_strided(flat, (flat.numel() - width + 1, width), (1, 1))
-    out = np.empty((starts.size, width), dtype=source.dtype)
-    index = torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64))
-    torch.index_select(runs, 0, index, out=torch.from_numpy(out))
-    return out
+    index = torch.from_numpy(np.ascontiguousarray(starts, dtype=np.int64).reshape(-1))
+    torch.index_select(runs, 0, index, out=torch.from_numpy(out.reshape(-1, width)))
+
+
+def _empty_outputs(batch: int, cuts: Sequence[Cut], dtype: np.dtype) -> list[np.ndarray]:
+    return [np.empty((batch, len(cut.channels), *cut.size), dtype=dtype) for cut in cuts]
+
+
+def _gather_block(
+    block: np.ndarray, base: np.ndarray, cuts: Sequence[Cut], outs: Sequence[np.ndarray]
+) -> None:
+    """Gather windows of a whole C-contiguous ``(channel, *space)`` block into ``outs``."""
+    memory = _Memory.of_block(block)
+    for cut, out in zip(cuts, outs, strict=True):
+        runs = _runs(memory, base, cut)
+        _take_runs(block, runs.width, runs.within, out)
 
 
 def gather_windows(
@@ -108,65 +194,10 @@ def gather_windows(
         >>> gather_windows(block, np.array([1]), np.array([[0], [3]]), (2,)).tolist()
         [[[5.0, 6.0]], [[8.0, 9.0]]]
     """
-    return gather_cuts(block, starts, [Cut(np.asarray(channels), (0,) * len(size), tuple(size))])[0]
-
-
-def gather_cuts(
-    block: np.ndarray,
-    base_starts: np.ndarray,
-    cuts: Sequence[Cut],
-    sample_offsets: np.ndarray | None = None,
-    source: np.ndarray | None = None,
-) -> list[np.ndarray]:
-    """Cut several windows per sample (e.g. input and target) with a single fancy index.
-
-    Every window row (a run of ``size[-1]`` items along the last axis) starts at a flat
-    offset of the block; one integer index over an overlapping view of all runs copies each
-    row in one go. Cuts whose rows have the same length share one index and one allocation,
-    split afterwards into contiguous arrays.
-
-    Args:
-        block: C-contiguous array ``(channel, *space)``.
-        base_starts: ``(batch, ndim)`` position of each sample's span within ``block``.
-        cuts: Channels, offset within the span and size of each window to cut.
-        sample_offsets: Optional flat offset (in items) added per sample, to read each
-            sample from its own block of an array of equally laid out blocks.
-        source: The C-contiguous array read (default ``block``); with ``sample_offsets``,
-            the array of blocks of which ``block`` is the first.
-
-    Returns:
-        One C-contiguous ``(batch, len(cut.channels), *cut.size)`` array per cut.
-    """
-    steps = [stride // block.itemsize for stride in block.strides]
-    outputs: list[np.ndarray | None] = [None] * len(cuts)
-    for width in dict.fromkeys(cut.size[-1] for cut in cuts):
-        members = [i for i, cut in enumerate(cuts) if cut.size[-1] == width]
-        offsets = [
-            _row_offsets(steps, cuts[i].channels, base_starts + cuts[i].offset, cuts[i].size)
-            for i in members
-        ]
-        if sample_offsets is not None:
-            lead = (1,) * (offsets[0].ndim - 1)
-            offsets = [o + sample_offsets.reshape(-1, *lead) for o in offsets]
-        flat = (
-            offsets[0].reshape(-1)
-            if len(offsets) == 1
-            else np.concatenate([o.reshape(-1) for o in offsets])
-        )
-        rows = _take_runs(block if source is None else source, width, flat)
-        begin = 0
-        for i, offset in zip(members, offsets, strict=True):
-            outputs[i] = rows[begin : begin + offset.size].reshape(*offset.shape, width)
-            begin += offset.size
-    return outputs  # type: ignore[return-value]
-
-
-class Cut(NamedTuple):
-    """One output of a batch read: which channels, where in the sample's span, how large."""
-
-    channels: np.ndarray
-    offset: tuple[int, ...]
-    size: tuple[int, ...]
+    cut = Cut(np.asarray(channels), (0,) * len(size), tuple(size))
+    (out,) = _empty_outputs(len(starts), [cut], block.dtype)
+    _gather_block(np.ascontiguousarray(block), np.asarray(starts, dtype=np.int64), [cut], [out])
+    return out
 
 
 @dataclass(frozen=True)
@@ -234,22 +265,8 @@ class WindowReader(ABC):
             [np.arange(self.n_channels)[self._channel_slices[name]] for name in names]
         )
 
-    def _stack(self, region: dict[str, slice], out: np.ndarray | None = None) -> np.ndarray:
-        """Read a region of every variable into one ``(channel, *space)`` array (or ``out``)."""
-        space = tuple(
-            len(range(self.dataset.sizes[dim])[region.get(dim, slice(None))])
-            for dim in self.window_dims
-        )
-        block = np.empty((self.n_channels, *space), dtype=self.dtype) if out is None else out
-        for layout in self.layouts:
-            # One variable at a time: only one variable's decoded region is alive beside the
-            # block (on the benchmark's zarr store this also decoded 15-30 % faster than
-            # reading all variables of the region at once).
-            variable = self.dataset[layout.name]
-            values = variable.isel(region) if region else variable
-            values = values.transpose(*layout.extra_dims, *self.window_dims).values
-            block[self._channel_slices[layout.name]] = values.reshape(-1, *space)
-            del values
+    def _prepare(self, block: np.ndarray) -> None:
+        """Mask, normalise and fill a freshly read ``(channel, *space)`` block in place."""
         data = block[: self.n_data_channels]
         if self.mask_of is not None:
             block[self.n_data_channels] = np.isnan(block[self.mask_of]).any(axis=0)
@@ -258,7 +275,6 @@ class WindowReader(ABC):
             data /= self.affine[1]
         if self.fill_value is not None:
             np.copyto(data, self.fill_value, where=np.isnan(data))
-        return block
 
     @property
     def mask_channel(self) -> int | None:
@@ -267,7 +283,12 @@ class WindowReader(ABC):
 
     @abstractmethod
     def gather(
-        self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
+        self,
+        base_starts: np.ndarray,
+        extent: Sequence[int],
+        cuts: Sequence[Cut],
+        outs: Sequence[np.ndarray] | None = None,
+        upcoming: np.ndarray | None = None,
     ) -> list[np.ndarray]:
         """Read a batch of samples.
 
@@ -275,6 +296,10 @@ class WindowReader(ABC):
             base_starts: ``(batch, ndim)`` lowest position each sample touches.
             extent: Length of a sample's span per windowed dim.
             cuts: What to cut out of each span (e.g. the input and the target window).
+            outs: Optional C-contiguous ``(batch, len(cut.channels), *cut.size)`` arrays of
+                the reader's dtype to fill, one per cut; fresh ones by default.
+            upcoming: Optional ``base_starts`` of the batch to be read next: a hint, so that
+                a reader can decode its chunks in the background.
 
         Returns:
             One ``(batch, len(cut.channels), *cut.size)`` array per cut.
@@ -287,92 +312,38 @@ class InMemoryReader(WindowReader):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         """Same arguments as :class:`WindowReader`; loads at once, before workers fork."""
         super().__init__(*args, **kwargs)
-        self.block = self._stack({})
+        self.block = np.empty((self.n_channels, *self.shape), dtype=self.dtype)
+        XarrayDecoder(self.dataset, self.layouts, self.window_dims).decode(
+            [DecodeJob({}, self.block)]
+        )
+        self._prepare(self.block)
 
     def gather(
-        self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
+        self,
+        base_starts: np.ndarray,
+        extent: Sequence[int],
+        cuts: Sequence[Cut],
+        outs: Sequence[np.ndarray] | None = None,
+        upcoming: np.ndarray | None = None,
     ) -> list[np.ndarray]:
-        """One vectorised gather per cut over the whole stacked array."""
-        return gather_cuts(self.block, base_starts, cuts)
-
-
-def cell_edges(
-    ds: xr.Dataset,
-    name: str,
-    window_dims: Sequence[str],
-    extent: Sequence[int],
-    itemsize: int,
-    n_channels: int,
-    min_cell_bytes: int = 2**20,
-    default_cell_bytes: int = 16 * 2**20,
-) -> list[np.ndarray]:
-    """Cell boundaries along each windowed dim, aligned with the storage chunks of ``name``.
-
-    Chunks come from dask (``chunksizes``), else from the file's ``preferred_chunks`` /
-    ``chunksizes`` encoding; without either, the first windowed dim is cut into cells of
-    about ``default_cell_bytes``. Consecutive chunks are merged along a dim until a cell is at
-    least four times the sample's reach beyond one position (so at most about a quarter of
-    the samples straddle a cell edge), and along the first dim until a cell holds at least
-    ``min_cell_bytes``.
-
-    Returns:
-        One int64 array per dim: ``[0, edge_1, ..., length]``.
-    """
-    var = ds[name]
-    encoded = var.encoding.get("preferred_chunks") or dict(
-        zip(var.dims, var.encoding.get("chunksizes") or (), strict=False)
-    )
-    lengths: list[list[int]] = []
-    for dim in window_dims:
-        size = ds.sizes[dim]
-        if var.chunks is not None:
-            chunk_lengths = list(var.chunksizes[dim])
-        elif dim in encoded:
-            step = int(encoded[dim])
-            chunk_lengths = [step] * (size // step) + ([size % step] if size % step else [])
-        else:
-            chunk_lengths = [size]
-        lengths.append(chunk_lengths)
-    if var.chunks is None and not encoded:
-        # An unchunked file: cut the first dim so that one cell is about default_cell_bytes.
-        other = int(np.prod([ds.sizes[d] for d in window_dims[1:]])) * n_channels * itemsize
-        step = max(1, default_cell_bytes // max(other, 1))
-        size = ds.sizes[window_dims[0]]
-        lengths[0] = [step] * (size // step) + ([size % step] if size % step else [])
-    edges = []
-    for axis, chunk_lengths in enumerate(lengths):
-        minimum = 4 * (extent[axis] - 1)
-        if axis == 0:
-            other = int(np.prod([sum(c) for c in lengths[1:]])) * n_channels * itemsize
-            minimum = max(minimum, -(-min_cell_bytes // max(other, 1)))
-        edges.append(_merge_thin(chunk_lengths, minimum))
-    return edges
-
-
-def _merge_thin(chunk_lengths: Sequence[int], minimum: int) -> np.ndarray:
-    """Edges after merging consecutive chunks until each cell spans at least ``minimum``."""
-    edges, run = [0], 0
-    for length in chunk_lengths:
-        run += length
-        if run >= minimum:
-            edges.append(edges[-1] + run)
-            run = 0
-    if run:
-        if len(edges) > 1:
-            edges[-1] += run  # fold a thin remainder into the last cell
-        else:
-            edges.append(run)
-    return np.asarray(edges, dtype=np.int64)
+        """One vectorised copy per cut over the whole stacked array."""
+        outs = (
+            list(outs) if outs is not None else _empty_outputs(len(base_starts), cuts, self.dtype)
+        )
+        _gather_block(self.block, np.asarray(base_starts, dtype=np.int64), cuts, outs)
+        return outs
 
 
 class ChunkedReader(WindowReader):
     """Reads cells (groups of storage chunks) on demand into a small arena of cached slots.
 
     The cache is one preallocated array of ``cache_cells`` slots, each large enough for the
-    largest cell, managed least-recently-used. Samples whose span lies inside one cell (most
-    of them) are gathered for the whole batch with a single fancy index over the arena (the
-    slot is part of the flat offset); a sample that straddles a cell edge is assembled from
-    its cells. Memory stays bounded by the arena: ``cache_cells`` cells per process.
+    largest cell, managed least-recently-used. A batch is gathered from the arena with one
+    copy per window (input, target): every run of every sample is looked up in the slot of
+    its own cell, so samples that cross cell edges cost nothing extra, except along the last
+    dim when it is not spanned whole: a row that crosses a cell edge there is assembled
+    sample by sample. When a batch needs more cells than the arena holds, it is read in
+    waves. Memory stays bounded by the arena: ``cache_cells`` cells per process.
 
     Args:
         ds: The source dataset (dask-backed, lazily indexed, or numpy).
@@ -380,12 +351,13 @@ class ChunkedReader(WindowReader):
         window_dims: Windowed dims.
         dtype: Output dtype.
         extent: Length of a sample's span per windowed dim (used to size cells).
-        cache_cells: Decoded cells kept per process (at least 2).
+        cache_cells: Decoded cells kept per process (at least what one sample touches).
         prepare: What to do to each decoded cell (mask, normalise, fill).
-        decode_threads: Threads that decode the cells a batch needs at once (zarr's and
-            netCDF's decompressors release the GIL: on the benchmark's zarr store 2 threads
-            decoded 740-850 MB/s against 470-620 MB/s for one). Use 1 inside DataLoader
-            workers, which already decode in parallel.
+        decode_threads: Threads that decode cells at once with the xarray decoder (zarr's
+            and netCDF's decompressors release the GIL), and whether the next batch's cells
+            are decoded in the background while a batch is copied out (more than one
+            thread). Use 1 inside DataLoader workers, which already decode in parallel.
+        decoder: How cells are read; default :class:`~xr_datamodule.decode.XarrayDecoder`.
     """
 
     def __init__(
@@ -398,27 +370,56 @@ class ChunkedReader(WindowReader):
         cache_cells: int = 8,
         prepare: Preparation = Preparation(),
         decode_threads: int = 1,
+        decoder: CellDecoder | None = None,
     ) -> None:
         super().__init__(ds, names, window_dims, dtype, prepare)
         self.decode_threads = max(1, int(decode_threads))
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
+        self.decoder: CellDecoder = decoder or XarrayDecoder(
+            self.dataset, self.layouts, self.window_dims, self.decode_threads
+        )
+        self.extent = tuple(int(e) for e in extent)
         self.edges = cell_edges(
-            ds, names[0], window_dims, extent, self.dtype.itemsize, self.n_channels
+            ds, names[0], window_dims, self.extent, self.dtype.itemsize, self.n_channels
         )
         self.grid_shape = tuple(len(edges) - 1 for edges in self.edges)
         self.cell_shape = tuple(int(np.diff(edges).max()) for edges in self.edges)
-        self.cache_cells = max(2, int(cache_cells))
-        self._slots: OrderedDict[tuple[int, ...], int] = OrderedDict()  # cell -> slot, LRU
+        self.cache_cells = max(self.cells_per_sample, int(cache_cells))
+        self._memory = _Memory(
+            self.shape,
+            tuple(self.edges),
+            int(np.prod(self.cell_shape)),
+            tuple(int(np.prod(self.cell_shape[a + 1 :])) for a in range(len(self.cell_shape))),
+            self.n_channels * int(np.prod(self.cell_shape)),
+        )
+        self._slots: OrderedDict[int, int] = OrderedDict()  # cell -> slot, LRU
         self._free: list[int] = []  # slots holding no cell
+        self._busy: set[int] = set()  # cells being decoded (by a background prefetch)
+        self._lock = threading.Lock()  # the bookkeeping above, shared with the prefetch
         self._arena: np.ndarray | None = None  # allocated on first read (in each worker)
+        self._prefetcher: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
+        self._pending: Future | None = None
         self.cells_read = 0
+
+    @property
+    def cells_per_sample(self) -> int:
+        """The most cells one sample's span can touch."""
+        count = 1
+        for edges, length in zip(self.edges, self.extent, strict=True):
+            thinnest = int(np.diff(edges).min())
+            count *= min(len(edges) - 1, 1 + -(-(length - 1) // thinnest))
+        return count
+
+    @property
+    def cell_bytes(self) -> int:
+        """Bytes of one arena slot."""
+        return self.n_channels * int(np.prod(self.cell_shape)) * self.dtype.itemsize
 
     def cell_of(self, positions: np.ndarray | int, axis: int) -> np.ndarray:
         """Cell number along ``axis`` of each position."""
         return np.searchsorted(self.edges[axis], positions, side="right") - 1
 
     def home_cells(self, axis_starts: Sequence[np.ndarray]) -> np.ndarray:
-        """Flat cell number of every sample of a start grid (C order), as int64."""
+        """Flat cell number of every point of a grid of span starts (C order), as int64."""
         keys = np.zeros((1,) * len(axis_starts), dtype=np.int64)
         for axis, starts in enumerate(axis_starts):
             shape = [1] * len(axis_starts)
@@ -426,73 +427,264 @@ class ChunkedReader(WindowReader):
             keys = keys * self.grid_shape[axis] + self.cell_of(starts, axis).reshape(shape)
         return keys.reshape(-1)
 
+    def cell_walk(self) -> np.ndarray | None:
+        """Position of every cell in a walk that steps to the cells samples reach into.
+
+        Samples reach beyond their cell along the dims where a span is longer than one
+        position and there is more than one cell (time, for a full-field sample of several
+        steps). The walk visits cells in C order with those dims varying fastest, so that
+        consecutive cells of the walk share samples. None when no sample reaches out.
+        """
+        reach = [
+            axis
+            for axis, (length, cells) in enumerate(zip(self.extent, self.grid_shape, strict=True))
+            if length > 1 and cells > 1
+        ]
+        if not reach:
+            return None
+        order = [a for a in range(len(self.grid_shape)) if a not in reach] + reach
+        coords = np.indices(self.grid_shape).reshape(len(self.grid_shape), -1)
+        walk = np.lexsort(coords[order[::-1]])
+        positions = np.empty_like(walk)
+        positions[walk] = np.arange(len(walk))
+        return positions
+
     def __getstate__(self) -> dict:
         # Workers start with an empty cache of their own, not a copy of this one.
+        self._await_prefetch()
         state = self.__dict__.copy()
-        state.update(_arena=None, _slots=OrderedDict(), _free=[], cells_read=0, _pool=None)
+        state.update(
+            _arena=None,
+            _slots=OrderedDict(),
+            _free=[],
+            _busy=set(),
+            _lock=None,
+            cells_read=0,
+            _prefetcher=None,
+            _pending=None,
+        )
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def resize_cache(self, cache_cells: int) -> None:
         """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
-        self.cache_cells = max(2, int(cache_cells))
+        self._await_prefetch()
+        self.cache_cells = max(self.cells_per_sample, int(cache_cells))
         self._arena, self._slots, self._free = None, OrderedDict(), []
 
-    def _slot(self, cell: tuple[int, ...]) -> int:
-        """Arena slot holding ``cell``, decoding it into the least recently used slot."""
-        return self._slots_for([cell])[0]
+    # ------------------------------------------------------------------ the arena
 
-    def _slots_for(self, cells: Sequence[tuple[int, ...]]) -> list[int]:
-        """Arena slots holding ``cells`` (at most ``cache_cells``), decoding the missing ones.
+    def _slots_for(self, keys: Sequence[int]) -> list[int]:
+        """Arena slots holding the cells ``keys``, decoding the missing ones.
 
-        The cached ones are marked recent first, so that the missing ones replace other cells.
+        The cached ones are marked recent first, so that the missing ones replace other
+        cells; cells another thread is decoding are never replaced. When no slot can be
+        replaced the remaining keys are skipped (their slot is -1): a read always fits (see
+        :meth:`_gather_cells`), a background prefetch may not.
         """
-        for cell in cells:
-            if cell in self._slots:
-                self._slots.move_to_end(cell)
-        if self._arena is None:
-            self._arena = np.empty(
-                (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
-            )
-            self._free = list(range(self.cache_cells - 1, -1, -1))
-        missing = []
-        for cell in cells:
-            if cell in self._slots:
-                continue
-            slot = self._free.pop() if self._free else self._slots.popitem(last=False)[1]
-            self._slots[cell] = slot
-            missing.append((cell, slot))
+        with self._lock:
+            for key in keys:
+                if key in self._slots:
+                    self._slots.move_to_end(key)
+            if self._arena is None:
+                self._arena = np.empty(
+                    (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
+                )
+                self._free = list(range(self.cache_cells - 1, -1, -1))
+            missing = []
+            avoid = set(keys) | self._busy
+            for key in keys:
+                if key in self._slots:
+                    continue
+                slot = self._replaceable(avoid)
+                if slot is None:
+                    break
+                self._slots[key] = slot
+                self._busy.add(key)
+                missing.append((key, slot))
+            jobs = [self._job(key, slot) for key, slot in missing]
         try:
-            if len(missing) > 1 and self.decode_threads > 1:
-                list(self._decode_pool().map(lambda job: self._decode(*job), missing))
-            else:
-                for job in missing:
-                    self._decode(*job)
+            if jobs:
+                self.decoder.decode(jobs)
+                for job in jobs:
+                    self._prepare(job.out)
         except BaseException:
-            for cell, slot in missing:  # these slots hold no valid cell now
-                del self._slots[cell]
-                self._free.append(slot)
+            with self._lock:
+                for key, slot in missing:  # these slots hold no valid cell now
+                    del self._slots[key]
+                    self._free.append(slot)
+                    self._busy.discard(key)
             raise
-        self.cells_read += len(missing)
-        return [self._slots[cell] for cell in cells]
+        with self._lock:
+            self._busy.difference_update(key for key, _ in missing)
+            self.cells_read += len(missing)
+            return [self._slots.get(key, -1) for key in keys]
 
-    def _decode(self, cell: tuple[int, ...], slot: int) -> None:
+    def _replaceable(self, avoid: set[int]) -> int | None:
+        """A free slot, or the slot of the least recently used cell not to be avoided."""
+        if self._free:
+            return self._free.pop()
+        for key in self._slots:  # oldest first
+            if key not in avoid:
+                return self._slots.pop(key)
+        return None
+
+    def _job(self, key: int, slot: int) -> DecodeJob:
+        cell = np.unravel_index(key, self.grid_shape)
         region = {
             dim: slice(int(edges[i]), int(edges[i + 1]))
             for dim, edges, i in zip(self.window_dims, self.edges, cell, strict=True)
         }
-        self._stack(region, out=self._cell_view(slot, cell))
+        return DecodeJob(region, self._cell_view(slot, key))
 
-    def _decode_pool(self) -> ThreadPoolExecutor:
-        # One pool per process: a forked child must not use its parent's (dead) threads.
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(self.decode_threads))
-        return self._pool[1]
-
-    def _cell_view(self, slot: int, cell: tuple[int, ...]) -> np.ndarray:
+    def _cell_view(self, slot: int, key: int) -> np.ndarray:
         assert self._arena is not None
+        cell = np.unravel_index(key, self.grid_shape)
         lengths = [int(edges[i + 1] - edges[i]) for edges, i in zip(self.edges, cell, strict=True)]
         region: tuple[int | slice, ...] = (slot, slice(None), *(slice(0, n) for n in lengths))
         return self._arena[region]
+
+    # ------------------------------------------------------------------ prefetching
+
+    def _prefetch(self, base_starts: np.ndarray) -> None:
+        """Decode the cells these samples touch in the background (while the batch is used).
+
+        The next :meth:`gather` waits for it first; only what fits in the arena is fetched.
+        (Decoding while the batch is copied out instead gained nothing on 2 cores: the
+        copy and the decoder's threads then compete for them.)
+        """
+        self._await_prefetch()
+        keys = self._span_keys(np.asarray(base_starts, dtype=np.int64), self.extent)
+        keys = keys[: self.cache_cells].tolist()
+        self._pending = self._prefetch_pool().submit(self._slots_for, keys)
+
+    def _await_prefetch(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except Exception:
+                pass
+
+    def _prefetch_pool(self) -> ThreadPoolExecutor:
+        # One thread per process: a forked child must not use its parent's (dead) thread.
+        if self._prefetcher is None or self._prefetcher[0] != os.getpid():
+            self._prefetcher = (os.getpid(), ThreadPoolExecutor(1))
+        return self._prefetcher[1]
+
+    def _span_keys(self, base: np.ndarray, extent: Sequence[int]) -> np.ndarray:
+        """Flat numbers of the cells the samples' spans touch, in order of first need."""
+        keys = np.zeros((len(base), 1), dtype=np.int64)
+        for axis, length in enumerate(extent):
+            first = self.cell_of(base[:, axis], axis)
+            last = self.cell_of(base[:, axis] + length - 1, axis)
+            steps = int((last - first).max()) + 1 if len(base) else 1
+            cells = np.minimum(first[:, None] + np.arange(steps), last[:, None])
+            keys = (keys[:, :, None] * self.grid_shape[axis] + cells[:, None, :]).reshape(
+                len(base), -1
+            )
+        flat = keys.reshape(-1)
+        _, first_seen = np.unique(flat, return_index=True)
+        return flat[np.sort(first_seen)]
+
+    # ------------------------------------------------------------------ gathering
+
+    def gather(
+        self,
+        base_starts: np.ndarray,
+        extent: Sequence[int],
+        cuts: Sequence[Cut],
+        outs: Sequence[np.ndarray] | None = None,
+        upcoming: np.ndarray | None = None,
+    ) -> list[np.ndarray]:
+        """One copy per cut for the whole batch; rows crossing a last-dim edge one by one.
+
+        With ``upcoming`` (and decode threads), the next batch's cells are decoded in the
+        background once this batch is copied out, while it is used.
+        """
+        self._await_prefetch()
+        base = np.asarray(base_starts, dtype=np.int64)
+        outs = list(outs) if outs is not None else _empty_outputs(len(base), cuts, self.dtype)
+        if self.decode_threads < 2 or upcoming is None or not len(upcoming):
+            upcoming = None
+        split = self._split_rows(base, cuts)
+        zero = np.zeros((1, len(extent)), dtype=np.int64)
+        for row in np.flatnonzero(split):
+            span = self._span(base[row], extent)
+            parts = _empty_outputs(1, cuts, self.dtype)
+            _gather_block(span, zero, cuts, parts)
+            for out, part in zip(outs, parts, strict=True):
+                out[row] = part[0]
+        rows = np.flatnonzero(~split)
+        if rows.size == len(base):
+            self._gather_cells(base, cuts, outs)
+        elif rows.size:
+            parts = _empty_outputs(rows.size, cuts, self.dtype)
+            self._gather_cells(base[rows], cuts, parts)
+            for out, part in zip(outs, parts, strict=True):
+                out[rows] = part
+        if upcoming is not None:
+            self._prefetch(upcoming)
+        return outs
+
+    def _split_rows(self, base: np.ndarray, cuts: Sequence[Cut]) -> np.ndarray:
+        """Samples with a row that crosses a cell edge along the last dim."""
+        split = np.zeros(len(base), dtype=bool)
+        last = len(self.grid_shape) - 1
+        if self.grid_shape[last] == 1:
+            return split
+        for cut in cuts:
+            if _merged_axes(cut.size, self.shape):
+                continue
+            lo = base[:, last] + cut.offset[last]
+            split |= self.cell_of(lo, last) != self.cell_of(lo + cut.size[last] - 1, last)
+        return split
+
+    def _gather_cells(self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray]) -> None:
+        """Gather samples whose rows each lie in one cell, in waves that fit the arena."""
+        runs = [_runs(self._memory, base, cut) for cut in cuts]
+        needed = np.unique(np.concatenate([r.keys.reshape(-1) for r in runs]))
+        if len(needed) > self.cache_cells:
+            self._gather_in_waves(base, cuts, outs, runs)
+            return
+        slots = np.asarray(self._slots_for(needed.tolist()), dtype=np.int64)
+        if (slots < 0).any():
+            raise RuntimeError("internal error: a batch's cells did not fit in the arena")
+        assert self._arena is not None
+        for r, out in zip(runs, outs, strict=True):
+            slot = slots[np.searchsorted(needed, r.keys)]
+            _take_runs(self._arena, r.width, r.within + slot * self._memory.slot_items, out)
+
+    def _gather_in_waves(
+        self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray], runs: list[_Runs]
+    ) -> None:
+        """Read a batch that needs more cells than the arena holds, a group of samples at once.
+
+        Samples are grouped greedily (in order of their first cell) so that each group's
+        cells fit; cells already cached go first, so they are used before being replaced.
+        """
+        per_sample = np.concatenate([r.keys.reshape(len(base), -1) for r in runs], axis=1)
+        cells_of = [np.unique(row) for row in per_sample]
+        cached = np.array([all(int(k) in self._slots for k in keys) for keys in cells_of])
+        order = np.lexsort(([keys[0] for keys in cells_of], ~cached))
+        groups: list[list[int]] = [[]]
+        group_cells: set[int] = set()
+        for sample in order.tolist():
+            keys = set(cells_of[sample].tolist())
+            if groups[-1] and len(group_cells | keys) > self.cache_cells:
+                groups.append([])
+                group_cells = set()
+            groups[-1].append(sample)
+            group_cells |= keys
+        for group in groups:
+            rows = np.asarray(group, dtype=np.int64)
+            parts = _empty_outputs(len(rows), cuts, self.dtype)
+            self._gather_cells(base[rows], cuts, parts)
+            for out, part in zip(outs, parts, strict=True):
+                out[rows] = part
 
     def _span(self, base: np.ndarray, extent: Sequence[int]) -> np.ndarray:
         """Assemble one sample's span ``(channel, *extent)`` from the cells it touches."""
@@ -513,69 +705,9 @@ class ChunkedReader(WindowReader):
                 )
             per_axis.append(pieces)
         for combination in itertools.product(*per_axis):
-            cell: tuple[int, ...] = tuple(piece[0] for piece in combination)
+            key = int(np.ravel_multi_index([piece[0] for piece in combination], self.grid_shape))
             inside_cell = (slice(None), *(piece[1] for piece in combination))
             inside_span = (slice(None), *(piece[2] for piece in combination))
-            span[inside_span] = self._cell_view(self._slot(cell), cell)[inside_cell]
+            (slot,) = self._slots_for([key])
+            span[inside_span] = self._cell_view(slot, key)[inside_cell]
         return span
-
-    def gather(
-        self, base_starts: np.ndarray, extent: Sequence[int], cuts: Sequence[Cut]
-    ) -> list[np.ndarray]:
-        """One fancy index over the arena for samples inside a cell; straddlers one by one."""
-        ndim = len(extent)
-        first = np.stack([self.cell_of(base_starts[:, a], a) for a in range(ndim)], axis=1)
-        last = np.stack(
-            [self.cell_of(base_starts[:, a] + extent[a] - 1, a) for a in range(ndim)], axis=1
-        )
-        inside = (first == last).all(axis=1)
-        if inside.all():
-            return self._gather_inside(base_starts, first, cuts)
-        outputs = [
-            np.empty((len(base_starts), len(cut.channels), *cut.size), dtype=self.dtype)
-            for cut in cuts
-        ]
-        rows = np.flatnonzero(inside)
-        if rows.size:
-            parts = self._gather_inside(base_starts[rows], first[rows], cuts)
-            for out, part in zip(outputs, parts, strict=True):
-                out[rows] = part
-        zero = np.zeros((1, ndim), dtype=np.int64)
-        for row in np.flatnonzero(~inside):
-            span = self._span(base_starts[row], extent)
-            for out, part in zip(outputs, gather_cuts(span, zero, cuts), strict=True):
-                out[row] = part[0]
-        return outputs
-
-    def _gather_inside(
-        self, base_starts: np.ndarray, cells: np.ndarray, cuts: Sequence[Cut]
-    ) -> list[np.ndarray]:
-        """Gather samples that each lie inside one cell, in waves that fit the arena."""
-        keys = np.ravel_multi_index(cells.T, self.grid_shape)
-        unique_keys, first_row = np.unique(keys, return_index=True)
-        wave_size = self.cache_cells
-        if len(unique_keys) > wave_size:
-            outputs = [
-                np.empty((len(base_starts), len(cut.channels), *cut.size), dtype=self.dtype)
-                for cut in cuts
-            ]
-            # Cached cells first: their wave needs no decoding and evicts nothing still needed.
-            cached = np.array(
-                [tuple(int(c) for c in cells[row]) in self._slots for row in first_row]
-            )
-            ordered = np.concatenate([unique_keys[cached], unique_keys[~cached]])
-            for begin in range(0, len(ordered), wave_size):
-                rows = np.flatnonzero(np.isin(keys, ordered[begin : begin + wave_size]))
-                parts = self._gather_inside(base_starts[rows], cells[rows], cuts)
-                for out, part in zip(outputs, parts, strict=True):
-                    out[rows] = part
-            return outputs
-        wave = [tuple(int(c) for c in cells[row]) for row in first_row]
-        slot_of_key = np.array(self._slots_for(wave), dtype=np.int64)
-        slots = slot_of_key[np.searchsorted(unique_keys, keys)]
-        lower = np.stack([edges[cells[:, a]] for a, edges in enumerate(self.edges)], axis=1)
-        assert self._arena is not None
-        slot_items = self._arena.strides[0] // self.dtype.itemsize
-        return gather_cuts(
-            self._arena[0], base_starts - lower, cuts, slots * slot_items, source=self._arena
-        )

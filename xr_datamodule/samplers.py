@@ -6,35 +6,49 @@ and no per-sample object is built.
 
 Two orders, both functions of ``(seed, epoch)`` (and the settings they were built with):
 
-* :class:`EpochShuffleSampler`: a uniform permutation (in-memory data).
-* :class:`ChunkShuffleSampler`: chunk-aware, for data decoded chunk by chunk. Cells (groups of
-  storage chunks, see :class:`~xr_datamodule.gather.ChunkedReader`) are put in a random
-  order and taken ``cells_per_window`` at a time; the samples of those cells are shuffled
-  together. Each rank takes a contiguous block of that order and deals its windows to
-  ``streams`` streams (one per DataLoader worker) whose whole batches alternate. Since the
-  DataLoader deals batch ``i`` to worker ``i % num_workers``, each worker reads only its
-  own stream's cells: each cell is decoded about once per epoch per rank, and a batch draws
-  from at most ``cells_per_window`` cells (twice that where it spans two windows; more only
-  when a cell holds fewer samples than a batch).
+* :class:`EpochShuffleSampler`: a uniform permutation (in-memory data, or ``shuffle="full"``).
+* :class:`ChunkShuffleSampler`: chunk-aware, for data decoded chunk by chunk. Streams walk the
+  cells (storage chunks, see :class:`~xr_datamodule.gather.ChunkedReader`) in a random or a
+  rotated neighbour-first order, and each batch mixes several streams; each rank takes a
+  contiguous block and each DataLoader worker its own part of it, so each chunk is decoded
+  about once per epoch.
+
+:class:`ShardedBatchSampler` cuts either order into DDP ranks and whole batches, resumable
+mid-epoch, and can hint each batch's successor (:class:`BatchPlan`) so that a reader decodes
+ahead.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler, SequentialSampler
 
 __all__ = [
     "ArrayBatchSampler",
+    "BatchPlan",
     "BlockInterleavedSampler",
     "ChunkShuffleSampler",
     "EpochSampler",
     "EpochShuffleSampler",
     "ShardedBatchSampler",
+    "batch_spread",
     "sample_order",
 ]
+
+
+class BatchPlan(NamedTuple):
+    """A batch of sample numbers and, as a hint, the batch the same process reads next.
+
+    The hint lets a reader decode the next batch's chunks in the background while the
+    current batch is used (see :meth:`~xr_datamodule.gather.WindowReader.prefetch`).
+    """
+
+    ids: np.ndarray
+    upcoming: np.ndarray | None = None
 
 
 class EpochSampler(Sampler[int]):
@@ -101,75 +115,172 @@ class EpochShuffleSampler(EpochSampler):
 
 
 class ChunkShuffleSampler(EpochSampler):
-    """Chunk-aware shuffling: random windows of cells, samples shuffled within each window.
+    """Chunk-aware shuffling: streams walk the cells, batches mix the streams.
+
+    Each epoch the cells are put in an order: a random permutation, or, when samples reach
+    into neighbouring cells (``walk`` given, e.g. a full-field sample of 3 time steps in a
+    store of one step per chunk), the walk rotated by a random offset, so that consecutive
+    cells share samples. The samples follow their cells, shuffled within each cell. Each
+    rank takes a contiguous block of that sequence (at most ``world - 1`` samples left
+    out); the block is cut into one contiguous part per process (DataLoader worker, or the
+    main process without workers) and each part into ``streams`` contiguous streams, which
+    are merged at random in proportion to their lengths. Whole batches of the processes are
+    then dealt round-robin: the DataLoader deals batch ``i`` to worker ``i % workers``, so
+    each worker reads only its own part.
+
+    What that gives: each chunk is decoded about once per epoch (a stream moves from a cell
+    to the next, and the cells a sample reaches into are the ones the stream reads next);
+    a batch draws from up to ``streams`` places of the sequence at once, e.g. 8 different
+    dates for 8 full-field samples; consecutive batches of a process come from the same
+    streams, a little further on. The order is a function of ``(seed, epoch)`` and the
+    settings.
 
     Args:
         cells: Cell number of every sample (the cell its span starts in).
         seed: Base seed.
-        cells_per_window: Cells whose samples are mixed together.
-        batch_size: Batch size, to deal whole batches to streams.
-        streams: Interleaved streams per rank; use the number of DataLoader workers (or 1),
-            so that each worker decodes only its own cells.
+        streams: Streams per process, i.e. places a batch draws from.
+        batch_size: Batch size, to deal whole batches to processes.
+        processes: DataLoader workers (or 1): each reads its own part of the rank's block.
+        walk: Position of every cell number in a walk over neighbouring cells (see
+            :meth:`~xr_datamodule.gather.ChunkedReader.cell_walk`), or None when samples
+            stay inside their cell (cells then come in a random order).
 
     Example:
         >>> cells = np.repeat(np.arange(6), 10)     # 6 cells of 10 samples
-        >>> sampler = ChunkShuffleSampler(cells, seed=0, cells_per_window=2, batch_size=5)
+        >>> sampler = ChunkShuffleSampler(cells, seed=0, streams=2, batch_size=5)
         >>> order = sampler.order()
         >>> sorted(order.tolist()) == list(range(60))
         True
-        >>> len(set(cells[order[:20]].tolist()))   # the first window mixes two cells
-        2
+        >>> [len(set(cells[b].tolist())) for b in order.reshape(-1, 5)][:4]  # cells per batch
+        [2, 2, 2, 2]
     """
 
     def __init__(
         self,
         cells: np.ndarray,
         seed: int = 0,
-        cells_per_window: int = 4,
+        streams: int = 4,
         batch_size: int = 1,
-        streams: int = 1,
+        processes: int = 1,
+        walk: np.ndarray | None = None,
     ) -> None:
         super().__init__(len(cells), seed)
-        # Dense cell numbers, so ranks can be looked up with plain indexing.
+        # Dense cell numbers, so cells can be looked up with plain indexing.
         self._unique_cells, self.cells = np.unique(np.asarray(cells), return_inverse=True)
-        self.cells_per_window = max(1, int(cells_per_window))
-        self.batch_size = max(1, int(batch_size))
         self.streams = max(1, int(streams))
+        self.batch_size = max(1, int(batch_size))
+        self.processes = max(1, int(processes))
+        # Rank of every (dense) cell along the walk, or None for a random cell order.
+        self._walk_rank = (
+            None
+            if walk is None
+            else np.argsort(np.argsort(np.asarray(walk)[self._unique_cells], kind="stable"))
+        )
 
-    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """This epoch's window of every sample, and the order (windows in turn, shuffled)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        rank = rng.permutation(len(self._unique_cells))
-        window = rank[self.cells] // self.cells_per_window
-        return window, np.lexsort((rng.random(self.n), window))
+    def _sequence(self, rng: np.random.Generator) -> np.ndarray:
+        """This epoch's samples, cell by cell in the epoch's cell order."""
+        n_cells = len(self._unique_cells)
+        if self._walk_rank is None:
+            position = rng.permutation(n_cells)
+        else:
+            position = (self._walk_rank - rng.integers(max(n_cells, 1))) % max(n_cells, 1)
+        return np.lexsort((rng.random(self.n), position[self.cells]))
 
     def order(self) -> np.ndarray:
-        """This epoch's order for a single rank, its windows dealt to the streams."""
+        """This epoch's order for a single rank."""
         return self.rank_order(0, 1)
 
     def rank_order(self, rank: int, world: int) -> np.ndarray:
-        """A rank's contiguous block of the windowed order, dealt to its streams."""
-        window, order = self._windows()
+        """A rank's contiguous block of the sequence, its processes' batches dealt in turn."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        sequence = self._sequence(rng)
         size = self.n // world
-        block = order[rank * size : (rank + 1) * size]
-        if self.streams == 1 or not block.size:
-            return block
-        # Windows in the order they come in the block, numbered 0, 1, ...: dealt round-robin.
-        window_of = window[block]
-        turn = np.cumsum(np.r_[0, window_of[1:] != window_of[:-1]])
-        return self._interleave(block, turn % self.streams)
+        block = sequence[rank * size : (rank + 1) * size]
+        merge_rng = np.random.default_rng([self.seed, self.epoch, rank])
+        return self._deal(block, merge_rng)
 
-    def _interleave(self, order: np.ndarray, stream_of: np.ndarray) -> np.ndarray:
-        """Deal whole batches of each stream round-robin; leftovers go last."""
-        full, tails = [], []
-        for stream in range(self.streams):
-            mine = order[stream_of == stream]
-            cut = len(mine) - len(mine) % self.batch_size
-            full.append(mine[:cut].reshape(-1, self.batch_size))
-            tails.append(mine[cut:])
-        rounds = max(len(batches) for batches in full)
-        dealt = [batches[i] for i in range(rounds) for batches in full if i < len(batches)]
-        return np.concatenate([*dealt, *tails]) if dealt else np.concatenate(tails)
+    def _deal(self, block: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Cut the block into the processes' streams, merge each process's, deal batches.
+
+        Batch ``i`` belongs to process ``i % processes``, so each process's share is fixed
+        in whole batches (the last, smaller batch comes last). With one process the block
+        is cut into streams where the cell changes; with several, into ``streams`` bands cut
+        where the cell changes and each band into one stretch per process, so that each
+        process's streams lie all over the block (its batches are as varied as the whole
+        order's) while each stretch is read by one process only.
+        """
+        n_batches = -(-len(block) // self.batch_size)
+        if n_batches == 0:
+            return block
+        sizes = np.full(n_batches, self.batch_size)
+        sizes[-1] = len(block) - (n_batches - 1) * self.batch_size
+        owner = np.arange(n_batches) % self.processes
+        shares = np.bincount(owner, weights=sizes, minlength=self.processes).astype(int)
+        if self.processes == 1:
+            merged = [self._merge(self._cut_at_cells(block), rng)]
+        else:
+            merged = self._merge_stretches(block, shares, rng)
+        taken = np.zeros(self.processes, dtype=np.int64)
+        dealt = []
+        for batch, process in enumerate(owner.tolist()):
+            begin = taken[process]
+            dealt.append(merged[process][begin : begin + sizes[batch]])
+            taken[process] += sizes[batch]
+        return np.concatenate(dealt)
+
+    def _merge_stretches(
+        self, block: np.ndarray, shares: np.ndarray, rng: np.random.Generator
+    ) -> list[np.ndarray]:
+        """Each process's streams: a stretch of each of ``streams`` bands of the block, merged.
+
+        The block is cut into bands where the cell changes, and each band into one stretch
+        per process, of the process's share of it (exact over all bands, as the batches
+        are dealt): only those cuts may split a cell between two processes.
+        """
+        bands = self._cut_at_cells(block)
+        ends = np.cumsum([len(band) for band in bands])
+        sizes = np.empty((len(bands), self.processes), dtype=np.int64)
+        for process, share in enumerate(shares.tolist()):
+            reached = ends * share // max(len(block), 1)  # exact at the last band
+            sizes[:, process] = np.diff(reached, prepend=0)
+        stretches = np.split(block, np.cumsum(sizes.reshape(-1))[:-1])
+        return [
+            self._merge(stretches[process :: self.processes], rng)
+            for process in range(self.processes)
+        ]
+
+    def _cut_at_cells(self, part: np.ndarray) -> list[np.ndarray]:
+        """``streams`` about equal streams of a part, cut where the cell changes.
+
+        A cell split between two streams would be decoded by each.
+        """
+        length = len(part)
+        if length == 0 or self.streams == 1:
+            return [part]
+        changes = np.flatnonzero(np.diff(self.cells[part])) + 1  # first sample of each cell
+        if not len(changes):
+            return [part]
+        ideal = np.arange(1, self.streams) * length // self.streams
+        nearest = np.searchsorted(changes, ideal).clip(0, len(changes) - 1)
+        below = changes[np.maximum(nearest - 1, 0)]
+        above = changes[nearest]
+        cuts = np.where(np.abs(below - ideal) < np.abs(above - ideal), below, above)
+        return np.split(part, np.unique(cuts))
+
+    @staticmethod
+    def _merge(streams: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """Merge streams at random, keeping each one's order.
+
+        Each sample's key is its place in its stream plus a uniform jitter, over the
+        stream's length: streams advance together, in proportion to their lengths.
+        """
+        streams = [stream for stream in streams if len(stream)]
+        if len(streams) <= 1:
+            return streams[0] if streams else np.empty(0, dtype=np.int64)
+        keys = np.concatenate(
+            [(np.arange(len(stream)) + rng.random(len(stream))) / len(stream) for stream in streams]
+        )
+        return np.concatenate(streams)[np.argsort(keys, kind="stable")]
 
 
 class BlockInterleavedSampler(Sampler[int]):
@@ -211,6 +322,37 @@ class BlockInterleavedSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.n
+
+
+def batch_spread(batches: Sequence[np.ndarray], positions: np.ndarray, seed: int = 0) -> float:
+    """How spread out the samples of a batch are, against a uniform shuffle (1.0).
+
+    The mean over full batches of the standard deviation of their samples' positions (e.g.
+    time steps), divided by the same for a uniform shuffle of the same samples into batches
+    of the same size. About 1.0 means batches as varied as a full shuffle's; a batch of
+    consecutive steps gives about ``batch_size / n``.
+
+    Args:
+        batches: Sample numbers of each batch.
+        positions: Position of every sample (indexed by sample number).
+        seed: Seed of the uniform shuffle compared against.
+
+    Example:
+        >>> positions = np.arange(100)
+        >>> consecutive = [np.arange(i, i + 10) for i in range(0, 100, 10)]
+        >>> round(batch_spread(consecutive, positions), 1)   # ten consecutive steps of 100
+        0.1
+    """
+    sizes = [len(batch) for batch in batches]
+    size = max(sizes, default=0)
+    full = [batch for batch in batches if len(batch) == size and size > 1]
+    if not full:
+        return 1.0
+    uniform = np.random.default_rng(seed).permutation(len(positions))
+    reference = uniform[: len(uniform) - len(uniform) % size].reshape(-1, size)
+    spread = float(np.mean([positions[batch].std() for batch in full]))
+    expected = float(positions[reference].std(axis=1).mean())
+    return spread / expected if expected > 0 else 1.0
 
 
 def sample_order(sampler: Iterable[int]) -> np.ndarray:
@@ -281,6 +423,9 @@ class ShardedBatchSampler(DistributedSampler):
         epoch_offset: Trainer epoch minus data epoch. Lightning counts an epoch cut short by
             ``max_steps`` as finished; after resuming such a run the data epochs lag the
             trainer's by one, so that the data continue exactly where they stopped.
+        lookahead: When positive, yield :class:`BatchPlan` items whose hint is the batch
+            ``lookahead`` places later (the same DataLoader worker's next batch when it is
+            the number of workers, or 1 without workers).
 
     Example:
         >>> order = EpochShuffleSampler(10, seed=0)
@@ -300,6 +445,7 @@ class ShardedBatchSampler(DistributedSampler):
         rank: int = 0,
         resume: tuple[int, int] | None = None,
         epoch_offset: int = 0,
+        lookahead: int = 0,
     ) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; the
         # datamodule knows it from the trainer (and tests simulate ranks).
@@ -314,6 +460,7 @@ class ShardedBatchSampler(DistributedSampler):
         self.shuffle = True
         self.resume = resume
         self.epoch_offset = int(epoch_offset)
+        self.lookahead = max(0, int(lookahead))
         self.serving = order.epoch  # data epoch of the pass under way (or the next one)
         self.num_samples = order.n // self.num_replicas
         self.total_size = self.num_samples * self.num_replicas
@@ -342,7 +489,7 @@ class ShardedBatchSampler(DistributedSampler):
         stop = len(block) - len(block) % self.batch_size if self.drop_last else len(block)
         return [block[begin : begin + self.batch_size] for begin in range(0, stop, self.batch_size)]
 
-    def __iter__(self) -> Iterator[np.ndarray]:  # type: ignore[override]
+    def __iter__(self) -> Iterator[np.ndarray | BatchPlan]:  # type: ignore[override]
         # A generator: the epoch is taken when iteration starts, not when iter() is called
         # (torch's worker iterator calls iter() on its sampler twice before using it).
         epoch = self.serving = self.order.epoch
@@ -351,4 +498,10 @@ class ShardedBatchSampler(DistributedSampler):
         if self.resume is not None and self.resume[0] == epoch:
             batches = batches[self.resume[1] :]
             self.resume = None
-        yield from batches
+        if not self.lookahead:
+            yield from batches
+            return
+        step = self.lookahead
+        for number, batch in enumerate(batches):
+            upcoming = batches[number + step] if number + step < len(batches) else None
+            yield BatchPlan(batch, upcoming)

@@ -1,0 +1,502 @@
+"""Cells of a store and how they are decoded into memory.
+
+Out of core, the windowed dims are cut into *cells*: whole storage chunks (see
+:func:`cell_edges`). A decoder fills a cell of every selected variable into a channel-major
+block ``(channel, *cell)`` that the reader provides (a slot of its arena), so that nothing is
+copied twice. Two decoders:
+
+* :class:`XarrayDecoder` reads each variable's region through xarray (``isel(...).values``):
+  any backend xarray opens (netCDF, zarr, dask, in-memory data). Several cells may be decoded
+  in parallel threads.
+* :class:`ZarrDecoder` reads zarr stores through zarr-python 3's asynchronous API: the chunks
+  of every variable of every requested cell are in flight at once on zarr's event loop and
+  decode straight into the block (no temporary array, no per-call round trip).
+* :class:`TensorStoreDecoder` reads local zarr stores (v2 and v3) with TensorStore, whose
+  C++ pipeline decodes straight into the block too. On the global benchmark store (one time
+  step per chunk, 82 channels) it decoded 2.2 GB/s with one thread and 3.1 GB/s with two,
+  against 0.6-0.85 GB/s for zarr-python with one thread (whose per-chunk asyncio and thread
+  hand-offs cost more than the decompression). TensorStore cannot be used in a process
+  forked after it ran (its threads do not survive a fork): such a process (a DataLoader
+  worker forked from a main process that read data) reads through zarr-python instead.
+
+For both, xarray still provides the metadata and labels; the variables' encodings are checked
+so that the values are exactly what xarray would decode (``_FillValue``/``missing_value``
+become NaN, ``scale_factor``/``add_offset`` are applied); any other encoding falls back to
+xarray.
+
+Nothing here knows about samples or Lightning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import xarray as xr
+
+from xr_datamodule.sources import VariableLayout
+
+__all__ = [
+    "CellDecoder",
+    "CfDecoding",
+    "DecodeJob",
+    "TensorStoreDecoder",
+    "XarrayDecoder",
+    "ZarrDecoder",
+    "cell_edges",
+    "variable_view",
+    "zarr_decoding",
+]
+
+MIN_CELL_BYTES = 2**20  # thinner chunks are merged along the first dim (per-cell overhead)
+DEFAULT_CELL_BYTES = 16 * 2**20  # cell size along the first dim of a file without chunks
+
+
+def cell_edges(
+    ds: xr.Dataset,
+    name: str,
+    window_dims: Sequence[str],
+    extent: Sequence[int],
+    itemsize: int,
+    n_channels: int,
+    min_cell_bytes: int | None = None,
+    default_cell_bytes: int = DEFAULT_CELL_BYTES,
+) -> list[np.ndarray]:
+    """Cell boundaries along each windowed dim, aligned with the storage chunks of ``name``.
+
+    Chunks come from dask (``chunksizes``), else from the file's ``preferred_chunks`` /
+    ``chunksizes`` encoding; without either, the first windowed dim is cut into cells of
+    about ``default_cell_bytes``. Chunks are merged only where that pays:
+
+    * a dim that every sample spans whole (a full-field window) is one cell;
+    * along the last dim, chunks are merged until a cell is at least four times the sample's
+      reach beyond one position: a window row that crosses a cell edge there is assembled
+      sample by sample, while samples crossing edges along other dims are gathered with the
+      rest of the batch;
+    * along the first dim, until a cell holds at least ``min_cell_bytes`` (default
+      :data:`MIN_CELL_BYTES`).
+
+    Returns:
+        One int64 array per dim: ``[0, edge_1, ..., length]``.
+    """
+    min_cell_bytes = MIN_CELL_BYTES if min_cell_bytes is None else min_cell_bytes
+    var = ds[name]
+    encoded = var.encoding.get("preferred_chunks") or dict(
+        zip(var.dims, var.encoding.get("chunksizes") or (), strict=False)
+    )
+    lengths: list[list[int]] = []
+    for dim in window_dims:
+        size = ds.sizes[dim]
+        if var.chunks is not None:
+            chunk_lengths = list(var.chunksizes[dim])
+        elif dim in encoded:
+            step = int(encoded[dim])
+            chunk_lengths = [step] * (size // step) + ([size % step] if size % step else [])
+        else:
+            chunk_lengths = [size]
+        lengths.append(chunk_lengths)
+    if var.chunks is None and not encoded:
+        # An unchunked file: cut the first dim so that one cell is about default_cell_bytes.
+        other = int(np.prod([ds.sizes[d] for d in window_dims[1:]])) * n_channels * itemsize
+        step = max(1, default_cell_bytes // max(other, 1))
+        size = ds.sizes[window_dims[0]]
+        lengths[0] = [step] * (size // step) + ([size % step] if size % step else [])
+    last = len(window_dims) - 1
+    edges = []
+    for axis, chunk_lengths in enumerate(lengths):
+        size = sum(chunk_lengths)
+        if extent[axis] >= size:
+            edges.append(np.asarray([0, size], dtype=np.int64))
+            continue
+        minimum = 4 * (extent[axis] - 1) if axis == last else 1
+        if axis == 0:
+            other = int(np.prod([sum(c) for c in lengths[1:]])) * n_channels * itemsize
+            minimum = max(minimum, -(-min_cell_bytes // max(other, 1)))
+        edges.append(_merge_thin(chunk_lengths, minimum))
+    return edges
+
+
+def _merge_thin(chunk_lengths: Sequence[int], minimum: int) -> np.ndarray:
+    """Edges after merging consecutive chunks until each cell spans at least ``minimum``."""
+    edges, run = [0], 0
+    for length in chunk_lengths:
+        run += length
+        if run >= minimum:
+            edges.append(edges[-1] + run)
+            run = 0
+    if run:
+        if len(edges) > 1:
+            edges[-1] += run  # fold a thin remainder into the last cell
+        else:
+            edges.append(run)
+    return np.asarray(edges, dtype=np.int64)
+
+
+def variable_view(
+    block: np.ndarray,
+    channels: slice,
+    layout: VariableLayout,
+    window_dims: Sequence[str],
+    variable_dims: Sequence[str],
+) -> np.ndarray:
+    """The channels of one variable in ``block`` as a view in the variable's own dim order.
+
+    ``block`` is ``(channel, *window)``; the variable's channels are its non-windowed dims in
+    C order (:mod:`xr_datamodule.sources`). Writing the variable's values into the view
+    writes them into the block.
+    """
+    part = block[channels]
+    shaped = part.reshape(*layout.extra_shape, *part.shape[1:])
+    if not np.shares_memory(shaped, block):  # cannot happen for a channel split; be sure
+        raise RuntimeError("internal error: a variable's channels are not a view of the block")
+    current = (*layout.extra_dims, *window_dims)
+    return shaped.transpose([current.index(dim) for dim in variable_dims])
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """One cell to decode: its region per windowed dim and the block to fill."""
+
+    region: dict[str, slice]
+    out: np.ndarray
+
+
+class CellDecoder(Protocol):
+    """Fills blocks ``(channel, *cell)`` with the raw (undecoded-by-us) variable values."""
+
+    def decode(self, jobs: Sequence[DecodeJob]) -> None:
+        """Fill every job's block; raise if any read fails (blocks are then undefined)."""
+
+
+class XarrayDecoder:
+    """Reads each variable's region through xarray; cells in parallel threads if asked.
+
+    Args:
+        ds: The source dataset (any backend).
+        layouts: Channel layout of each variable, in channel order.
+        window_dims: Windowed dims, in block axis order.
+        threads: Cells decoded at once (zarr's and netCDF's decompressors release the GIL).
+    """
+
+    def __init__(
+        self,
+        ds: xr.Dataset,
+        layouts: Sequence[VariableLayout],
+        window_dims: Sequence[str],
+        threads: int = 1,
+    ) -> None:
+        self.dataset = ds[[layout.name for layout in layouts]]
+        self.layouts = list(layouts)
+        self.window_dims = tuple(window_dims)
+        self.threads = max(1, int(threads))
+        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
+        ends = np.cumsum([layout.n_channels for layout in self.layouts])
+        self._channels = [
+            slice(int(end - layout.n_channels), int(end))
+            for layout, end in zip(self.layouts, ends, strict=True)
+        ]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}
+
+    def decode(self, jobs: Sequence[DecodeJob]) -> None:
+        """Decode the jobs, several at once when there are threads for them."""
+        if len(jobs) > 1 and self.threads > 1:
+            list(self._thread_pool().map(self._decode_one, jobs))
+        else:
+            for job in jobs:
+                self._decode_one(job)
+
+    def _decode_one(self, job: DecodeJob) -> None:
+        for layout, channels in zip(self.layouts, self._channels, strict=True):
+            # One variable at a time: only one variable's decoded region is alive beside
+            # the block.
+            variable = self.dataset[layout.name]
+            # Always through isel, also for everything: reading a lazily indexed variable
+            # whole with .values would cache it in the source dataset.
+            whole = {dim: slice(None) for dim in self.window_dims}
+            values = variable.isel({**whole, **job.region}).values
+            view = variable_view(job.out, channels, layout, self.window_dims, variable.dims)
+            view[...] = values
+            del values
+
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        # One pool per process: a forked child must not use its parent's (dead) threads.
+        if self._pool is None or self._pool[0] != os.getpid():
+            self._pool = (os.getpid(), ThreadPoolExecutor(self.threads))
+        return self._pool[1]
+
+
+@dataclass(frozen=True)
+class CfDecoding:
+    """What xarray's CF decoding does to a variable's raw values, which we then do too.
+
+    Args:
+        fill_values: Raw values that become NaN (``_FillValue``, ``missing_value``); NaN
+            itself needs nothing.
+        scale: ``scale_factor``, or None.
+        offset: ``add_offset``, or None.
+    """
+
+    fill_values: tuple[float, ...] = ()
+    scale: float | None = None
+    offset: float | None = None
+
+    @property
+    def is_identity(self) -> bool:
+        """Whether raw values are already what xarray returns."""
+        return not self.fill_values and self.scale is None and self.offset is None
+
+    def apply(self, view: np.ndarray) -> None:
+        """Decode raw values in place (the view holds them in a float dtype)."""
+        for fill in self.fill_values:
+            view[view == fill] = np.nan
+        if self.scale is not None or self.offset is not None:
+            # In float64, then cast once: the value xarray computes.
+            values = view.astype(np.float64)
+            if self.scale is not None:
+                values *= self.scale
+            if self.offset is not None:
+                values += self.offset
+            view[...] = values
+
+
+_EXACT_INTS = {1: np.dtype("float16"), 2: np.dtype("float32"), 4: np.dtype("float64")}
+
+
+def zarr_decoding(variable: xr.DataArray, array: Any, out_dtype: np.dtype) -> CfDecoding | None:
+    """How to turn ``array``'s raw values into ``variable``'s, or None to leave it to xarray.
+
+    Handled: the same dims and shape, and either no decoding, or fill values masked to NaN
+    and scale/offset applied, when the raw values are exact in ``out_dtype``.
+    """
+    dims = getattr(getattr(array, "metadata", None), "dimension_names", None) or array.attrs.get(
+        "_ARRAY_DIMENSIONS"
+    )
+    if dims is None or tuple(dims) != tuple(variable.dims) or array.shape != variable.shape:
+        return None
+    encoding = {**variable.attrs, **variable.encoding}
+    if "_Unsigned" in encoding:
+        return None
+    raw = np.dtype(array.dtype)
+    fills: list[float] = []
+    for key in ("_FillValue", "missing_value"):
+        value = variable.encoding.get(key)
+        if value is None:
+            continue
+        for fill in np.atleast_1d(np.asarray(value)).tolist():
+            if not (isinstance(fill, float) and np.isnan(fill)) and fill not in fills:
+                fills.append(fill)
+    decoding = CfDecoding(
+        tuple(fills), variable.encoding.get("scale_factor"), variable.encoding.get("add_offset")
+    )
+    if decoding.is_identity:
+        return decoding if raw.kind in "fiub" else None
+    if not np.issubdtype(variable.dtype, np.floating) or out_dtype.kind != "f":
+        return None
+    if raw.kind in "iu":
+        exact = _EXACT_INTS.get(raw.itemsize)
+        if exact is None or out_dtype.itemsize < exact.itemsize:
+            return None
+    elif raw.kind == "f":
+        if out_dtype.itemsize < raw.itemsize and fills:
+            return None  # a fill value could collide with a rounded value
+    else:
+        return None
+    return decoding
+
+
+class ZarrDecoder:
+    """Reads cells from zarr arrays with every chunk of every variable in flight at once.
+
+    Uses zarr-python 3's asynchronous arrays (``Array.async_array``) on zarr's own event
+    loop: one round trip per request of cells, however many variables and chunks it holds,
+    and each chunk decoded straight into the block.
+
+    Args:
+        open_arrays: Opens the zarr arrays by variable name; called once in each process
+            (a forked DataLoader worker opens its own store).
+        layouts: Channel layout of each variable, in channel order.
+        window_dims: Windowed dims, in block axis order.
+        variable_dims: Each variable's own dim order (the zarr array's).
+        decodings: What to do to each variable's raw values (see :func:`zarr_decoding`).
+    """
+
+    def __init__(
+        self,
+        open_arrays: Callable[[], Mapping[str, Any]],
+        layouts: Sequence[VariableLayout],
+        window_dims: Sequence[str],
+        variable_dims: Mapping[str, tuple[str, ...]],
+        decodings: Mapping[str, CfDecoding],
+    ) -> None:
+        self.open_arrays = open_arrays
+        self.layouts = list(layouts)
+        self.window_dims = tuple(window_dims)
+        self.variable_dims = dict(variable_dims)
+        self.decodings = dict(decodings)
+        ends = np.cumsum([layout.n_channels for layout in self.layouts])
+        self._channels = [
+            slice(int(end - layout.n_channels), int(end))
+            for layout, end in zip(self.layouts, ends, strict=True)
+        ]
+        self._arrays: tuple[int, Mapping[str, Any]] | None = None  # (owner pid, arrays)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def arrays(self) -> Mapping[str, Any]:
+        """This process's zarr arrays (opened on first use in each process)."""
+        if self._arrays is None or self._arrays[0] != os.getpid():
+            self._arrays = (os.getpid(), self.open_arrays())
+        return self._arrays[1]
+
+    def decode(self, jobs: Sequence[DecodeJob]) -> None:
+        """Read every variable of every job in one round trip on zarr's event loop."""
+        from zarr.core.buffer import default_buffer_prototype
+        from zarr.core.sync import sync
+
+        arrays = self.arrays()
+        prototype = default_buffer_prototype()
+        requests, views = [], []
+        for job in jobs:
+            for layout, channels in zip(self.layouts, self._channels, strict=True):
+                dims = self.variable_dims[layout.name]
+                view = variable_view(job.out, channels, layout, self.window_dims, dims)
+                selection = tuple(job.region.get(dim, slice(None)) for dim in dims)
+                requests.append(
+                    arrays[layout.name].async_array.get_orthogonal_selection(
+                        selection, out=prototype.nd_buffer.from_numpy_array(view)
+                    )
+                )
+                views.append((layout.name, view))
+        if requests:
+            sync(_all(requests))
+        for name, view in views:
+            decoding = self.decodings[name]
+            if not decoding.is_identity:
+                decoding.apply(view)
+
+
+async def _all(requests: Sequence[Any]) -> None:
+    results = await asyncio.gather(*requests, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+
+
+# The process that started TensorStore's threads, if any: a process forked from it must not
+# use TensorStore (it aborts: "fork() use detected").
+_tensorstore_pid: int | None = None
+
+
+def tensorstore_available() -> bool:
+    """Whether TensorStore is installed and may be used in this process."""
+    if _tensorstore_pid not in (None, os.getpid()):
+        return False
+    try:
+        import tensorstore  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class TensorStoreDecoder:
+    """Reads cells of a local zarr store with TensorStore, straight into the blocks.
+
+    Every variable of every requested cell is read at once, each written by TensorStore
+    into the block's view of that variable (a numpy view TensorStore references, no copy).
+    In a process where TensorStore cannot be used (forked after the parent used it), the
+    ``fallback`` decoder reads instead.
+
+    Args:
+        specs: TensorStore spec of each variable's array (opened once in each process).
+        layouts: Channel layout of each variable, in channel order.
+        window_dims: Windowed dims, in block axis order.
+        variable_dims: Each variable's own dim order (the array's).
+        decodings: What to do to each variable's raw values (see :func:`zarr_decoding`).
+        threads: Threads TensorStore decodes with.
+        fallback: The decoder to use where TensorStore cannot run.
+    """
+
+    def __init__(
+        self,
+        specs: Mapping[str, dict[str, Any]],
+        layouts: Sequence[VariableLayout],
+        window_dims: Sequence[str],
+        variable_dims: Mapping[str, tuple[str, ...]],
+        decodings: Mapping[str, CfDecoding],
+        threads: int,
+        fallback: CellDecoder,
+    ) -> None:
+        self.specs = dict(specs)
+        self.layouts = list(layouts)
+        self.window_dims = tuple(window_dims)
+        self.variable_dims = dict(variable_dims)
+        self.decodings = dict(decodings)
+        self.threads = max(1, int(threads))
+        self.fallback = fallback
+        ends = np.cumsum([layout.n_channels for layout in self.layouts])
+        self._channels = [
+            slice(int(end - layout.n_channels), int(end))
+            for layout, end in zip(self.layouts, ends, strict=True)
+        ]
+        self._arrays: tuple[int, Mapping[str, Any]] | None = None  # (owner pid, arrays)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_arrays": None}
+
+    def _open(self) -> Mapping[str, Any] | None:
+        global _tensorstore_pid
+        if self._arrays is not None and self._arrays[0] == os.getpid():
+            return self._arrays[1]
+        if not tensorstore_available():
+            return None
+        import tensorstore as ts
+
+        _tensorstore_pid = os.getpid()
+        context = ts.Context(
+            {
+                "data_copy_concurrency": {"limit": self.threads},
+                "file_io_concurrency": {"limit": max(4, self.threads)},
+                "cache_pool": {"total_bytes_limit": 0},  # cells are cached decoded, by us
+            }
+        )
+        futures = {
+            name: ts.open(spec, read=True, context=context) for name, spec in self.specs.items()
+        }
+        self._arrays = (os.getpid(), {name: f.result() for name, f in futures.items()})
+        return self._arrays[1]
+
+    def decode(self, jobs: Sequence[DecodeJob]) -> None:
+        """Write every variable of every job into its block, all reads in flight at once."""
+        arrays = self._open()
+        if arrays is None:
+            self.fallback.decode(jobs)
+            return
+        import tensorstore as ts
+
+        writes, views = [], []
+        for job in jobs:
+            for layout, channels in zip(self.layouts, self._channels, strict=True):
+                dims = self.variable_dims[layout.name]
+                view = variable_view(job.out, channels, layout, self.window_dims, dims)
+                source = arrays[layout.name][
+                    tuple(job.region.get(dim, slice(None)) for dim in dims)
+                ]
+                target = ts.array(view, copy=False, write=True)
+                if source.dtype != target.dtype:
+                    source = ts.cast(source, target.dtype)
+                writes.append(target.write(source))
+                views.append((layout.name, view))
+        for write in writes:
+            write.result()
+        for name, view in views:
+            decoding = self.decodings[name]
+            if not decoding.is_identity:
+                decoding.apply(view)
