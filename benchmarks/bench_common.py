@@ -78,8 +78,15 @@ class RssMonitor:
 
     @staticmethod
     def pss() -> int:
+        """PSS of this process, its children and, in a case's child, the fork server.
+
+        The fork server shares its pages (the imported libraries) with every process forked
+        from it: a case's DataLoader workers take a share of them that the fork server then
+        no longer counts, so only the sum over all of them measures what the case added.
+        """
         me = os.getpid()
-        return rss_of(me) + sum(rss_of(c) for c in child_pids(me))
+        total = rss_of(me) + sum(rss_of(c) for c in child_pids(me))
+        return total + (rss_of(os.getppid()) if _in_case_child else 0)
 
 
 _PRELOAD = ["numpy", "torch", "xarray", "zarr", "lightning.pytorch", "xr_datamodule"]
@@ -106,7 +113,12 @@ def in_child(function: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
+_in_case_child = False  # set in the child a case runs in
+
+
 def _run(send: Any, function: Callable[..., Any], args: tuple) -> None:
+    global _in_case_child
+    _in_case_child = True
     # A child of the fork server inherits its start method; DataLoader workers in a user's
     # process on Linux are forked.
     multiprocessing.set_start_method("fork", force=True)

@@ -154,6 +154,17 @@ def test_valid_base_config_builds(small_ds):
         ),
         (dict(multiprocessing_context="thread"), ValueError, r"multiprocessing_context must be"),
         (dict(num_workers=-1), ValueError, r"num_workers must be an integer >= 0"),
+        (
+            dict(shuffle="random"),
+            ValueError,
+            r"shuffle must be one of \('auto', 'chunks', 'full'\), got 'random'",
+        ),
+        (
+            dict(shuffle_chunks=0),
+            ValueError,
+            r"shuffle_chunks must be a positive integer or 'auto'",
+        ),
+        (dict(shuffle_chunks="many"), TypeError, r"shuffle_chunks must be a positive integer or"),
         # variables given wrongly
         (dict(input_vars="a"), TypeError, r"input_vars must be a list of variable names"),
         (dict(input_vars=["a", "a"]), ValueError, r"listed more than once"),

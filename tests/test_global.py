@@ -91,7 +91,7 @@ def test_an_epoch_gives_isel_batches_each_sample_once(tmp_path, chunk, shuffle, 
         starts = dm.indices["train"].starts(batch)
         reference_x = reference_windows(ds, ["u", "t2m"], geometry.dims, starts, (2, N_LAT, N_LON))
         reference_y = reference_windows(
-            ds, ["u", "t2m"], geometry.dims, starts + [2, 0, 0], (1, N_LAT, N_LON)
+            ds, ["u", "t2m"], geometry.dims, starts + np.array([2, 0, 0]), (1, N_LAT, N_LON)
         )
         np.testing.assert_array_equal(X.numpy(), reference_x)
         np.testing.assert_array_equal(y.numpy(), reference_y)

@@ -24,6 +24,7 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader, SequentialSampler
 
+from xr_datamodule import decode as decode_module
 from xr_datamodule.collate import DEFAULT_RING_SLOTS, collate_batch
 from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
 from xr_datamodule.decode import (
@@ -63,6 +64,7 @@ from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 __all__ = ["XarrayDataModule"]
 
 logger = logging.getLogger(__name__)
+_warned_tensorstore_fork = False  # the warning of _warn_if_workers_lose_tensorstore, once
 
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
@@ -84,12 +86,12 @@ STAGE_SPLITS = {
 }
 
 
-def _positive_int(value: Any, what: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+def _positive_int(value: Any, what: str, minimum: int = 1, what_else: str = "") -> int:
+    number = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not number or value < minimum:
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise (TypeError if not isinstance(value, (int, np.integer)) else ValueError)(
-            f"{what} must be {kind}, got {value!r}"
-        )
+        kind = f"{kind} {what_else}" if what_else else kind
+        raise (TypeError if not number else ValueError)(f"{what} must be {kind}, got {value!r}")
     return int(value)
 
 
@@ -378,7 +380,7 @@ class XarrayDataModule(pl.LightningDataModule):
             raise ValueError(f"load must be one of {LOAD_CHOICES}, got {load!r}")
         self.load = load
         if shuffle_chunks != "auto":
-            _positive_int(shuffle_chunks, "shuffle_chunks")
+            _positive_int(shuffle_chunks, "shuffle_chunks", what_else="or 'auto'")
         self.shuffle_chunks = shuffle_chunks
         if shuffle not in SHUFFLES:
             raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
@@ -783,7 +785,7 @@ class XarrayDataModule(pl.LightningDataModule):
         # Each stream keeps the cells of its current sample; within a batch, streams move on
         # to their next cell about batch_size / samples-per-cell times.
         moves = math.ceil(self.batch_size / self._samples_per_cell())
-        return parts_read * (streams * per_sample + moves) + 1
+        return parts_read * (streams * per_sample + moves)
 
     @property
     def _decode_threads(self) -> int:
@@ -991,6 +993,7 @@ class XarrayDataModule(pl.LightningDataModule):
                 raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
             return []
         dataset = self._dataset(split)
+        self._warn_if_workers_lose_tensorstore(dataset)
         if split == "train" and self.style == "iterable":
             settings = self.loader_settings
             if self.num_workers > 0:
@@ -1018,6 +1021,26 @@ class XarrayDataModule(pl.LightningDataModule):
             collate_fn=self._collate,
             **self.loader_settings,
         )
+
+    def _warn_if_workers_lose_tensorstore(self, dataset: XarrayWindowDataset) -> None:
+        """Forked workers cannot use TensorStore once this process has: say so, once."""
+        decoder = getattr(dataset.reader, "decoder", None)
+        forked = self.multiprocessing_context in (None, "fork") and sys.platform != "win32"
+        if (
+            self.num_workers > 0
+            and forked
+            and isinstance(decoder, TensorStoreDecoder)
+            and not decode_module.forked_workers_may_use_tensorstore()
+        ):
+            global _warned_tensorstore_fork
+            if not _warned_tensorstore_fork:
+                _warned_tensorstore_fork = True
+                logger.warning(
+                    "this process has read through TensorStore, which does not survive a "
+                    "fork: DataLoader workers forked from it read through zarr-python instead, "
+                    "which decodes 2-3x slower. Read only in workers (num_workers > 0 "
+                    "throughout), or pass multiprocessing_context='forkserver'."
+                )
 
     def _eval_order(self, requested: str, dataset: XarrayWindowDataset) -> Any:
         # Out of core with workers, validation and test deal one contiguous run of batches to

@@ -30,6 +30,7 @@ Nothing here knows about samples or Lightning.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -395,15 +396,20 @@ async def _all(requests: Sequence[Any]) -> None:
 _tensorstore_pid: int | None = None
 
 
+def forked_workers_may_use_tensorstore() -> bool:
+    """Whether a process forked from this one now could use TensorStore (it has not run)."""
+    return _tensorstore_pid is None
+
+
 def tensorstore_available() -> bool:
-    """Whether TensorStore is installed and may be used in this process."""
+    """Whether TensorStore is installed and may be used in this process (not imported here).
+
+    A process that only hands out work (the main process, with DataLoader workers) then
+    never loads it.
+    """
     if _tensorstore_pid not in (None, os.getpid()):
         return False
-    try:
-        import tensorstore  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("tensorstore") is not None
 
 
 class TensorStoreDecoder:
@@ -463,7 +469,8 @@ class TensorStoreDecoder:
         context = ts.Context(
             {
                 "data_copy_concurrency": {"limit": self.threads},
-                "file_io_concurrency": {"limit": max(4, self.threads)},
+                # As many reading threads: each more keeps its own malloc arena.
+                "file_io_concurrency": {"limit": self.threads},
                 "cache_pool": {"total_bytes_limit": 0},  # cells are cached decoded, by us
             }
         )
