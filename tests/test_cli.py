@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("xr-datamodule")
@@ -52,9 +53,32 @@ def test_bench_measures_and_recommends():
         "bench", "--config", "examples/synthetic.yaml", "--batches", "5", "--workers", "0", "1"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "num_workers=0:" in result.stdout and "num_workers=1:" in result.stdout
+    assert "num_workers=0, shuffle='full':" in result.stdout
+    assert "num_workers=1, shuffle='full':" in result.stdout
     assert "samples/s" in result.stdout and "MB/s" in result.stdout
+    assert "batch spread 1.0" in result.stdout or "batch spread 0.9" in result.stdout
     assert "recommendation: num_workers=" in result.stdout
+
+
+def test_bench_compares_the_training_orders_out_of_core(tmp_path):
+    config = yaml.safe_load((ROOT / "examples" / "synthetic.yaml").read_text())
+    config["data"]["load"] = False
+    path = tmp_path / "out_of_core.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = run(
+        "bench",
+        "--config",
+        str(path),
+        "--batches",
+        "3",
+        "--workers",
+        "0",
+        "--shuffle",
+        "chunks",
+        "full",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shuffle='chunks'" in result.stdout and "shuffle='full'" in result.stdout
 
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])

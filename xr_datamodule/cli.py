@@ -67,48 +67,61 @@ def _data_arguments(config: str) -> dict[str, Any]:
     return dict(data.get("init_args", data))
 
 
-def bench(args: Sequence[str] | None = None) -> dict[int, float]:
+def bench(args: Sequence[str] | None = None) -> dict[tuple[int, str], float]:
     """``xr-datamodule bench``: time the configured training loader as a user would run it.
 
-    For each ``--workers`` value, builds the datamodule from the config's ``data`` section,
-    times the first batch (from construction) and then ``--batches`` batches, with a
-    progress bar, and prints samples/s and MB/s; it ends with the setting to use and why.
+    For each ``--workers`` value (and each ``--shuffle`` order, if given), builds the
+    datamodule from the config's ``data`` section, times the first batch (from
+    construction) and then ``--batches`` batches, with a progress bar, and prints
+    samples/s, MB/s and the batch spread (how varied batches are along the split dim, 1.0
+    for a full shuffle; see ``XarrayDataModule.batch_spread``); it ends with the setting to
+    use and why.
 
     Returns:
-        Delivered MB/s per number of workers.
+        Delivered MB/s per (number of workers, training order).
     """
     parser = argparse.ArgumentParser(prog="xr-datamodule bench", description=bench.__doc__)
     parser.add_argument("--config", required=True, help="a YAML config with a 'data' section")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument(
+        "--shuffle",
+        nargs="+",
+        default=None,
+        choices=["auto", "chunks", "full"],
+        help="training orders to compare (default: the config's)",
+    )
     parser.add_argument("--batches", type=int, default=200, help="batches timed per setting")
     options = parser.parse_args(args)
     data_args = _data_arguments(options.config)
-    rates: dict[int, float] = {}
-    for workers in options.workers:
-        began = time.perf_counter()
-        dm = XarrayDataModule(**{**data_args, "num_workers": workers})
-        dm.setup("fit")
-        batches = iter(dm.train_dataloader())
-        first_batch = next(batches)
-        first = time.perf_counter() - began
-        nbytes = samples = 0
-        timed = time.perf_counter()
-        total = min(options.batches, len(dm.train_dataloader()) - 1)
-        for inputs, targets in tqdm(
-            islice(batches, total), total=total, desc=f"num_workers={workers}", leave=False
-        ):
-            nbytes += inputs.nbytes + targets.nbytes
-            samples += len(inputs)
-        seconds = max(time.perf_counter() - timed, 1e-9)
-        rates[workers] = nbytes / seconds / 1e6
-        mode = "in memory" if dm.loads_into_memory else "out of core"
-        print(
-            f"num_workers={workers}: {samples / seconds:,.0f} samples/s, "
-            f"{rates[workers]:,.1f} MB/s, first batch after {first:.2f} s ({mode}, "
-            f"batch {tuple(first_batch[0].shape)})"
-        )
-    best = max(rates, key=rates.__getitem__)
-    others = [rate for workers, rate in rates.items() if workers != best]
+    rates: dict[tuple[int, str], float] = {}
+    for shuffle in options.shuffle or [data_args.get("shuffle", "auto")]:
+        for workers in options.workers:
+            began = time.perf_counter()
+            dm = XarrayDataModule(**{**data_args, "num_workers": workers, "shuffle": shuffle})
+            dm.setup("fit")
+            batches = iter(dm.train_dataloader())
+            first_batch = next(batches)
+            first = time.perf_counter() - began
+            nbytes = samples = 0
+            timed = time.perf_counter()
+            total = min(options.batches, len(dm.train_dataloader()) - 1)
+            for inputs, targets in tqdm(
+                islice(batches, total), total=total, desc=f"num_workers={workers}", leave=False
+            ):
+                nbytes += inputs.nbytes + targets.nbytes
+                samples += len(inputs)
+            seconds = max(time.perf_counter() - timed, 1e-9)
+            key = (workers, dm.train_shuffle)
+            rates[key] = nbytes / seconds / 1e6
+            mode = "in memory" if dm.loads_into_memory else "out of core"
+            print(
+                f"num_workers={workers}, shuffle={dm.train_shuffle!r}: "
+                f"{samples / seconds:,.0f} samples/s, {rates[key]:,.1f} MB/s, first batch "
+                f"after {first:.2f} s, batch spread {dm.batch_spread():.2f} ({mode}, batch "
+                f"{tuple(first_batch[0].shape)})"
+            )
+    (workers, shuffle) = best = max(rates, key=rates.__getitem__)
+    others = [rate for key, rate in rates.items() if key != best]
     reason = (
         f"it delivered {rates[best]:,.1f} MB/s, {rates[best] / max(others):.1f}x the "
         "next best setting"
@@ -116,9 +129,10 @@ def bench(args: Sequence[str] | None = None) -> dict[int, float]:
         else "it is the only setting measured"
     )
     print(
-        f"recommendation: num_workers={best}, because {reason}; with the data "
-        f"{'in memory' if dm.loads_into_memory else 'read out of core'}, as load="
-        f"{data_args.get('load', 'auto')!r} decides."
+        f"recommendation: num_workers={workers}, shuffle={shuffle!r}, because {reason}; with "
+        f"the data {'in memory' if dm.loads_into_memory else 'read out of core'}, as load="
+        f"{data_args.get('load', 'auto')!r} decides. The batch spread says what the order "
+        "gives up for its speed."
     )
     return rates
 
