@@ -326,3 +326,44 @@ def test_workers_open_their_own_netcdf3_handles(era_path):
     for child in children:
         child.join(timeout=60)
     assert results == ["ok"] * 3
+
+
+def test_a_batch_whose_cells_are_decoding_in_the_background_waits_for_them(
+    small_ds, tmp_path, monkeypatch
+):
+    import time
+
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    path = tmp_path / "cells.zarr"
+    small_ds.chunk({"time": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["a", "b"],
+        input_dims={"time": 3, "lat": 12, "lon": 10},
+        input_overlap={"time": 2},
+        splits={"train": 1.0},
+        load=False,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    reader = dataset.reader
+    reader.decode_threads = 2  # decode the next batch in the background, whatever the cores
+    slow = reader.decoder.decode
+
+    def decode_slowly(jobs):
+        time.sleep(0.2)  # the background decode is still running when the next read comes
+        slow(jobs)
+
+    monkeypatch.setattr(reader.decoder, "decode", decode_slowly)
+    first, second = np.array([0, 1]), np.array([20, 30])
+    batch = dataset.__getitems__(first, upcoming=second)
+    assert reader._pending is not None and not reader._pending.done()
+    later = dataset.__getitems__(second)  # its cells are being decoded: it waits for them
+    for ids, got in ((first, batch), (second, later)):
+        starts = dm.indices["train"].starts(ids)
+        expected = reference_windows(small_ds, ["a", "b"], dm.window_dims, starts, (3, 12, 10))
+        np.testing.assert_array_equal(got.inputs, expected.astype(np.float32))
+    # Each cell was decoded once: the read used what the background decoded.
+    touched = {2 * (t // 2) for s in (0, 1, 20, 30) for t in range(s, s + 3)}
+    assert reader.cells_read == len(touched)

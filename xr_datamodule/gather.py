@@ -31,7 +31,7 @@ import itertools
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -394,7 +394,9 @@ class ChunkedReader(WindowReader):
         self._slots: OrderedDict[int, int] = OrderedDict()  # cell -> slot, LRU
         self._free: list[int] = []  # slots holding no cell
         self._busy: set[int] = set()  # cells being decoded (by a background prefetch)
+        self._pinned: Counter[int] = Counter()  # cells a batch is being copied from
         self._lock = threading.Lock()  # the bookkeeping above, shared with the prefetch
+        self._ready = threading.Condition(self._lock)  # a decoding finished
         self._arena: np.ndarray | None = None  # allocated on first read (in each worker)
         self._prefetcher: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
         self._pending: Future | None = None
@@ -458,7 +460,9 @@ class ChunkedReader(WindowReader):
             _slots=OrderedDict(),
             _free=[],
             _busy=set(),
+            _pinned=Counter(),
             _lock=None,
+            _ready=None,
             cells_read=0,
             _prefetcher=None,
             _pending=None,
@@ -468,6 +472,7 @@ class ChunkedReader(WindowReader):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)
 
     def resize_cache(self, cache_cells: int) -> None:
         """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
@@ -477,13 +482,14 @@ class ChunkedReader(WindowReader):
 
     # ------------------------------------------------------------------ the arena
 
-    def _slots_for(self, keys: Sequence[int]) -> list[int]:
+    def _slots_for(self, keys: Sequence[int], wait: bool = True) -> list[int]:
         """Arena slots holding the cells ``keys``, decoding the missing ones.
 
         The cached ones are marked recent first, so that the missing ones replace other
-        cells; cells another thread is decoding are never replaced. When no slot can be
-        replaced the remaining keys are skipped (their slot is -1): a read always fits (see
-        :meth:`_gather_cells`), a background prefetch may not.
+        cells; cells being decoded (by another thread) or copied from are never replaced.
+        A cell another thread is decoding is waited for (unless ``wait`` is false: a
+        prefetch). When no slot can be replaced the remaining keys are skipped (their slot
+        is -1): a read always fits (see :meth:`_gather_cells`), a prefetch may not.
         """
         with self._lock:
             for key in keys:
@@ -494,8 +500,9 @@ class ChunkedReader(WindowReader):
                     (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
                 )
                 self._free = list(range(self.cache_cells - 1, -1, -1))
+            others = [key for key in keys if key in self._busy]  # decoded by another thread
             missing = []
-            avoid = set(keys) | self._busy
+            avoid = set(keys) | self._busy | set(self._pinned)
             for key in keys:
                 if key in self._slots:
                     continue
@@ -512,15 +519,22 @@ class ChunkedReader(WindowReader):
                 for job in jobs:
                     self._prepare(job.out)
         except BaseException:
-            with self._lock:
+            with self._ready:
                 for key, slot in missing:  # these slots hold no valid cell now
                     del self._slots[key]
                     self._free.append(slot)
                     self._busy.discard(key)
+                self._ready.notify_all()
             raise
-        with self._lock:
+        with self._ready:
             self._busy.difference_update(key for key, _ in missing)
             self.cells_read += len(missing)
+            self._ready.notify_all()
+            if wait:
+                while any(key in self._busy for key in others):
+                    self._ready.wait()
+                if any(key not in self._slots for key in others):  # its decoding failed
+                    return self._slots_for(keys)
             return [self._slots.get(key, -1) for key in keys]
 
     def _replaceable(self, avoid: set[int]) -> int | None:
@@ -550,16 +564,15 @@ class ChunkedReader(WindowReader):
     # ------------------------------------------------------------------ prefetching
 
     def _prefetch(self, base_starts: np.ndarray) -> None:
-        """Decode the cells these samples touch in the background (while the batch is used).
+        """Decode the cells these samples touch in the background.
 
-        The next :meth:`gather` waits for it first; only what fits in the arena is fetched.
-        (Decoding while the batch is copied out instead gained nothing on 2 cores: the
-        copy and the decoder's threads then compete for them.)
+        Only what fits in the arena beside the cells being copied from is fetched; a read
+        that needs a cell still being decoded waits for it.
         """
         self._await_prefetch()
         keys = self._span_keys(np.asarray(base_starts, dtype=np.int64), self.extent)
         keys = keys[: self.cache_cells].tolist()
-        self._pending = self._prefetch_pool().submit(self._slots_for, keys)
+        self._pending = self._prefetch_pool().submit(self._slots_for, keys, False)
 
     def _await_prefetch(self) -> None:
         pending, self._pending = self._pending, None
@@ -603,9 +616,9 @@ class ChunkedReader(WindowReader):
         """One copy per cut for the whole batch; rows crossing a last-dim edge one by one.
 
         With ``upcoming`` (and decode threads), the next batch's cells are decoded in the
-        background once this batch is copied out, while it is used.
+        background from the moment this batch's cells are ready: while it is copied out of
+        the arena and while it is used.
         """
-        self._await_prefetch()
         base = np.asarray(base_starts, dtype=np.int64)
         outs = list(outs) if outs is not None else _empty_outputs(len(base), cuts, self.dtype)
         if self.decode_threads < 2 or upcoming is None or not len(upcoming):
@@ -620,13 +633,14 @@ class ChunkedReader(WindowReader):
                 out[row] = part[0]
         rows = np.flatnonzero(~split)
         if rows.size == len(base):
-            self._gather_cells(base, cuts, outs)
-        elif rows.size:
+            self._gather_cells(base, cuts, outs, upcoming)
+            return outs
+        if rows.size:
             parts = _empty_outputs(rows.size, cuts, self.dtype)
-            self._gather_cells(base[rows], cuts, parts)
+            self._gather_cells(base[rows], cuts, parts, upcoming)
             for out, part in zip(outs, parts, strict=True):
                 out[rows] = part
-        if upcoming is not None:
+        elif upcoming is not None:
             self._prefetch(upcoming)
         return outs
 
@@ -643,20 +657,42 @@ class ChunkedReader(WindowReader):
             split |= self.cell_of(lo, last) != self.cell_of(lo + cut.size[last] - 1, last)
         return split
 
-    def _gather_cells(self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray]) -> None:
-        """Gather samples whose rows each lie in one cell, in waves that fit the arena."""
+    def _gather_cells(
+        self,
+        base: np.ndarray,
+        cuts: Sequence[Cut],
+        outs: list[np.ndarray],
+        upcoming: np.ndarray | None = None,
+    ) -> None:
+        """Gather samples whose rows each lie in one cell, in waves that fit the arena.
+
+        Once this batch's cells are ready, the next batch's (``upcoming``) are decoded in the
+        background while the runs are copied; the cells copied from are kept meanwhile.
+        """
         runs = [_runs(self._memory, base, cut) for cut in cuts]
         needed = np.unique(np.concatenate([r.keys.reshape(-1) for r in runs]))
         if len(needed) > self.cache_cells:
             self._gather_in_waves(base, cuts, outs, runs)
+            if upcoming is not None:
+                self._prefetch(upcoming)
             return
-        slots = np.asarray(self._slots_for(needed.tolist()), dtype=np.int64)
+        keys = needed.tolist()
+        slots = np.asarray(self._slots_for(keys), dtype=np.int64)
         if (slots < 0).any():
             raise RuntimeError("internal error: a batch's cells did not fit in the arena")
-        assert self._arena is not None
-        for r, out in zip(runs, outs, strict=True):
-            slot = slots[np.searchsorted(needed, r.keys)]
-            _take_runs(self._arena, r.width, r.within + slot * self._memory.slot_items, out)
+        with self._lock:
+            self._pinned.update(keys)
+        try:
+            if upcoming is not None:
+                self._prefetch(upcoming)
+            assert self._arena is not None
+            for r, out in zip(runs, outs, strict=True):
+                slot = slots[np.searchsorted(needed, r.keys)]
+                _take_runs(self._arena, r.width, r.within + slot * self._memory.slot_items, out)
+        finally:
+            with self._lock:
+                self._pinned.subtract(keys)
+                self._pinned += Counter()  # drop the cells no copy uses any more
 
     def _gather_in_waves(
         self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray], runs: list[_Runs]
