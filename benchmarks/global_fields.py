@@ -113,23 +113,21 @@ class DecodeCounter:
             return
         chunks, cells = self.chunks, self.cells
         decode_chunk = ZstdCodec._decode_sync
-        slots_for = ChunkedReader._slots_for
+        make_job = ChunkedReader._job
 
         def counted_chunk(codec: ZstdCodec, *args: object, **kwargs: object) -> object:
             with chunks.get_lock():
                 chunks.value += 1
             return decode_chunk(codec, *args, **kwargs)
 
-        def counted_cells(reader: ChunkedReader, keys: list) -> list:
-            before = reader.cells_read
-            try:
-                return slots_for(reader, keys)
-            finally:
-                with cells.get_lock():
-                    cells.value += reader.cells_read - before
+        def counted_cells(reader: ChunkedReader, *args: object, **kwargs: object) -> object:
+            # One job per cell decoded, whichever thread (read or prefetch) decodes it.
+            with cells.get_lock():
+                cells.value += 1
+            return make_job(reader, *args, **kwargs)
 
         ZstdCodec._decode_sync = counted_chunk  # type: ignore[method-assign]
-        ChunkedReader._slots_for = counted_cells  # type: ignore[method-assign]
+        ChunkedReader._job = counted_cells  # type: ignore[method-assign]
         ChunkedReader._counted = True  # type: ignore[attr-defined]
 
     def reset(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -367,3 +368,47 @@ def test_a_batch_whose_cells_are_decoding_in_the_background_waits_for_them(
     # Each cell was decoded once: the read used what the background decoded.
     touched = {2 * (t // 2) for s in (0, 1, 20, 30) for t in range(s, s + 3)}
     assert reader.cells_read == len(touched)
+
+
+def test_a_failed_prefetch_holds_no_batch_alive(small_ds, tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    path = tmp_path / "cells.zarr"
+    small_ds.chunk({"time": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 12, "lon": 10},
+        input_overlap={"time": 2},
+        splits={"train": 1.0},
+        load=False,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    reader = dataset.reader
+    reader.decode_threads = 2
+    decode_now = reader.decoder.decode
+
+    def fail_in_background(jobs):
+        if threading.current_thread() is not threading.main_thread():
+            raise OSError("chunk lost")
+        decode_now(jobs)
+
+    monkeypatch.setattr(reader.decoder, "decode", fail_in_background)
+    gc.disable()
+    try:
+        dataset.__getitems__(np.array([0, 1]), upcoming=np.array([20, 30]))
+        batch = dataset.__getitems__(np.array([20, 30]), upcoming=np.array([10]))
+        alive = weakref.ref(batch.inputs)
+        # The failed prefetch was retried by the read that needed its cells.
+        starts = dm.indices["train"].starts(np.array([20, 30]))
+        expected = reference_windows(small_ds, ["a"], dm.window_dims, starts, (3, 12, 10))
+        np.testing.assert_array_equal(batch.inputs, expected.astype(np.float32))
+        dataset.__getitems__(np.array([10]))  # awaits the second failed prefetch
+        del batch
+        assert alive() is None  # freed at once, not left to the garbage collector
+    finally:
+        gc.enable()

@@ -577,10 +577,11 @@ class ChunkedReader(WindowReader):
     def _await_prefetch(self) -> None:
         pending, self._pending = self._pending, None
         if pending is not None:
-            try:
-                pending.result()
-            except Exception:
-                pass
+            # A failed prefetch is not an error of this batch: the read that needs those
+            # cells decodes them again and raises then. exception() waits without raising;
+            # re-raising here would tie this frame (and the batch buffers of its callers)
+            # into a cycle with the stored exception that only the garbage collector breaks.
+            pending.exception()
 
     def _prefetch_pool(self) -> ThreadPoolExecutor:
         # One thread per process: a forked child must not use its parent's (dead) thread.
