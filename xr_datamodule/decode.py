@@ -401,13 +401,20 @@ def forked_workers_may_use_tensorstore() -> bool:
     return _tensorstore_pid is None
 
 
+TENSORSTORE_SWITCH = "XR_DATAMODULE_TENSORSTORE"  # "0": read local zarr with zarr-python
+
+
 def tensorstore_available() -> bool:
     """Whether TensorStore is installed and may be used in this process (not imported here).
+
+    ``XR_DATAMODULE_TENSORSTORE=0`` in the environment turns it off (zarr-python reads).
 
     A process that only hands out work (the main process, with DataLoader workers) then
     never loads it.
     """
     if _tensorstore_pid not in (None, os.getpid()):
+        return False
+    if os.environ.get(TENSORSTORE_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     return importlib.util.find_spec("tensorstore") is not None
 
