@@ -22,7 +22,7 @@ from xr_datamodule import XarrayDataModule
 class Recorder(pl.LightningModule):
     """Records the sample ids (the input values) of every training batch."""
 
-    def __init__(self, out_dir: str) -> None:
+    def __init__(self, out_dir: str | None = None) -> None:
         super().__init__()
         self.layer = torch.nn.Linear(1, 1)
         self.out_dir = out_dir
@@ -34,6 +34,8 @@ class Recorder(pl.LightningModule):
         return self.layer(inputs.reshape(-1, 1).float()).pow(2).mean()
 
     def on_train_end(self) -> None:
+        if self.out_dir is None:  # in-process tests read `seen` instead
+            return
         path = Path(self.out_dir) / f"rank{self.global_rank}.json"
         path.write_text(json.dumps({"epochs": self.seen, "world": self.trainer.world_size}))
 

@@ -159,7 +159,7 @@ def chunked_store(tmp_path: Path) -> Path:
 
 def train_batches(dm: XarrayDataModule) -> list[np.ndarray]:
     """The next epoch's training batches of the datamodule, as arrays of sample numbers."""
-    items = dm._train_batches(dm.datasets["train"])
+    items = dm._train_batches()
     return [item.ids if isinstance(item, BatchPlan) else item for item in items]
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -13,13 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).with_name("xr-datamodule")
 
 
+SYNTHETIC = str(ROOT / "examples" / "synthetic.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # what a run writes (logs, checkpoints) stays out of the clone
+
+
 def run(*args: str) -> subprocess.CompletedProcess:
+    """The console script in the current directory (a test's temporary one)."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "xr_datamodule.cli"]
-    return subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=240)
 
 
 def test_fit_synthetic_config_fast_dev_run():
-    result = run("fit", "--config", "examples/synthetic.yaml", "--trainer.fast_dev_run=true")
+    result = run("fit", "--config", SYNTHETIC, "--trainer.fast_dev_run=true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fast_dev_run" in result.stderr + result.stdout
 
@@ -28,7 +38,7 @@ def test_fit_netcdf_config_fast_dev_run(era_path):
     result = run(
         "fit",
         "--config",
-        "examples/netcdf.yaml",
+        str(ROOT / "examples" / "netcdf.yaml"),
         "--data.data",
         str(era_path),
         "--trainer.fast_dev_run=true",
@@ -40,7 +50,7 @@ def test_cli_reports_bad_config_clearly():
     result = run(
         "fit",
         "--config",
-        "examples/synthetic.yaml",
+        SYNTHETIC,
         "--data.input_vars=[t2m,nope]",
         "--trainer.fast_dev_run=true",
     )
@@ -49,9 +59,7 @@ def test_cli_reports_bad_config_clearly():
 
 
 def test_bench_measures_and_recommends():
-    result = run(
-        "bench", "--config", "examples/synthetic.yaml", "--batches", "5", "--workers", "0", "1"
-    )
+    result = run("bench", "--config", SYNTHETIC, "--batches", "5", "--workers", "0", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "num_workers=0, shuffle='full':" in result.stdout
     assert "num_workers=1, shuffle='full':" in result.stdout
@@ -85,3 +93,42 @@ def test_bench_compares_the_training_orders_out_of_core(tmp_path):
 def test_other_subcommands_exist(subcommand):
     result = run(subcommand, "--help")
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_main_job_leaves_a_checkpoint_metrics_and_predictions_on_the_grid(tmp_path):
+    import xarray as xr
+
+    from xr_datamodule import make_weather
+
+    short = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=6")
+    fitted = run("fit", "--config", SYNTHETIC, *short, "--trainer.enable_progress_bar=false")
+    assert fitted.returncode == 0, fitted.stderr[-3000:]
+    out = fitted.stdout
+    assert "val loss of the model:" in out
+    assert "persistence  baseline:" in out and "climatology  baseline:" in out
+    best = Path(out.split("best checkpoint: ")[1].split()[0])
+    assert best.exists() and best.name == "best.ckpt"
+    metrics = Path(out.split("metrics: ")[1].split()[0])
+    assert "val_loss" in metrics.read_text().splitlines()[0]
+    assert f"next: xr-datamodule predict --config {SYNTHETIC} --ckpt_path {best}" in out
+
+    tested = run("test", "--config", SYNTHETIC, "--ckpt_path", str(best))
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    assert "test loss of the model:" in tested.stdout
+    assert "persistence  baseline:" in tested.stdout
+
+    predicted = run("predict", "--config", SYNTHETIC, "--ckpt_path", str(best))
+    assert predicted.returncode == 0, predicted.stderr[-3000:]
+    output = tmp_path / "lightning_logs" / "demo" / "predictions.nc"
+    assert f"predictions: {output.relative_to(tmp_path)}" in predicted.stdout
+    assert (tmp_path / "lightning_logs" / "demo" / "prediction.png").stat().st_size > 0
+    source = make_weather()
+    with xr.open_dataset(output) as grid:
+        assert list(grid.data_vars) == ["t2m"]
+        np.testing.assert_array_equal(grid.lat, source.lat)
+        np.testing.assert_array_equal(grid.lon, source.lon)
+        test_times = source.time.sel(time=slice("2019-03-26", "2019-03-31T23"))
+        np.testing.assert_array_equal(grid.time, test_times)
+        # The targets start 2 steps into the test split: what no window reaches is NaN.
+        assert grid.t2m.isel(time=slice(0, 2)).isnull().all()
+        assert grid.t2m.isel(time=slice(2, None)).notnull().all()

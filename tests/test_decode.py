@@ -159,9 +159,9 @@ def test_workers_after_the_main_process_read_still_give_isel_batches(tmp_path, c
     with caplog.at_level("WARNING"):
         loader = dm.val_dataloader()
     if decode._tensorstore_pid == os.getpid():  # the warning is given once per process
-        import xr_datamodule.datamodule as datamodule_module
+        from xr_datamodule import loaders
 
-        assert datamodule_module._warned_tensorstore_fork
+        assert loaders._warned_tensorstore_fork
     X = np.concatenate([X.numpy() for X, _ in loader])
     starts = dm.indices["val"].starts(np.arange(len(X)))
     expected = reference_windows(decoded, ["packed", "plain"], dm.window_dims, starts, (3, 5, 6))
@@ -171,9 +171,9 @@ def test_workers_after_the_main_process_read_still_give_isel_batches(tmp_path, c
 def test_a_store_without_tensorstore_support_reads_through_zarr(tmp_path, monkeypatch):
     path, _ = encoded_store(tmp_path / "encoded.zarr")
     monkeypatch.setattr(decode, "tensorstore_available", lambda: False)
-    import xr_datamodule.datamodule as datamodule_module
+    from xr_datamodule import pipeline
 
-    monkeypatch.setattr(datamodule_module, "tensorstore_available", lambda: False)
+    monkeypatch.setattr(pipeline, "tensorstore_available", lambda: False)
     dm = XarrayDataModule(
         str(path),
         input_vars=["plain"],
@@ -198,3 +198,10 @@ def test_a_store_without_consolidated_metadata_opens_without_a_warning(tmp_path)
         warnings.simplefilter("error", RuntimeWarning)  # xarray's "falling back" warning
         opened = open_source(str(path))
     assert set(opened.data_vars) == set(decoded.data_vars)
+
+
+def test_the_environment_can_turn_tensorstore_off(monkeypatch):
+    monkeypatch.setenv("XR_DATAMODULE_TENSORSTORE", "0")
+    assert not decode.tensorstore_available()
+    monkeypatch.setenv("XR_DATAMODULE_TENSORSTORE", "1")
+    assert decode.tensorstore_available() == (decode._tensorstore_pid in (None, os.getpid()))

@@ -128,7 +128,7 @@ def fit_ids(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
 
 
 def fit_ids_and_trainer(dm, ckpt_path=None, callbacks=(), **trainer_kwargs):
-    model = Recorder(out_dir=".")
+    model = Recorder()
     # Lightning's own defaults for epochs and checkpointing, unless the caller sets them.
     settings = {"max_epochs": None, "enable_checkpointing": True, "callbacks": list(callbacks)}
     trainer = cpu_trainer(**{**settings, **trainer_kwargs})

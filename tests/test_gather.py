@@ -12,8 +12,8 @@ import xarray as xr
 
 from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule, decode
-from xr_datamodule.datamodule import _init_worker
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, gather_windows
+from xr_datamodule.loaders import _init_worker
 
 CONFIG = dict(
     input_vars=["c", "a"],

@@ -33,8 +33,12 @@ def test_true_targets_stitch_back_to_the_source(small_ds):
     assert covered.any()
     expected = small_ds[["c", "b"]].sel(time=grid.time, lat=grid.lat, lon=grid.lon)
     xr.testing.assert_allclose(grid.where(covered), expected.where(covered))
-    # Targets start 3 steps after the inputs: the first predicted time is 2020-01-29.
-    assert str(grid.time.values[0])[:10] == "2020-01-29"
+    # The grid is the split's, whole: the source's lat and lon, the split's times. Targets
+    # start 3 steps after the inputs: nothing is predicted before 2020-01-29.
+    assert str(grid.time.values[0])[:10] == "2020-01-26"
+    assert grid.sizes["lat"] == small_ds.sizes["lat"] and grid.sizes["lon"] == small_ds.sizes["lon"]
+    predicted = grid.b.notnull().any([d for d in grid.b.dims if d != "time"])
+    assert str(grid.time.values[int(predicted.argmax())])[:10] == "2020-01-29"
 
 
 def test_overlapping_windows_are_averaged(small_ds):
@@ -46,7 +50,7 @@ def test_overlapping_windows_are_averaged(small_ds):
     # Brute force: every position gets the mean of the sample numbers whose window covers it.
     starts = dm.indices["predict"].starts(np.arange(n)) + np.asarray(dm.geometry.target_offset)
     dims, size = dm.geometry.dims, dm.geometry.target_size
-    lower = starts.min(axis=0)
+    lower = np.array([dm.split_bounds["predict"][dim][0] for dim in dims])  # the grid's origin
     totals, counts = {}, {}
     for sample, start in enumerate(starts):
         for offset in np.ndindex(*size):
@@ -80,4 +84,30 @@ def test_trainer_predict_to_netcdf(tmp_path):
     back = xr.open_dataset(path)
     assert back.t2m.dims == ("time", "lat", "lon")
     assert back.sizes["lat"] == 32 and back.sizes["lon"] == 64
-    assert bool(back.t2m.notnull().all())
+    # The split's whole grid: the first two steps precede every target (offset 2).
+    assert bool(back.t2m.isel(time=slice(2, None)).notnull().all())
+    assert bool(back.t2m.isel(time=slice(0, 2)).isnull().all())
+
+
+def test_the_grid_is_never_cropped_where_no_window_lands():
+    from xr_datamodule import make_weather
+
+    source = make_weather(n_time=24, n_lat=33, n_lon=49)  # 16x16 windows leave a row and column
+    dm = XarrayDataModule(
+        source,
+        input_vars=["t2m"],
+        input_dims={"time": 1, "lat": 16, "lon": 16},
+        splits={"train": 0.5, "predict": 0.5},
+    )
+    grid = dm.to_xarray([y for _, y in dm.predict_dataloader()])
+    assert grid.sizes["lat"] == 33 and grid.sizes["lon"] == 49
+    np.testing.assert_array_equal(grid.lat, source.lat)
+    np.testing.assert_array_equal(grid.lon, source.lon)
+    assert bool(grid.t2m.isel(lat=32).isnull().all()) and bool(grid.t2m.isel(lon=48).isnull().all())
+    inside = grid.t2m.isel(lat=slice(0, 32), lon=slice(0, 48))
+    xr.testing.assert_allclose(
+        inside,
+        source.t2m.sel(time=inside.time)
+        .isel(lat=slice(0, 32), lon=slice(0, 48))
+        .astype(inside.dtype),
+    )

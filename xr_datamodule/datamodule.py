@@ -1,176 +1,35 @@
-"""XarrayDataModule: configuration → ``setup(stage)`` → DataLoaders. Only wires the parts.
+"""XarrayDataModule: Lightning's hooks over a spec, a pipeline, a training order and loaders.
 
-Data flows one way: :mod:`~xr_datamodule.sources` (open lazily) →
-:mod:`~xr_datamodule.splits` (position ranges) → :mod:`~xr_datamodule.windows` (integer start
-grids) → :mod:`~xr_datamodule.gather` (one vectorised read per batch) →
-:mod:`~xr_datamodule.collate` (zero-copy tensors) → Lightning's Trainer, which owns devices.
+The datamodule wires the parts and does nothing else: :class:`~xr_datamodule.spec.DataSpec`
+validates the arguments, :class:`~xr_datamodule.pipeline.DataPipeline` builds what ``setup``
+needs (source → splits → sample index → reader → datasets),
+:class:`~xr_datamodule.order.TrainingOrder` holds the training order and its resume state,
+:mod:`~xr_datamodule.loaders` makes the DataLoaders and :mod:`~xr_datamodule.display` the
+summaries. Lightning's Trainer owns devices and the loop.
 """
 
 from __future__ import annotations
 
-import gc
-import html
-import logging
-import math
 import os
-import sys
-from collections.abc import Callable, Mapping, Sequence
-from functools import cached_property, partial
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import xarray as xr
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader
 
-from xr_datamodule import decode as decode_module
-from xr_datamodule.collate import DEFAULT_RING_SLOTS, collate_batch
-from xr_datamodule.datasets import XarrayIterableDataset, XarrayWindowDataset
-from xr_datamodule.decode import (
-    CellDecoder,
-    TensorStoreDecoder,
-    ZarrDecoder,
-    tensorstore_available,
-    zarr_decoding,
-)
-from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
-from xr_datamodule.missing import NAN_POLICIES, box_any, first_missing, missing_mask
-from xr_datamodule.normalize import Statistics, zscore_statistics
-from xr_datamodule.samplers import (
-    ArrayBatchSampler,
-    BlockInterleavedSampler,
-    ChunkShuffleSampler,
-    EpochSampler,
-    EpochShuffleSampler,
-    ShardedBatchSampler,
-    batch_spread,
-)
-from xr_datamodule.sources import (
-    channel_layouts,
-    check_source_exists,
-    check_variables,
-    is_in_memory,
-    local_zarr_group,
-    open_source,
-    window_dim_order,
-    zarr_opener,
-)
-from xr_datamodule.splits import DEFAULT_SPLITS, check_splits, resolve_splits
-from xr_datamodule.stitch import stitch_windows
-from xr_datamodule.transforms import Transform, transformed_windows
-from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
+from xr_datamodule.display import summary, summary_html, summary_text
+from xr_datamodule.loaders import eval_loader, loader_settings, train_loader
+from xr_datamodule.normalize import Statistics
+from xr_datamodule.order import TrainingOrder
+from xr_datamodule.pipeline import DataPipeline
+from xr_datamodule.samplers import ShardedBatchSampler
+from xr_datamodule.spec import STAGE_SPLITS, DataSpec
+from xr_datamodule.windows import SampleIndex, WindowGeometry
 
 __all__ = ["XarrayDataModule"]
-
-logger = logging.getLogger(__name__)
-_warned_tensorstore_fork = False  # the warning of _warn_if_workers_lose_tensorstore, once
-
-DTYPES = ("float16", "float32", "float64")
-STYLES = ("map", "iterable")
-SHUFFLES = ("auto", "chunks", "full")
-MIN_STREAMS = 4  # chunk-aware streams per rank at least (shuffle_chunks="auto")
-FULL_SHUFFLE_CACHE_BYTES = 2**30  # most a full shuffle out of core caches per process
-STREAM_CACHE_BYTES = 256 * 2**20  # shuffle_chunks="auto": cells of the streams, per process
-STREAM_MIN_CELLS = 10  # shuffle_chunks="auto": a stream spans this many samples' cells at least
-NORMALIZATIONS = (None, "zscore")
-LOAD_CHOICES = ("auto", True, False)
-LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
-DECODE_THREADS_MAX = 4  # threads decoding cells in parallel without workers
-AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
-STAGE_SPLITS = {
-    "fit": ("train", "val"),
-    "validate": ("val",),
-    "test": ("test",),
-    "predict": ("predict",),
-}
-
-
-def _positive_int(value: Any, what: str, minimum: int = 1, what_else: str = "") -> int:
-    number = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not number or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        kind = f"{kind} {what_else}" if what_else else kind
-        raise (TypeError if not number else ValueError)(f"{what} must be {kind}, got {value!r}")
-    return int(value)
-
-
-def _int_mapping(mapping: Any, what: str, minimum: int | None) -> dict[str, int]:
-    if mapping is None:
-        return {}
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"{what} must be a mapping of dim name to integer, got {mapping!r}")
-    out = {}
-    for dim, value in mapping.items():
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{what}[{dim!r}] must be an integer, got {value!r}")
-        if minimum is not None and value < minimum:
-            kind = "positive" if minimum == 1 else f">= {minimum}"
-            raise ValueError(f"{what}[{dim!r}] must be {kind}, got {value}")
-        out[str(dim)] = int(value)
-    return out
-
-
-def _check_keys(mapping: Mapping[str, int], valid: Mapping[str, int], what: str) -> None:
-    for dim in mapping:
-        if dim not in valid:
-            raise KeyError(f"{what}: dim {dim!r} is not in input_dims. Valid: {tuple(valid)}")
-
-
-class _EpochLoader(DataLoader):
-    """A DataLoader over an :class:`XarrayIterableDataset` that sets its epoch on each pass.
-
-    Lightning calls ``set_epoch`` only on samplers, and an iterable dataset has none; the
-    epoch is therefore asked of ``epoch_of`` (the trainer's epoch) when a pass starts, in the
-    main process, before the pass's workers are started.
-    """
-
-    def __init__(self, dataset: XarrayIterableDataset, epoch_of: Callable[[], int], **kwargs: Any):
-        self._epoch_of = epoch_of
-        super().__init__(dataset, **kwargs)
-
-    def __iter__(self) -> Any:
-        self.dataset.set_epoch(self._epoch_of())  # type: ignore[attr-defined]
-        return super().__iter__()
-
-
-def available_memory() -> int:
-    """Bytes of memory available to new allocations (``MemAvailable`` on Linux)."""
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _init_worker(worker_id: int) -> None:
-    """Worker start: synchronous dask, one zarr thread, own file handles, numpy seeded.
-
-    - Dask runs synchronously: no thread pool after fork.
-    - Zarr decodes with one thread: a worker reads one chunk at a time anyway, and each extra
-      thread kept its own malloc arena (2 workers held 35 MB less on the benchmark, at the
-      same speed).
-    - ``gc.freeze()``: the collector no longer walks the objects inherited from the parent,
-      so their pages stay shared instead of being copied into each worker.
-    - Files opened by the parent are forgotten (not closed) by xarray's file cache here, so
-      the worker opens its own: a netCDF3 handle shared across a fork shares its file
-      offset, and two processes reading through it failed with "Inappropriate ioctl for
-      device" or "Resource temporarily unavailable".
-    """
-    import dask
-    from xarray.backends.file_manager import FILE_CACHE
-
-    gc.freeze()
-    for key in list(FILE_CACHE):
-        del FILE_CACHE[key]  # deleting does not close (eviction would)
-    dask.config.set(scheduler="synchronous")
-    if "zarr" in sys.modules:
-        sys.modules["zarr"].config.set({"threading.max_workers": 1})
-    # Seed the legacy global RNG too: user transforms commonly draw from it.
-    np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002
 
 
 class XarrayDataModule(pl.LightningDataModule):
@@ -319,239 +178,80 @@ class XarrayDataModule(pl.LightningDataModule):
         if isinstance(data, xr.Dataset):
             unsaved.append("data")
         self.save_hyperparameters(ignore=unsaved)
-        check_source_exists(data)
-        self.data = data
-        self.input_vars = self._names(input_vars, "input_vars")
-        self.target_vars = self._names(
-            self.input_vars if target_vars is None else target_vars, "target_vars"
-        )
-        self.input_dims = _int_mapping(input_dims, "input_dims", minimum=1)
-        if not self.input_dims:
-            raise ValueError("input_dims must give a window length for at least one dim")
-        self.input_overlap = _int_mapping(input_overlap, "input_overlap", minimum=0)
-        _check_keys(self.input_overlap, self.input_dims, "input_overlap")
-        for dim, overlap in self.input_overlap.items():
-            if overlap >= self.input_dims[dim]:
-                raise ValueError(
-                    f"input_overlap[{dim!r}] = {overlap} must be smaller than the window "
-                    f"input_dims[{dim!r}] = {self.input_dims[dim]}"
-                )
-        self.target_dims = _int_mapping(target_dims, "target_dims", minimum=1) or dict(
-            self.input_dims
-        )
-        if set(self.target_dims) != set(self.input_dims):
-            raise KeyError(
-                f"target_dims must have the same dims as input_dims {tuple(self.input_dims)}, "
-                f"got {tuple(self.target_dims)} (use length 1 for a dim the target does not span)"
-            )
-        self.target_offset = _int_mapping(target_offset, "target_offset", minimum=None)
-        _check_keys(self.target_offset, self.input_dims, "target_offset")
-        self.splits = dict(DEFAULT_SPLITS if splits is None else splits)
-        check_splits(self.splits)
-        self.split_dim = split_dim
-        self.batch_size = _positive_int(batch_size, "batch_size")
-        self.seed = int(seed)
-        if num_workers != "auto":
-            _positive_int(num_workers, "num_workers", minimum=0)
-        self._num_workers = num_workers
-        if prefetch_factor is not None:
-            _positive_int(prefetch_factor, "prefetch_factor")
-            if num_workers == 0:
-                raise ValueError("prefetch_factor needs num_workers > 0 (workers prefetch)")
-        if multiprocessing_context not in (None, "fork", "spawn", "forkserver"):
-            raise ValueError(
-                f"multiprocessing_context must be one of ('fork', 'spawn', 'forkserver'), "
-                f"got {multiprocessing_context!r}"
-            )
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.prefetch_factor = prefetch_factor
-        self.multiprocessing_context = multiprocessing_context
-        self.drop_last = bool(drop_last)
-        if style not in STYLES:
-            raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-        if style == "iterable" and persistent_workers:
-            raise ValueError(
-                "style='iterable' needs persistent_workers=False: each epoch starts workers "
-                "that see the new epoch"
-            )
-        self.style = style
-        if not (load == "auto" or isinstance(load, bool)):
-            raise ValueError(f"load must be one of {LOAD_CHOICES}, got {load!r}")
-        self.load = load
-        if shuffle_chunks != "auto":
-            _positive_int(shuffle_chunks, "shuffle_chunks", what_else="or 'auto'")
-        self.shuffle_chunks = shuffle_chunks
-        if shuffle not in SHUFFLES:
-            raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
-        self.shuffle = shuffle
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-        self.dtype = np.dtype(dtype)
-        self.transform = transform
-        self.target_transform = target_transform
-        self.open_kwargs = dict(open_kwargs or {})
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
-        if normalize_on not in ("gather", "device"):
-            raise ValueError(
-                f"normalize_on must be one of ('gather', 'device'), got {normalize_on!r}"
-            )
-        if normalize is not None and (transform is not None or target_transform is not None):
-            raise ValueError(
-                "normalize works on the variables' channels; with a transform the channels "
-                "are the transform's: normalise inside the transform instead"
-            )
-        if stats is not None and normalize is None:
-            normalize = "zscore"  # explicit statistics mean: normalise with them
-        self.normalize = normalize
-        self.normalize_on = normalize_on
-        self.stats = stats
-        if nan_policy not in NAN_POLICIES:
-            raise ValueError(f"nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}")
-        self.nan_policy = nan_policy
-        self.fill_value = float(fill_value)
-        if nan_mask and nan_policy != "fill":
-            raise ValueError(
-                f"nan_mask=True needs nan_policy='fill' (got {nan_policy!r}): the mask marks "
-                "the values that were filled"
-            )
-        self.nan_mask = bool(nan_mask)
-        self.dropped_samples: dict[str, int] = {}
-        self.datasets: dict[str, XarrayWindowDataset] = {}
-        self._train_sampler: EpochSampler | None = None
-        self._resume: tuple[int, int] | None = None
-        self._resumed_layout: tuple[int, int] | None = None  # a checkpoint's (parts, streams)
-        self._epoch_offset = 0
-        self._train_batch_sampler: ShardedBatchSampler | None = None
+        arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}
+        self.spec = DataSpec(**arguments)
+        self.order = TrainingOrder(seed, self.spec.batch_size, self.spec.drop_last, shuffle_chunks)
+        self.pipeline = DataPipeline(self.spec, self.order, world=self._world)
         self._iterable_passes = 0
 
-    @staticmethod
-    def _names(names: Any, what: str) -> list[str]:
-        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
-            raise TypeError(f"{what} must be a list of variable names, got {names!r}")
-        return list(names)
-
-    # ------------------------------------------------------------------ metadata (lazy)
-
-    @cached_property
-    def source(self) -> xr.Dataset:
-        """The opened source, restricted to nothing: lazy, nothing loaded."""
-        return open_source(self.data, self.open_kwargs)
-
-    @cached_property
-    def window_dims(self) -> tuple[str, ...]:
-        """Windowed dims in the order of the window axes of ``X`` and ``y``."""
-        check_variables(self.source, self.input_vars, "input_vars")
-        check_variables(self.source, self.target_vars, "target_vars")
-        return window_dim_order(self.source, self._all_vars, tuple(self.input_dims))
+    # ------------------------------------------------------------------ the spec
 
     @property
-    def _all_vars(self) -> list[str]:
-        return self.input_vars + [v for v in self.target_vars if v not in self.input_vars]
+    def data(self) -> str | os.PathLike | xr.Dataset:
+        """The source as given."""
+        return self.spec.data
 
-    @cached_property
+    @property
+    def input_vars(self) -> list[str]:
+        """Variables that form ``X``."""
+        return self.spec.input_vars
+
+    @property
+    def target_vars(self) -> list[str]:
+        """Variables that form ``y``."""
+        return self.spec.targets
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch."""
+        return self.spec.batch_size
+
+    @property
+    def seed(self) -> int:
+        """Seed of the training order (a checkpoint's, once one is restored)."""
+        return self.order.seed
+
+    # ------------------------------------------------------------------ what setup builds
+
+    @property
+    def source(self) -> xr.Dataset:
+        """The opened source: lazy, nothing loaded."""
+        return self.pipeline.source
+
+    @property
+    def window_dims(self) -> tuple[str, ...]:
+        """Windowed dims in the order of the window axes of ``X`` and ``y``."""
+        return self.pipeline.window_dims
+
+    @property
     def geometry(self) -> WindowGeometry:
         """Window sizes, strides and offsets in :attr:`window_dims` order."""
-        dims = self.window_dims
-        geometry = WindowGeometry(
-            dims=dims,
-            input_size=tuple(self.input_dims[d] for d in dims),
-            stride=tuple(self.input_dims[d] - self.input_overlap.get(d, 0) for d in dims),
-            target_size=tuple(self.target_dims[d] for d in dims),
-            target_offset=tuple(self.target_offset.get(d, 0) for d in dims),
-        )
-        for axis, dim in enumerate(dims):
-            length = self.source.sizes[dim]
-            if geometry.input_size[axis] > length:
-                raise ValueError(
-                    f"input_dims[{dim!r}] = {geometry.input_size[axis]} is larger than the "
-                    f"dim {dim!r} ({length})"
-                )
-            if geometry.extent[axis] > length:
-                raise ValueError(
-                    f"the target window (target_offset[{dim!r}] = "
-                    f"{geometry.target_offset[axis]}, target_dims[{dim!r}] = "
-                    f"{geometry.target_size[axis]}) lies outside the data: one sample spans "
-                    f"{geometry.extent[axis]} positions along {dim!r}, which has {length}"
-                )
-        return geometry
+        return self.pipeline.geometry
 
-    @cached_property
+    @property
     def split_bounds(self) -> dict[str, dict[str, tuple[int, int]]]:
         """Position range ``[lower, upper)`` of every split along every windowed dim."""
-        geometry = self.geometry
-        split_dim = self.split_dim or ("time" if "time" in geometry.dims else geometry.dims[0])
-        return resolve_splits(self.splits, split_dim, self.source, geometry.dims)
+        return self.pipeline.split_bounds
 
-    @cached_property
+    @property
     def indices(self) -> dict[str, SampleIndex]:
         """Sample index of every split (integer start grids; cheap, built once)."""
-        geometry = self.geometry
-        indices = {}
-        for name, split_bounds in self.split_bounds.items():
-            index = build_index(geometry, split_bounds)
-            if len(index) == 0:
-                axis = index.grid_shape.index(0)
-                dim = geometry.dims[axis]
-                lo, hi = split_bounds[dim]
-                raise ValueError(
-                    f"split {name!r} has no full window: it spans {hi - lo} positions along "
-                    f"{dim!r} but one sample needs {geometry.extent[axis]} (input window "
-                    f"{geometry.input_size[axis]}, target window {geometry.target_size[axis]} "
-                    f"at offset {geometry.target_offset[axis]})"
-                )
-            indices[name] = index
-        if self.nan_policy == "error":
-            found = first_missing(self.source, self._all_vars, geometry.dims)
-            if found is not None:
-                name, where = found
-                place = ", ".join(f"{dim}={label}" for dim, label in where.items())
-                raise ValueError(
-                    f"variable {name!r} has a missing value (NaN) at {place}; use "
-                    "nan_policy='drop' to leave out windows with missing values or "
-                    "nan_policy='fill' to replace them"
-                )
-        if self.nan_policy == "drop":
-            indices = self._drop_missing(indices)
-        return indices
-
-    def _drop_missing(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
-        """Leave out every sample whose input or target window holds a NaN (vectorised)."""
-        geometry = self.geometry
-        # X sees only the input variables, y only the target ones: one mask for each.
-        in_input = box_any(
-            missing_mask(self.source, self.input_vars, geometry.dims), geometry.input_size
-        )
-        in_target = box_any(
-            missing_mask(self.source, self.target_vars, geometry.dims), geometry.target_size
-        )
-        kept = {}
-        for name, index in indices.items():
-            at_input = np.ix_(*index.axis_starts)
-            at_target = np.ix_(
-                *(s + o for s, o in zip(index.axis_starts, geometry.target_offset, strict=True))
-            )
-            bad = (in_input[at_input] | in_target[at_target]).reshape(-1)[index.grid_ids()]
-            kept[name] = index.keep(~bad)
-            self.dropped_samples[name] = int(bad.sum())
-            if len(kept[name]) == 0:
-                raise ValueError(
-                    f"split {name!r}: every one of its {len(index)} windows holds a missing "
-                    "value (nan_policy='drop'); use nan_policy='fill' or other windows"
-                )
-            logger.info(
-                "nan_policy='drop': left out %d of %d samples of split %r (missing values)",
-                self.dropped_samples[name],
-                len(index),
-                name,
-            )
-        return kept
+        return self.pipeline.indices
 
     @property
     def split_sizes(self) -> dict[str, int]:
         """Number of samples per split."""
-        return {name: len(index) for name, index in self.indices.items()}
+        return self.pipeline.split_sizes
+
+    @property
+    def dropped_samples(self) -> dict[str, int]:
+        """Samples ``nan_policy="drop"`` left out, per split."""
+        return self.pipeline.dropped_samples
+
+    @property
+    def datasets(self) -> dict[str, Any]:
+        """The datasets built so far, per split."""
+        return self.pipeline.datasets
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -559,121 +259,54 @@ class XarrayDataModule(pl.LightningDataModule):
 
         Link it to a model in LightningCLI with ``apply_on="instantiate"``.
         """
-        size = self.geometry.input_size
-        channels = self._n_channels(self.input_vars, self.transform, size) + self.nan_mask
-        return (channels, *size)
+        return self.pipeline.input_shape
 
     @property
     def target_shape(self) -> tuple[int, ...]:
         """Shape of one ``y`` sample, ``(channel, *window)``, known before ``setup``."""
-        size = self.geometry.target_size
-        return (self._n_channels(self.target_vars, self.target_transform, size), *size)
+        return self.pipeline.target_shape
 
     @property
     def input_channel_names(self) -> list[str]:
         """Readable name of each channel of ``X`` (without transform), e.g. ``u[level=200]``."""
-        layouts = channel_layouts(self.source, self.input_vars, self.window_dims)
-        names = [name for layout in layouts for name in layout.channel_names(self.source)]
-        return [*names, "nan_mask"] if self.nan_mask else names
+        return self.pipeline.input_channel_names
 
-    def _n_channels(self, names: list[str], transform: Transform | None, size: tuple) -> int:
-        if transform is None:
-            layouts = channel_layouts(self.source, names, self.window_dims)
-            return sum(layout.n_channels for layout in layouts)
-        # A transform may add or drop variables: run it once on the first window.
-        first = next(iter(self.indices.values())).starts([0])
-        probe = transformed_windows(
-            self.source[names], first, self.window_dims, size, transform, self.dtype
-        )
-        return probe.shape[1]
+    @property
+    def loads_into_memory(self) -> bool:
+        """Whether the selected variables are (or will be) held in memory (see ``load``)."""
+        return self.pipeline.loads_into_memory
 
-    @cached_property
-    def _reader(self) -> WindowReader:
-        # One reader for all splits: in-memory data is stacked once, not once per split.
-        prepare = Preparation(
-            mask_of=self._input_channel_range() if self.nan_mask else None,
-            affine=(
-                self.statistics.channel_arrays(self._all_vars)
-                if self.normalize is not None and self.normalize_on == "gather"
-                else None
-            ),
-            fill_value=self.fill_value if self.nan_policy == "fill" else None,
-        )
-        if self.loads_into_memory:
-            return InMemoryReader(
-                self.source, self._all_vars, self.window_dims, self.dtype, prepare
-            )
-        reader = ChunkedReader(
-            self.source,
-            self._all_vars,
-            self.window_dims,
-            self.dtype,
-            extent=self.geometry.extent,
-            cache_cells=1,  # sized below, once the cells are known
-            prepare=prepare,
-            decode_threads=self._decode_threads,
-            decoder=self._zarr_decoder(),
-        )
-        reader.resize_cache(self._cache_cells_for(reader))
-        return reader
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers: the given number, or the ``"auto"`` choice for this data."""
+        return self.pipeline.num_workers
 
-    def _zarr_decoder(self) -> CellDecoder | None:
-        """Zarr's asynchronous reads when the store allows them exactly, else None (xarray)."""
-        opener = zarr_opener(self.data, self.open_kwargs, self._all_vars)
-        if opener is None:
-            return None
-        try:
-            arrays = opener()
-        except Exception as error:  # xarray opened it; read through xarray then
-            logger.info("reading through xarray: zarr could not open the store (%s)", error)
-            return None
-        decodings = {}
-        for name in self._all_vars:
-            decoding = zarr_decoding(self.source[name], arrays[name], self.dtype)
-            if decoding is None:
-                logger.info(
-                    "reading through xarray: variable %r has an encoding zarr reads differently",
-                    name,
-                )
-                return None
-            decodings[name] = decoding
-        layouts = channel_layouts(self.source, self._all_vars, self.window_dims)
-        dims = {name: tuple(map(str, self.source[name].dims)) for name in self._all_vars}
-        decoder = ZarrDecoder(opener, layouts, self.window_dims, dims, decodings)
-        decoder._arrays = (os.getpid(), arrays)  # opened already in this process
-        folder = local_zarr_group(self.data, self.open_kwargs)
-        if folder is None or not tensorstore_available():
-            return decoder
-        specs = {
-            name: {
-                "driver": "zarr3" if arrays[name].metadata.zarr_format == 3 else "zarr",
-                "kvstore": {"driver": "file", "path": os.path.join(folder, name)},
-            }
-            for name in self._all_vars
-        }
-        return TensorStoreDecoder(
-            specs, layouts, self.window_dims, dims, decodings, self._decode_threads, decoder
-        )
-
-    def _input_channel_range(self) -> np.ndarray:
-        # The input variables come first among the reader's channels.
-        layouts = channel_layouts(self.source, self.input_vars, self.window_dims)
-        return np.arange(sum(layout.n_channels for layout in layouts))
-
-    @cached_property
+    @property
     def statistics(self) -> Statistics:
-        """Per-channel z-score statistics.
+        """Per-channel z-score statistics (given, restored, or computed from ``train``)."""
+        return self.pipeline.statistics
 
-        Given (``stats``), restored from a checkpoint, or computed once from the training
-        split (out of core, with dask).
+    @property
+    def train_shuffle(self) -> str:
+        """The training order in use: ``"full"`` (uniform) or ``"chunks"`` (chunk-aware)."""
+        return self.pipeline.train_shuffle
+
+    def chunk_layout(self) -> tuple[int, int]:
+        """Chunk-aware order: (parts, streams per part); a part per DataLoader worker.
+
+        See :meth:`xr_datamodule.order.TrainingOrder.chunk_layout`.
         """
-        if self.stats is not None:
-            return Statistics.from_value(self.stats, self.source, self._all_vars, self.window_dims)
-        if "train" not in self.split_bounds:
-            raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
-        return zscore_statistics(
-            self.source, self._all_vars, self.window_dims, self.split_bounds["train"]
-        )
+        return self.pipeline.chunk_layout()
+
+    @property
+    def loader_settings(self) -> dict[str, Any]:
+        """DataLoader keyword arguments (workers, pinning, prefetching) as resolved now.
+
+        Pinning is on by default only when the attached trainer runs on a CUDA GPU.
+        """
+        return loader_settings(self.pipeline, self._trainer_on_cuda())
+
+    # ------------------------------------------------------------------ values
 
     def denormalize(self, values: Any, names: Sequence[str] | None = None) -> Any:
         """Undo the normalisation of ``(batch, channel, ...)`` values (tensor or array).
@@ -692,139 +325,51 @@ class XarrayDataModule(pl.LightningDataModule):
             >>> bool(abs(dm.denormalize(y)[0, 0, 0].numpy() - raw.values).max() < 1e-4)
             True
         """
-        if self.normalize is None:
-            return values
-        mean, std = self.statistics.channel_arrays(names or self.target_vars)
-        shape = (1, -1) + (1,) * (values.ndim - 2)
-        if hasattr(values, "new_tensor"):
-            return values * values.new_tensor(std).reshape(shape) + values.new_tensor(mean).reshape(
-                shape
-            )
-        return values * std.reshape(shape) + mean.reshape(shape)
+        return self.pipeline.scale(values, names or self.target_vars, inverse=True)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """With ``normalize_on="device"``, normalise ``(X, y)`` after Lightning moved them.
+    def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
+        """Put what ``trainer.predict`` returned back on the grid, as the target variables.
 
-        Runs in each process on the device batch, so the arithmetic happens on the GPU.
+        Windows are averaged where they overlap; positions no window covers are NaN. The
+        predictions must be the target windows of every sample of ``split`` in order (the
+        predict loader's order), e.g. ``trainer.predict(model, datamodule=dm)``.
+
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
+            ...                       input_overlap={"lon": 16})
+            >>> truth = [y for _, y in dm.predict_dataloader()]
+            >>> grid = dm.to_xarray(truth)
+            >>> bool((grid.t2m == dm.source.t2m.sel(time=grid.time)).all())
+            True
         """
-        if self.normalize is None or self.normalize_on != "device":
-            return batch
-        inputs, targets = batch
-        return self._scale(inputs, self.input_vars), self._scale(targets, self.target_vars)
+        return self.pipeline.to_xarray(predictions, split)
 
-    def _scale(self, values: Any, names: Sequence[str]) -> Any:
-        mean, std = self.statistics.channel_arrays(names)
-        shape = (1, -1) + (1,) * (values.ndim - 2)
-        return (values - values.new_tensor(mean).reshape(shape)) / values.new_tensor(std).reshape(
-            shape
-        )
+    def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
+        """Sample numbers of every training batch of a data epoch on this rank, in order.
 
-    @property
-    def train_shuffle(self) -> str:
-        """The training order in use: ``"full"`` (uniform) or ``"chunks"`` (chunk-aware)."""
-        if self.shuffle == "full" or self.loads_into_memory:
-            return "full"
-        return "chunks"
+        The order the training loader yields in that epoch (it is a function of ``(seed,
+        epoch)`` and the settings), computed without reading any data.
 
-    @cached_property
-    def _train_cells(self) -> np.ndarray:
-        """Cell of every training sample (where its span starts), out of core."""
-        reader = self._reader
-        assert isinstance(reader, ChunkedReader)
-        index = self.indices["train"]
-        below = self.geometry.reach_below
-        starts = [axis - low for axis, low in zip(index.axis_starts, below, strict=True)]
-        return reader.home_cells(starts)[index.grid_ids()]
-
-    def _samples_per_cell(self) -> float:
-        cells = self._train_cells
-        return len(cells) / max(1, len(np.unique(cells)))
-
-    def chunk_layout(self) -> tuple[int, int]:
-        """Chunk-aware order: (parts, streams per part); a part per DataLoader worker.
-
-        Each DataLoader worker (or the main process) reads its own part of every epoch,
-        and each batch mixes the part's streams. ``shuffle_chunks="auto"`` gives at least 4
-        streams per rank and, where a cell holds fewer samples than a batch (full-field
-        samples), one per sample of a batch as long as their cells fit in 256 MiB per
-        process and each stream is long enough: where a stream ends, the cells its last
-        samples reach into are decoded by the next stream too, so a stream spans at least
-        ``STREAM_MIN_CELLS`` times the cells a sample touches (on the benchmark's store of 183
-        cells of 4 steps, 16 streams over 2 workers decoded 1.16 chunks per chunk, 8 decoded
-        about 1.08). A checkpoint's layout is kept on resume.
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
+            ...                       batch_size=8)
+            >>> batches = dm.train_batches(epoch=0)
+            >>> sum(len(b) for b in batches) == dm.split_sizes["train"]
+            True
         """
-        if self._resumed_layout is not None:
-            return self._resumed_layout
-        processes = max(1, self.num_workers)
-        if self.shuffle_chunks != "auto":
-            return processes, max(1, int(self.shuffle_chunks) // processes)
-        least = -(-MIN_STREAMS // processes)
-        reader = self._reader
-        if self._samples_per_cell() >= self.batch_size or not isinstance(reader, ChunkedReader):
-            return processes, least
-        stream_bytes = reader.cells_per_sample * reader.cell_bytes
-        affordable = STREAM_CACHE_BYTES // max(stream_bytes, 1)
-        world, _ = self._world()
-        cells = len(np.unique(self._train_cells)) // world
-        long_enough = cells // (processes * STREAM_MIN_CELLS * reader.cells_per_sample)
-        return processes, max(least, min(self.batch_size, affordable, long_enough))
+        return self.pipeline.train_batches(epoch)
 
-    def _cache_cells_for(self, reader: ChunkedReader) -> int:
-        """Cells each process caches: what its share of the training order keeps in use."""
-        per_sample = reader.cells_per_sample
-        if "train" not in self.split_bounds:
-            return per_sample + 1
-        if self.train_shuffle == "full":
-            wanted = self.batch_size * per_sample + 1
-            return max(per_sample, min(wanted, FULL_SHUFFLE_CACHE_BYTES // reader.cell_bytes))
-        self.__dict__["_reader"] = reader  # chunk_layout reads the cells through it
-        parts, streams = self.chunk_layout()
-        processes = max(1, self.num_workers)
-        # A process reads one part, unless a checkpoint's layout does not match the workers.
-        parts_read = parts // math.gcd(parts, processes)
-        # Each stream keeps the cells of its current sample; within a batch, streams move on
-        # to their next cell about batch_size / samples-per-cell times. Where streams move
-        # every batch (full-field samples), one cell more keeps a stream's cells while it
-        # sits out a batch of the random merge (on the benchmark's store of 4 steps per
-        # chunk: 1.12 decodes per chunk without it, 1.07-1.08 with it).
-        per_cell = self._samples_per_cell()
-        moves = math.ceil(self.batch_size / per_cell)
-        return parts_read * (streams * per_sample + moves) + int(per_cell < self.batch_size)
+    def batch_spread(self, dim: str | None = None, epoch: int = 0) -> float:
+        """How varied training batches are along ``dim``, against a full shuffle (1.0).
 
-    @property
-    def _decode_threads(self) -> int:
-        # Without workers the main process decodes a batch's cells in parallel threads, and
-        # the next batch's in the background; workers already decode in parallel with each
-        # other (and share the cores).
-        if self.num_workers > 0:
-            return 1
-        return min(DECODE_THREADS_MAX, os.cpu_count() or 1)
-
-    @cached_property
-    def loads_into_memory(self) -> bool:
-        """Whether the selected variables are (or will be) held in memory (see ``load``).
-
-        Decided once: ``"auto"`` compares the selected variables in the output dtype with a
-        quarter of the memory available at the first call.
+        The mean standard deviation of the samples' positions along ``dim`` (default: the
+        split dim, e.g. time) within a batch, over that of a uniform shuffle; see
+        :func:`~xr_datamodule.samplers.batch_spread`. With ``shuffle="chunks"`` it shows
+        what the chunk-aware order gives up for its speed.
         """
-        if self.load is True or self.load is False:
-            return self.load
-        if is_in_memory(self.source, self._all_vars):
-            return True
-        layouts = channel_layouts(self.source, self._all_vars, self.window_dims)
-        space = int(np.prod([self.source.sizes[d] for d in self.window_dims]))
-        nbytes = sum(layout.n_channels for layout in layouts) * space * self.dtype.itemsize
-        return nbytes <= LOAD_BUDGET_SHARE * available_memory()
-
-    @property
-    def num_workers(self) -> int:
-        """DataLoader workers: the given number, or the ``"auto"`` choice for this data."""
-        if self._num_workers != "auto":
-            return int(self._num_workers)
-        if self.loads_into_memory:
-            return 0
-        cores = os.cpu_count() or 1
-        return min(AUTO_WORKERS_MAX, max(2, cores // 2)) if cores >= 2 else 0
+        return self.pipeline.batch_spread(dim, epoch)
 
     # ------------------------------------------------------------------ display
 
@@ -833,75 +378,13 @@ class XarrayDataModule(pl.LightningDataModule):
 
         Opens the source lazily (nothing is loaded); used by ``repr`` and the notebook view.
         """
-        source = "xr.Dataset" if isinstance(self.data, xr.Dataset) else os.fspath(self.data)
-        geometry = self.geometry
-        splits = {}
-        for name, bounds in self.split_bounds.items():
-            ranges = []
-            for dim, (lo, hi) in bounds.items():
-                if (lo, hi) != (0, self.source.sizes[dim]):
-                    labels = self.source.indexes[dim] if dim in self.source.indexes else None
-                    first = labels[lo] if labels is not None else lo
-                    last = labels[hi - 1] if labels is not None else hi - 1
-                    ranges.append(f"{dim} {first} … {last}")
-            splits[name] = (", ".join(ranges) or "all", len(self.indices[name]))
-        return {
-            "source": source,
-            "reading": "in memory" if self.loads_into_memory else "out of core (by chunk)",
-            "inputs": (", ".join(self.input_vars), self.input_shape),
-            "targets": (", ".join(self.target_vars), self.target_shape),
-            "windows": ", ".join(
-                f"{dim} {size} (stride {stride}, target {tsize} at {offset:+d})"
-                for dim, size, stride, tsize, offset in zip(
-                    geometry.dims,
-                    geometry.input_size,
-                    geometry.stride,
-                    geometry.target_size,
-                    geometry.target_offset,
-                    strict=True,
-                )
-            ),
-            "splits": splits,
-            "loader": (
-                f"batch {self.batch_size}, workers {self.num_workers}, style {self.style}, "
-                f"dtype {self.dtype.name}, normalize {self.normalize}, "
-                f"nan_policy {self.nan_policy}"
-            ),
-        }
+        return summary(self.pipeline)
 
     def __repr__(self) -> str:
-        try:
-            info = self.summary()
-        except Exception as err:  # a repr must not raise: show what is wrong instead
-            return f"XarrayDataModule(data={self.data!r}) — not usable yet: {err}"
-        lines = [f"XarrayDataModule: {info['source']} ({info['reading']})"]
-        lines.append(f"  X: {info['inputs'][0]} -> {info['inputs'][1]}")
-        lines.append(f"  y: {info['targets'][0]} -> {info['targets'][1]}")
-        lines.append(f"  windows: {info['windows']}")
-        for name, (where, count) in info["splits"].items():
-            lines.append(f"  {name}: {where} ({count:,} samples)")
-        lines.append(f"  loader: {info['loader']}")
-        return "\n".join(lines)
+        return summary_text(self.pipeline)
 
     def _repr_html_(self) -> str:
-        try:
-            info = self.summary()
-        except Exception:
-            return f"<pre>{html.escape(repr(self))}</pre>"
-        rows = [
-            ("source", f"{info['source']} ({info['reading']})"),
-            ("X", f"{info['inputs'][0]} → {info['inputs'][1]}"),
-            ("y", f"{info['targets'][0]} → {info['targets'][1]}"),
-            ("windows", info["windows"]),
-            *((f"split {n}", f"{w} ({c:,} samples)") for n, (w, c) in info["splits"].items()),
-            ("loader", info["loader"]),
-        ]
-        body = "".join(
-            f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-            f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
-            for k, v in rows
-        )
-        return f"<b>XarrayDataModule</b><table>{body}</table>"
+        return summary_html(self.pipeline)
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -923,214 +406,95 @@ class XarrayDataModule(pl.LightningDataModule):
         if stage is not None and stage not in STAGE_SPLITS:
             raise ValueError(f"unknown stage {stage!r}. Valid: {tuple(STAGE_SPLITS)} or None")
         self.input_shape, self.target_shape  # noqa: B018  (validates the whole configuration)
-        wanted = STAGE_SPLITS[stage] if stage else tuple(self._split_for(s) for s in self.indices)
-        if stage == "fit" and "train" not in self.indices:
-            raise ValueError(f"stage 'fit' needs a 'train' split; splits are {tuple(self.indices)}")
-        for split in wanted:
-            split = self._split_for(split)
-            if split in self.indices:
-                self._dataset(split)
-
-    def _split_for(self, split: str) -> str:
-        # Without a "predict" split, prediction runs over the test split.
-        return "test" if split == "predict" and "predict" not in self.indices else split
-
-    def _dataset(self, split: str) -> XarrayWindowDataset:
-        if split not in self.datasets:
-            self.datasets[split] = XarrayWindowDataset(
-                self._reader,
-                self.indices[split],
-                self.geometry,
-                self.input_vars,
-                self.target_vars,
-                self.transform,
-                self.target_transform,
-                ring_slots=self._ring_slots,
+        pipeline = self.pipeline
+        if stage == "fit" and "train" not in pipeline.indices:
+            raise ValueError(
+                f"stage 'fit' needs a 'train' split; splits are {tuple(pipeline.indices)}"
             )
-        return self.datasets[split]
+        wanted = STAGE_SPLITS[stage] if stage else tuple(pipeline.indices)
+        for split in {pipeline.split_for(split) for split in wanted}:
+            if split in pipeline.indices:
+                pipeline.dataset(split)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order is a function of ``(seed, epoch)``."""
-        return self._dataloader("train")
+        if "train" not in self.pipeline.indices:
+            raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
+        trainer = self.trainer
+        return train_loader(
+            self.pipeline,
+            epoch=int(trainer.current_epoch) if trainer is not None else None,
+            epoch_of=self._iterable_epoch,
+            pin_memory=self._trainer_on_cuda(),
+        )
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches in order (an empty list when there is no ``val`` split)."""
-        return self._dataloader("val")
+        return self._eval_dataloader("val")
 
     def test_dataloader(self) -> DataLoader | list:
         """Test batches in order (an empty list when there is no ``test`` split)."""
-        return self._dataloader("test")
+        return self._eval_dataloader("test")
 
     def predict_dataloader(self) -> DataLoader | list:
         """Batches of the ``predict`` split in order (the ``test`` split when there is none)."""
-        return self._dataloader("predict")
+        return self._eval_dataloader("predict")
 
-    def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
-        """Put what ``trainer.predict`` returned back on the grid, as the target variables.
-
-        Windows are averaged where they overlap; positions no window covers are NaN. The
-        predictions must be the target windows of every sample of ``split`` in order (the
-        predict loader's order), e.g. ``trainer.predict(model, datamodule=dm)``.
-
-        Example:
-            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
-            ...                       input_overlap={"lon": 16})
-            >>> truth = [y for _, y in dm.predict_dataloader()]
-            >>> grid = dm.to_xarray(truth)
-            >>> bool((grid.t2m == dm.source.t2m.sel(time=grid.time)).all())
-            True
-        """
-        split = self._split_for(split)
-        if split not in self.indices:
-            raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
-        # Predictions are in normalised units when normalisation is on: back to physical.
-        physical = [self.denormalize(part) for part in predictions]
-        return stitch_windows(
-            physical, self.indices[split], self.geometry, self.source, self.target_vars
-        )
-
-    def _dataloader(self, requested: str) -> Any:
-        split = self._split_for(requested)
-        if split not in self.indices:
-            if split == "train":
-                raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
+    def _eval_dataloader(self, stage: str) -> DataLoader | list:
+        if self.pipeline.split_for(stage) not in self.pipeline.indices:
             return []
-        dataset = self._dataset(split)
-        self._warn_if_workers_lose_tensorstore(dataset)
-        if split == "train" and self.style == "iterable":
-            settings = self.loader_settings
-            if self.num_workers > 0:
-                settings["persistent_workers"] = False  # each pass must see the new epoch
-            return _EpochLoader(
-                XarrayIterableDataset(dataset, self._train_batches(dataset)),
-                epoch_of=self._iterable_epoch,
-                batch_size=None,
-                collate_fn=self._collate,
-                **settings,
-            )
-        if split == "train":
-            return DataLoader(
-                dataset,
-                sampler=self._train_batches(dataset),
-                batch_size=None,  # the sampler yields whole batches
-                collate_fn=self._collate,  # one Batch, not a list
-                **self.loader_settings,
-            )
-        order = self._eval_order(requested, dataset)
-        batch_sampler = ArrayBatchSampler(order, self.batch_size, False)
-        return DataLoader(
-            dataset,
-            batch_sampler=batch_sampler,
-            collate_fn=self._collate,
-            **self.loader_settings,
-        )
+        return eval_loader(self.pipeline, stage, self._trainer_on_cuda())
 
-    def _warn_if_workers_lose_tensorstore(self, dataset: XarrayWindowDataset) -> None:
-        """Forked workers cannot use TensorStore once this process has: say so, once."""
-        decoder = getattr(dataset.reader, "decoder", None)
-        forked = self.multiprocessing_context in (None, "fork") and sys.platform != "win32"
-        if (
-            self.num_workers > 0
-            and forked
-            and isinstance(decoder, TensorStoreDecoder)
-            and not decode_module.forked_workers_may_use_tensorstore()
-        ):
-            global _warned_tensorstore_fork
-            if not _warned_tensorstore_fork:
-                _warned_tensorstore_fork = True
-                logger.warning(
-                    "this process has read through TensorStore, which does not survive a "
-                    "fork: DataLoader workers forked from it read through zarr-python instead, "
-                    "which decodes 2-3x slower. Read only in workers (num_workers > 0 "
-                    "throughout), or pass multiprocessing_context='forkserver'."
-                )
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``normalize_on="device"``, normalise ``(X, y)`` after Lightning moved them.
 
-    def _eval_order(self, requested: str, dataset: XarrayWindowDataset) -> Any:
-        # Out of core with workers, validation and test deal one contiguous run of batches to
-        # each worker, so that each cell is decoded once, not once per worker (2 workers on
-        # the benchmark's store: 389 MB/s in order, 615-622 dealt). Prediction stays in
-        # order: to_xarray and prediction writers expect it.
-        if (
-            requested in ("val", "test")
-            and self.num_workers > 1
-            and isinstance(dataset.reader, ChunkedReader)
-        ):
-            return BlockInterleavedSampler(len(dataset), self.batch_size, self.num_workers)
-        return SequentialSampler(dataset)
+        Runs in each process on the device batch, so the arithmetic happens on the GPU.
+        """
+        if self.spec.normalize is None or self.spec.normalize_on != "device":
+            return batch
+        inputs, targets = batch
+        scale = self.pipeline.scale
+        return scale(inputs, self.input_vars), scale(targets, self.target_vars)
 
-    @property
-    def _collate(self) -> Any:
-        return partial(collate_batch, ring_slots=self._ring_slots)
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs to resume the data exactly (Lightning saves it).
 
-    @property
-    def _ring_slots(self) -> int:
-        # A worker's ring needs a slot per batch it may have in flight (prefetch_factor)
-        # plus two held by the training loop; see xr_datamodule.handoff.
-        prefetch = self.prefetch_factor or DEFAULT_RING_SLOTS - 2
-        return prefetch + 2
+        The seed, and while fitting the epoch and how many of its batches were trained on,
+        so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
+        """
+        trainer = self.trainer
+        done = epoch = None
+        if trainer is not None and self.order.serving is not None:
+            # `processed`, not `completed`: a checkpoint written in on_train_batch_end (as
+            # ModelCheckpoint(every_n_train_steps=...) does) counts the current batch as
+            # done, and Lightning resumes after it.
+            progress = trainer.fit_loop.epoch_loop.batch_progress.current
+            done = int(progress.processed)  # type: ignore[attr-defined]
+            epoch = int(trainer.current_epoch)
+        state = self.order.state_dict(done, epoch)
+        if "statistics" in self.pipeline.__dict__:  # computed or given: keep them with the model
+            state["statistics"] = self.statistics.to_dict()
+        return state
 
-    def _train_batches(self, dataset: XarrayWindowDataset) -> ShardedBatchSampler:
-        if self._train_sampler is None or self._train_sampler.n != len(dataset):
-            self._train_sampler = self._make_train_sampler(dataset)
-        world_size, rank = self._world()
-        sampler = ShardedBatchSampler(
-            self._train_sampler,
-            self.batch_size,
-            self.drop_last,
-            world_size,
-            rank,
-            resume=self._resume,
-            epoch_offset=self._epoch_offset,
-            # Without workers the reader decodes the next batch's cells in the background.
-            lookahead=int(self.num_workers == 0 and isinstance(dataset.reader, ChunkedReader)),
-        )
-        if self.trainer is not None:
-            # Lightning may start the loader's iterator (and workers' prefetching) before it
-            # calls set_epoch, e.g. when resuming: start from the trainer's epoch already.
-            sampler.set_epoch(self.trainer.current_epoch)
-        self._resume = None  # handed over: the sampler applies it once
-        self._train_batch_sampler = sampler
-        return sampler
-
-    def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
-        """Sample numbers of every training batch of a data epoch on this rank, in order.
-
-        The order the training loader yields in that epoch (it is a function of ``(seed,
-        epoch)`` and the settings), computed without reading any data.
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the seed and, mid-epoch, the batches to skip (Lightning calls it on resume).
 
         Example:
             >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
-            ...                       batch_size=8)
-            >>> batches = dm.train_batches(epoch=0)
-            >>> sum(len(b) for b in batches) == dm.split_sizes["train"]
-            True
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32})
+            >>> dm.load_state_dict({"seed": 7, "epoch": 0, "batches_done": 3})
+            >>> dm.seed
+            7
         """
-        dataset = self._dataset("train") if "train" in self.indices else None
-        if dataset is None:
-            raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
-        world, rank = self._world()
-        order = self._make_train_sampler(dataset)
-        sampler = ShardedBatchSampler(order, self.batch_size, self.drop_last, world, rank)
-        sampler.set_epoch(epoch - self._epoch_offset)
-        return sampler.epoch_batches()
+        if "statistics" in state_dict:
+            stored = state_dict["statistics"]
+            self.pipeline.restore_statistics(Statistics(stored["mean"], stored["std"]))
+        chunked = "chunk_layout" in state_dict and self.train_shuffle == "chunks"
+        layout_now = self.chunk_layout() if chunked else None
+        if self.order.load_state_dict(state_dict, layout_now):
+            self.pipeline.resize_cache()
 
-    def batch_spread(self, dim: str | None = None, epoch: int = 0) -> float:
-        """How varied training batches are along ``dim``, against a full shuffle (1.0).
-
-        The mean standard deviation of the samples' positions along ``dim`` (default: the
-        split dim, e.g. time) within a batch, over that of a uniform shuffle; see
-        :func:`~xr_datamodule.samplers.batch_spread`. With ``shuffle="chunks"`` it shows
-        what the chunk-aware order gives up for its speed.
-        """
-        dims = self.geometry.dims
-        dim = dim or self.split_dim or ("time" if "time" in dims else dims[0])
-        if dim not in dims:
-            raise KeyError(f"batch_spread: {dim!r} is not a windowed dim. Valid: {dims}")
-        index = self.indices["train"]
-        positions = index.starts(np.arange(len(index)))[:, dims.index(dim)]
-        return batch_spread(self.train_batches(epoch), positions)
+    # ------------------------------------------------------------------ the trainer
 
     def _iterable_epoch(self) -> int:
         """The epoch of the next iterable pass: the trainer's, or one more than the last."""
@@ -1147,109 +511,12 @@ class XarrayDataModule(pl.LightningDataModule):
             return torch.distributed.get_world_size(), torch.distributed.get_rank()
         return 1, 0
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs to resume the data exactly (Lightning saves it).
-
-        The seed, and while fitting the epoch and how many of its batches were trained on,
-        so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
-        """
-        state: dict[str, Any] = {"seed": self.seed, "epoch_offset": self._epoch_offset}
-        if isinstance(self._train_sampler, ChunkShuffleSampler):
-            # The order depends on them: a resume with other workers keeps them.
-            state["chunk_layout"] = [self._train_sampler.processes, self._train_sampler.streams]
-        if "statistics" in self.__dict__:  # computed or given: keep them with the model
-            state["statistics"] = self.statistics.to_dict()
-        trainer, sampler = self.trainer, self._train_batch_sampler
-        if trainer is not None and sampler is not None:
-            # `processed`, not `completed`: a checkpoint written in on_train_batch_end (as
-            # ModelCheckpoint(every_n_train_steps=...) does) counts the current batch as
-            # done, and Lightning resumes after it.
-            progress = trainer.fit_loop.epoch_loop.batch_progress.current
-            done = int(progress.processed)  # type: ignore[attr-defined]
-            state["epoch"] = sampler.serving
-            state["batches_done"] = done
-            if 0 < done < len(sampler):
-                # Lightning may already count this epoch as finished (fit stopped by
-                # max_steps); it will then resume in its next epoch, which must continue
-                # this data epoch.
-                state["epoch_offset"] = int(trainer.current_epoch) - sampler.serving
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the seed and, mid-epoch, the batches to skip (Lightning calls it on resume).
-
-        Example:
-            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32})
-            >>> dm.load_state_dict({"seed": 7, "epoch": 0, "batches_done": 3})
-            >>> dm.seed
-            7
-        """
-        if int(state_dict.get("seed", self.seed)) != self.seed:
-            self.seed = int(state_dict["seed"])
-            self._train_sampler = None
-        self._epoch_offset = int(state_dict.get("epoch_offset", 0))
-        if "statistics" in state_dict:
-            stored = state_dict["statistics"]
-            self.__dict__["statistics"] = Statistics(stored["mean"], stored["std"])
-            self.__dict__.pop("_reader", None)  # built with other statistics: build anew
-            self.datasets.clear()
-        if "epoch" in state_dict and state_dict.get("batches_done"):
-            self._resume = (int(state_dict["epoch"]), int(state_dict["batches_done"]))
-        layout = state_dict.get("chunk_layout")
-        if layout is not None and self.train_shuffle == "chunks":
-            layout = (int(layout[0]), int(layout[1]))
-            if layout != self.chunk_layout():
-                self._restore_layout(layout)
-
-    def _restore_layout(self, layout: tuple[int, int]) -> None:
-        """Keep a checkpoint's chunk-aware layout, so the resumed order is the same."""
-        logger.warning(
-            "the checkpoint's chunk-aware order has %d parts of %d streams (one part per "
-            "DataLoader worker then); keeping it with num_workers=%d so that every sample "
-            "still comes exactly once (some cells may be decoded by more than one worker)",
-            *layout,
-            self.num_workers,
-        )
-        self._resumed_layout = layout
-        self._train_sampler = None
-        reader = self.__dict__.get("_reader")
-        if isinstance(reader, ChunkedReader):  # built already: size its cache for the layout
-            reader.resize_cache(self._cache_cells_for(reader))
-
-    def _make_train_sampler(self, dataset: XarrayWindowDataset) -> EpochSampler:
-        reader = dataset.reader
-        if isinstance(reader, ChunkedReader) and self.train_shuffle == "chunks":
-            parts, streams = self.chunk_layout()
-            return ChunkShuffleSampler(
-                self._train_cells,
-                seed=self.seed,
-                streams=streams,
-                batch_size=self.batch_size,
-                processes=parts,
-                walk=reader.cell_walk(),
-            )
-        return EpochShuffleSampler(len(dataset), self.seed)
-
-    @property
-    def loader_settings(self) -> dict[str, Any]:
-        """DataLoader keyword arguments (workers, pinning, prefetching) as resolved now."""
-        pin_memory = self.pin_memory
-        if pin_memory is None:
-            pin_memory = self._trainer_on_cuda()
-        settings: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": pin_memory}
-        if self.num_workers > 0:
-            persistent = self.persistent_workers
-            settings["persistent_workers"] = True if persistent is None else persistent
-            settings["worker_init_fn"] = _init_worker
-            if self.prefetch_factor is not None:
-                settings["prefetch_factor"] = self.prefetch_factor
-            if self.multiprocessing_context is not None:
-                settings["multiprocessing_context"] = self.multiprocessing_context
-        return settings
-
     def _trainer_on_cuda(self) -> bool:
         from lightning.pytorch.accelerators import CUDAAccelerator
 
         trainer = self.trainer
         return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+
+    def _train_batches(self) -> ShardedBatchSampler:
+        """The training loader's batch sampler, as the next ``train_dataloader`` makes it."""
+        return self.order.batch_sampler(self.pipeline.train_split(), self._world(), None)

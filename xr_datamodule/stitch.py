@@ -9,7 +9,7 @@ vectorised: one ``np.bincount`` per channel over the flat positions of all windo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +33,7 @@ def stitch_windows(
     geometry: WindowGeometry,
     source: xr.Dataset,
     target_vars: Sequence[str],
+    bounds: Mapping[str, tuple[int, int]] | None = None,
 ) -> xr.Dataset:
     """Average predicted target windows back onto the source grid.
 
@@ -43,10 +44,12 @@ def stitch_windows(
         geometry: Window sizes and target offsets.
         source: The source dataset (for coordinates, dim orders and attributes).
         target_vars: The target variables, in channel order.
+        bounds: Position range ``[lower, upper)`` of the grid to return along each windowed
+            dim (the split's); default: the part the windows cover.
 
     Returns:
-        One variable per target variable on the covered part of the grid (NaN where no
-        window landed), with the source's coordinates and attributes.
+        One variable per target variable on the grid (NaN where no window landed), with the
+        source's coordinates and attributes.
 
     Raises:
         ValueError: If the number of predictions or their shape does not match the split.
@@ -64,8 +67,12 @@ def stitch_windows(
             "every batch that trainer.predict returned, in order"
         )
     starts = index.starts(np.arange(len(index))) + np.asarray(geometry.target_offset)
-    lower = starts.min(axis=0)
-    shape = tuple(int(n) for n in starts.max(axis=0) + geometry.target_size - lower)
+    if bounds is None:
+        lower = starts.min(axis=0)
+        shape = tuple(int(n) for n in starts.max(axis=0) + geometry.target_size - lower)
+    else:
+        lower = np.array([bounds[dim][0] for dim in geometry.dims])
+        shape = tuple(int(bounds[dim][1] - bounds[dim][0]) for dim in geometry.dims)
     # Flat position, in the covered region, of every element of every window.
     strides = np.cumprod((1, *shape[::-1]))[-2::-1]
     flat = np.zeros((len(starts), *geometry.target_size), dtype=np.int64)
@@ -98,4 +105,9 @@ def stitch_windows(
             block.astype(np.result_type(values.dtype, np.float32)),
             original.attrs,
         ).transpose(*original.dims)
-    return xr.Dataset(variables, coords=coords_source.coords, attrs=source.attrs)
+    # Only the coordinates of the target variables' dims (not, e.g., an input's levels).
+    used = {dim for variable in variables.values() for dim in variable.dims}
+    coords = {
+        name: coord for name, coord in coords_source.coords.items() if set(coord.dims) <= used
+    }
+    return xr.Dataset(variables, coords=coords, attrs=source.attrs)

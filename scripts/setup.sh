@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with everything the package, its tests and the demo need.
+#
+#   scripts/setup.sh            # into .venv (or $VENV)
+#
+# Only Python >= 3.10 is needed beforehand. PyTorch is installed first, and only when the
+# environment has none: torch==2.13.0, the CPU build on a machine without CUDA wheels on its
+# index. For a CUDA build, install it into the environment first, e.g.
+#   python3 -m venv .venv && .venv/bin/pip install torch --index-url https://download.pytorch.org/whl/cu126
+# and this script keeps it. Re-running is cheap: the package is installed again only when
+# pyproject.toml changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+
+"$PYTHON" - <<'PY' || { echo "xr_datamodule needs Python >= 3.10" >&2; exit 1; }
+import sys
+sys.exit(sys.version_info < (3, 10))
+PY
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "creating the virtual environment $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.xr_datamodule-installed"
+if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ] && python -c "import torch, xr_datamodule" 2>/dev/null; then
+    exit 0
+fi
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" 2>/dev/null; then
+    echo "installing $TORCH_SPEC (no torch in $VENV)"
+    python -m pip install -q "$TORCH_SPEC"
+fi
+echo "installing xr_datamodule with its dev extra into $VENV"
+python -m pip install -q -e ".[dev]"
+touch "$stamp"

@@ -1,0 +1,53 @@
+"""TrainingOrder: epochs of batches, chunk layouts and the resume state, without data."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xr_datamodule.order import TrainingOrder, TrainSplit
+
+
+def test_each_epoch_is_every_sample_once_and_a_function_of_seed_and_epoch():
+    split = TrainSplit(n_samples=50)
+    order = TrainingOrder(seed=3, batch_size=8)
+    first = order.epoch_batches(split, epoch=0)
+    assert sorted(np.concatenate(first).tolist()) == list(range(50))
+    again = TrainingOrder(seed=3, batch_size=8).epoch_batches(split, epoch=0)
+    assert all((a == b).all() for a, b in zip(first, again, strict=True))
+    other = order.epoch_batches(split, epoch=1)
+    assert not all((a == b).all() for a, b in zip(first, other, strict=True))
+
+
+def chunked(workers: int) -> TrainSplit:
+    cells = np.repeat(np.arange(40), 3)  # 40 cells of 3 full-field samples each
+    return TrainSplit(120, "chunks", workers, cells, cells_per_sample=2, cell_bytes=2**20)
+
+
+def test_a_checkpoint_keeps_its_chunk_layout_and_resume_point():
+    order = TrainingOrder(seed=1, batch_size=8)
+    sampler = order.batch_sampler(chunked(workers=2), world=(1, 0), epoch=0)
+    assert sampler.epoch_batches()  # the order a 2-worker run trains on
+    state = order.state_dict(batches_done=5, trainer_epoch=0)
+    assert state["chunk_layout"] == [2, 2] and state["batches_done"] == 5
+    resumed = TrainingOrder(seed=0, batch_size=8)
+    layout_now = resumed.chunk_layout(chunked(workers=0))
+    assert layout_now == (1, 4)
+    assert resumed.load_state_dict(state, layout_now)  # changed: a reader must resize
+    assert resumed.seed == 1 and resumed.resume == (0, 5)
+    assert resumed.chunk_layout(chunked(workers=0)) == (2, 2)
+    # The resumed order skips exactly the batches done, in the same order.
+    rest = resumed.batch_sampler(chunked(workers=0), world=(1, 0), epoch=0)
+    full = TrainingOrder(seed=1, batch_size=8).batch_sampler(chunked(2), (1, 0), epoch=0)
+    remaining = [np.asarray(getattr(b, "ids", b)) for b in rest]
+    expected = [np.asarray(getattr(b, "ids", b)) for b in full][5:]
+    assert all((a == b).all() for a, b in zip(remaining, expected, strict=True))
+    assert len(remaining) == len(expected)
+
+
+def test_the_cache_holds_what_the_streams_keep_in_use():
+    order = TrainingOrder(batch_size=8)
+    # In memory-like full shuffle: a batch's cells plus one.
+    assert order.cache_cells(TrainSplit(120, "full", 0), per_sample=2, cell_bytes=2**20) == 17
+    # Chunk-aware, 4 streams of 2 cells each; streams move on ceil(8 / 3) = 3 times a batch.
+    assert order.cache_cells(chunked(0), per_sample=2, cell_bytes=2**20) == 4 * 2 + 3 + 1
+    assert order.cache_cells(None, per_sample=2, cell_bytes=2**20) == 3

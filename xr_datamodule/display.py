@@ -1,0 +1,95 @@
+"""What a pipeline will feed a model, as a dict, plain text (``repr``) and HTML (notebooks)."""
+
+from __future__ import annotations
+
+import html
+import os
+from typing import Any
+
+import xarray as xr
+
+from xr_datamodule.pipeline import DataPipeline
+
+__all__ = ["summary", "summary_html", "summary_text"]
+
+
+def summary(pipeline: DataPipeline) -> dict[str, Any]:
+    """Source, variables, shapes, windows, splits and loader of a pipeline.
+
+    Opens the source lazily (nothing is loaded).
+    """
+    spec, geometry, source = pipeline.spec, pipeline.geometry, pipeline.source
+    splits = {}
+    for name, bounds in pipeline.split_bounds.items():
+        ranges = []
+        for dim, (lo, hi) in bounds.items():
+            if (lo, hi) != (0, source.sizes[dim]):
+                labels = source.indexes[dim] if dim in source.indexes else None
+                first = labels[lo] if labels is not None else lo
+                last = labels[hi - 1] if labels is not None else hi - 1
+                ranges.append(f"{dim} {first} … {last}")
+        splits[name] = (", ".join(ranges) or "all", len(pipeline.indices[name]))
+    data = spec.data
+    return {
+        "source": "xr.Dataset" if isinstance(data, xr.Dataset) else os.fspath(data),
+        "reading": "in memory" if pipeline.loads_into_memory else "out of core (by chunk)",
+        "inputs": (", ".join(spec.input_vars), pipeline.input_shape),
+        "targets": (", ".join(spec.targets), pipeline.target_shape),
+        "windows": ", ".join(
+            f"{dim} {size} (stride {stride}, target {tsize} at {offset:+d})"
+            for dim, size, stride, tsize, offset in zip(
+                geometry.dims,
+                geometry.input_size,
+                geometry.stride,
+                geometry.target_size,
+                geometry.target_offset,
+                strict=True,
+            )
+        ),
+        "splits": splits,
+        "loader": (
+            f"batch {spec.batch_size}, workers {pipeline.num_workers}, style {spec.style}, "
+            f"dtype {spec.dtype}, normalize {spec.normalize}, nan_policy {spec.nan_policy}"
+        ),
+    }
+
+
+def summary_text(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str:
+    """The summary as lines of text; what is wrong instead when the spec does not fit the data.
+
+    A repr must not raise, so an error is shown rather than raised.
+    """
+    try:
+        info = summary(pipeline)
+    except Exception as err:
+        return f"{title}(data={pipeline.spec.data!r}) — not usable yet: {err}"
+    lines = [f"{title}: {info['source']} ({info['reading']})"]
+    lines.append(f"  X: {info['inputs'][0]} -> {info['inputs'][1]}")
+    lines.append(f"  y: {info['targets'][0]} -> {info['targets'][1]}")
+    lines.append(f"  windows: {info['windows']}")
+    for name, (where, count) in info["splits"].items():
+        lines.append(f"  {name}: {where} ({count:,} samples)")
+    lines.append(f"  loader: {info['loader']}")
+    return "\n".join(lines)
+
+
+def summary_html(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str:
+    """The summary as an HTML table (Jupyter's rich display)."""
+    try:
+        info = summary(pipeline)
+    except Exception:
+        return f"<pre>{html.escape(summary_text(pipeline, title))}</pre>"
+    rows = [
+        ("source", f"{info['source']} ({info['reading']})"),
+        ("X", f"{info['inputs'][0]} → {info['inputs'][1]}"),
+        ("y", f"{info['targets'][0]} → {info['targets'][1]}"),
+        ("windows", info["windows"]),
+        *((f"split {n}", f"{w} ({c:,} samples)") for n, (w, c) in info["splits"].items()),
+        ("loader", info["loader"]),
+    ]
+    body = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+        f"<td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+        for k, v in rows
+    )
+    return f"<b>{html.escape(title)}</b><table>{body}</table>"

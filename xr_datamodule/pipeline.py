@@ -1,0 +1,539 @@
+"""DataPipeline: what ``setup`` builds from a spec, usable without Lightning.
+
+source (:mod:`~xr_datamodule.sources`, lazy) → geometry and splits
+(:mod:`~xr_datamodule.windows`, :mod:`~xr_datamodule.splits`) → sample index per split
+(integer start grids, NaN policy applied) → one reader for all splits
+(:mod:`~xr_datamodule.gather`: in memory, or cell by cell through
+:mod:`~xr_datamodule.decode`) with statistics folded in (:mod:`~xr_datamodule.normalize`) →
+a dataset per split (:mod:`~xr_datamodule.datasets`). Every step is computed once, when first
+asked for, so the shapes are known before anything is read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from xr_datamodule.collate import DEFAULT_RING_SLOTS
+from xr_datamodule.datasets import XarrayWindowDataset
+from xr_datamodule.decode import (
+    CellDecoder,
+    TensorStoreDecoder,
+    ZarrDecoder,
+    tensorstore_available,
+    zarr_decoding,
+)
+from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
+from xr_datamodule.missing import box_any, first_missing, missing_mask
+from xr_datamodule.normalize import Statistics, zscore_statistics
+from xr_datamodule.order import TrainingOrder, TrainSplit
+from xr_datamodule.samplers import batch_spread
+from xr_datamodule.sources import (
+    channel_layouts,
+    check_variables,
+    is_in_memory,
+    local_zarr_group,
+    open_source,
+    window_dim_order,
+    zarr_opener,
+)
+from xr_datamodule.spec import DataSpec
+from xr_datamodule.splits import resolve_splits
+from xr_datamodule.stitch import stitch_windows
+from xr_datamodule.transforms import Transform, transformed_windows
+from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
+
+__all__ = ["DataPipeline", "available_memory"]
+
+logger = logging.getLogger(__name__)
+
+LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
+DECODE_THREADS_MAX = 4  # threads decoding cells in parallel without workers
+AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable`` on Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class DataPipeline:
+    """Source, geometry, splits, sample indices, reader, statistics and datasets of a spec.
+
+    Args:
+        spec: What to read and how (validated).
+        order: The training order (seed, chunk layout, resume point); a new one by default.
+        world: Returns (world size, global rank) when asked; default a single process.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> spec = DataSpec("synthetic://weather", input_vars=["t2m"],
+        ...                 input_dims={"time": 1, "lat": 32, "lon": 32}, batch_size=8)
+        >>> pipeline = DataPipeline(spec)
+        >>> dataset = pipeline.dataset("val")
+        >>> batch = dataset.__getitems__(np.arange(8))  # one vectorised read of 8 samples
+        >>> tuple(batch.inputs.shape)
+        (8, 1, 1, 32, 32)
+    """
+
+    def __init__(
+        self,
+        spec: DataSpec,
+        order: TrainingOrder | None = None,
+        world: Callable[[], tuple[int, int]] = lambda: (1, 0),
+    ) -> None:
+        self.spec = spec
+        self.order = order or TrainingOrder(
+            spec.seed, spec.batch_size, spec.drop_last, spec.shuffle_chunks
+        )
+        self.world = world
+        self.dropped_samples: dict[str, int] = {}
+        self.datasets: dict[str, XarrayWindowDataset] = {}
+
+    # ------------------------------------------------------------------ metadata (lazy)
+
+    @cached_property
+    def source(self) -> xr.Dataset:
+        """The opened source, restricted to nothing: lazy, nothing loaded."""
+        return open_source(self.spec.data, self.spec.open_kwargs)
+
+    @cached_property
+    def window_dims(self) -> tuple[str, ...]:
+        """Windowed dims in the order of the window axes of ``X`` and ``y``."""
+        spec = self.spec
+        check_variables(self.source, spec.input_vars, "input_vars")
+        check_variables(self.source, spec.targets, "target_vars")
+        return window_dim_order(self.source, spec.all_vars, tuple(spec.input_dims))
+
+    @cached_property
+    def geometry(self) -> WindowGeometry:
+        """Window sizes, strides and offsets in :attr:`window_dims` order."""
+        spec, dims = self.spec, self.window_dims
+        assert spec.input_overlap is not None and spec.target_dims is not None
+        overlap, offset = spec.input_overlap, spec.target_offset or {}
+        geometry = WindowGeometry(
+            dims=dims,
+            input_size=tuple(spec.input_dims[d] for d in dims),
+            stride=tuple(spec.input_dims[d] - overlap.get(d, 0) for d in dims),
+            target_size=tuple(spec.target_dims[d] for d in dims),
+            target_offset=tuple(offset.get(d, 0) for d in dims),
+        )
+        for axis, dim in enumerate(dims):
+            length = self.source.sizes[dim]
+            if geometry.input_size[axis] > length:
+                raise ValueError(
+                    f"input_dims[{dim!r}] = {geometry.input_size[axis]} is larger than the "
+                    f"dim {dim!r} ({length})"
+                )
+            if geometry.extent[axis] > length:
+                raise ValueError(
+                    f"the target window (target_offset[{dim!r}] = "
+                    f"{geometry.target_offset[axis]}, target_dims[{dim!r}] = "
+                    f"{geometry.target_size[axis]}) lies outside the data: one sample spans "
+                    f"{geometry.extent[axis]} positions along {dim!r}, which has {length}"
+                )
+        return geometry
+
+    @property
+    def split_dim(self) -> str:
+        """The dim fractions split (and :meth:`batch_spread` measures by default)."""
+        dims = self.geometry.dims
+        return self.spec.split_dim or ("time" if "time" in dims else dims[0])
+
+    @cached_property
+    def split_bounds(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """Position range ``[lower, upper)`` of every split along every windowed dim."""
+        assert self.spec.splits is not None
+        return resolve_splits(self.spec.splits, self.split_dim, self.source, self.geometry.dims)
+
+    @cached_property
+    def indices(self) -> dict[str, SampleIndex]:
+        """Sample index of every split (integer start grids; cheap, built once)."""
+        geometry = self.geometry
+        indices = {}
+        for name, split_bounds in self.split_bounds.items():
+            index = build_index(geometry, split_bounds)
+            if len(index) == 0:
+                axis = index.grid_shape.index(0)
+                dim = geometry.dims[axis]
+                lo, hi = split_bounds[dim]
+                raise ValueError(
+                    f"split {name!r} has no full window: it spans {hi - lo} positions along "
+                    f"{dim!r} but one sample needs {geometry.extent[axis]} (input window "
+                    f"{geometry.input_size[axis]}, target window {geometry.target_size[axis]} "
+                    f"at offset {geometry.target_offset[axis]})"
+                )
+            indices[name] = index
+        if self.spec.nan_policy == "error":
+            self._fail_on_missing()
+        if self.spec.nan_policy == "drop":
+            indices = self._drop_missing(indices)
+        return indices
+
+    def _fail_on_missing(self) -> None:
+        found = first_missing(self.source, self.spec.all_vars, self.geometry.dims)
+        if found is not None:
+            name, where = found
+            place = ", ".join(f"{dim}={label}" for dim, label in where.items())
+            raise ValueError(
+                f"variable {name!r} has a missing value (NaN) at {place}; use "
+                "nan_policy='drop' to leave out windows with missing values or "
+                "nan_policy='fill' to replace them"
+            )
+
+    def _drop_missing(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
+        """Leave out every sample whose input or target window holds a NaN (vectorised)."""
+        geometry, spec = self.geometry, self.spec
+        # X sees only the input variables, y only the target ones: one mask for each.
+        in_input = box_any(
+            missing_mask(self.source, spec.input_vars, geometry.dims), geometry.input_size
+        )
+        in_target = box_any(
+            missing_mask(self.source, spec.targets, geometry.dims), geometry.target_size
+        )
+        kept = {}
+        for name, index in indices.items():
+            at_input = np.ix_(*index.axis_starts)
+            at_target = np.ix_(
+                *(s + o for s, o in zip(index.axis_starts, geometry.target_offset, strict=True))
+            )
+            bad = (in_input[at_input] | in_target[at_target]).reshape(-1)[index.grid_ids()]
+            kept[name] = index.keep(~bad)
+            self.dropped_samples[name] = int(bad.sum())
+            if len(kept[name]) == 0:
+                raise ValueError(
+                    f"split {name!r}: every one of its {len(index)} windows holds a missing "
+                    "value (nan_policy='drop'); use nan_policy='fill' or other windows"
+                )
+            logger.info(
+                "nan_policy='drop': left out %d of %d samples of split %r (missing values)",
+                self.dropped_samples[name],
+                len(index),
+                name,
+            )
+        return kept
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """Number of samples per split."""
+        return {name: len(index) for name, index in self.indices.items()}
+
+    def split_for(self, split: str) -> str:
+        """The split a stage reads: without a ``predict`` split, prediction reads ``test``."""
+        return "test" if split == "predict" and "predict" not in self.indices else split
+
+    # ------------------------------------------------------------------ shapes and names
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one ``X`` sample, ``(channel, *window)``, known before any read."""
+        spec, size = self.spec, self.geometry.input_size
+        channels = self._n_channels(spec.input_vars, spec.transform, size) + spec.nan_mask
+        return (channels, *size)
+
+    @property
+    def target_shape(self) -> tuple[int, ...]:
+        """Shape of one ``y`` sample, ``(channel, *window)``, known before any read."""
+        spec, size = self.spec, self.geometry.target_size
+        return (self._n_channels(spec.targets, spec.target_transform, size), *size)
+
+    @property
+    def input_channel_names(self) -> list[str]:
+        """Readable name of each channel of ``X`` (without transform), e.g. ``u[level=200]``."""
+        layouts = channel_layouts(self.source, self.spec.input_vars, self.window_dims)
+        names = [name for layout in layouts for name in layout.channel_names(self.source)]
+        return [*names, "nan_mask"] if self.spec.nan_mask else names
+
+    def _n_channels(self, names: list[str], transform: Transform | None, size: tuple) -> int:
+        if transform is None:
+            layouts = channel_layouts(self.source, names, self.window_dims)
+            return sum(layout.n_channels for layout in layouts)
+        # A transform may add or drop variables: run it once on the first window.
+        first = next(iter(self.indices.values())).starts([0])
+        probe = transformed_windows(
+            self.source[names], first, self.window_dims, size, transform, self.spec.array_dtype
+        )
+        return probe.shape[1]
+
+    # ------------------------------------------------------------------ how data are read
+
+    @cached_property
+    def loads_into_memory(self) -> bool:
+        """Whether the selected variables are (or will be) held in memory (see ``load``).
+
+        Decided once: ``"auto"`` compares the selected variables in the output dtype with a
+        quarter of the memory available at the first call.
+        """
+        load, names = self.spec.load, self.spec.all_vars
+        if load is True or load is False:
+            return load
+        if is_in_memory(self.source, names):
+            return True
+        layouts = channel_layouts(self.source, names, self.window_dims)
+        space = int(np.prod([self.source.sizes[d] for d in self.window_dims]))
+        itemsize = self.spec.array_dtype.itemsize
+        nbytes = sum(layout.n_channels for layout in layouts) * space * itemsize
+        return nbytes <= LOAD_BUDGET_SHARE * available_memory()
+
+    @property
+    def num_workers(self) -> int:
+        """DataLoader workers: the given number, or the ``"auto"`` choice for this data."""
+        if self.spec.num_workers != "auto":
+            return int(self.spec.num_workers)
+        if self.loads_into_memory:
+            return 0
+        cores = os.cpu_count() or 1
+        return min(AUTO_WORKERS_MAX, max(2, cores // 2)) if cores >= 2 else 0
+
+    @property
+    def decode_threads(self) -> int:
+        """Threads a process decodes cells with.
+
+        Without workers the main process decodes a batch's cells in parallel threads, and
+        the next batch's in the background; workers already decode in parallel with each
+        other (and share the cores).
+        """
+        if self.num_workers > 0:
+            return 1
+        return min(DECODE_THREADS_MAX, os.cpu_count() or 1)
+
+    @property
+    def ring_slots(self) -> int:
+        """Hand-off slots per worker.
+
+        One per batch of ``prefetch_factor`` plus two held by the training loop (see
+        :mod:`xr_datamodule.handoff`).
+        """
+        return (self.spec.prefetch_factor or DEFAULT_RING_SLOTS - 2) + 2
+
+    @cached_property
+    def reader(self) -> WindowReader:
+        """The one reader of all splits: in-memory data are stacked once, not once per split."""
+        spec = self.spec
+        prepare = Preparation(
+            mask_of=self._input_channel_range() if spec.nan_mask else None,
+            affine=(
+                self.statistics.channel_arrays(spec.all_vars)
+                if spec.normalize is not None and spec.normalize_on == "gather"
+                else None
+            ),
+            fill_value=spec.fill_value if spec.nan_policy == "fill" else None,
+        )
+        if self.loads_into_memory:
+            return InMemoryReader(
+                self.source, spec.all_vars, self.window_dims, spec.array_dtype, prepare
+            )
+        reader = ChunkedReader(
+            self.source,
+            spec.all_vars,
+            self.window_dims,
+            spec.array_dtype,
+            extent=self.geometry.extent,
+            cache_cells=1,  # sized below, once the cells are known
+            prepare=prepare,
+            decode_threads=self.decode_threads,
+            decoder=self._zarr_decoder(),
+        )
+        self._size_cache(reader)
+        return reader
+
+    def _size_cache(self, reader: ChunkedReader) -> None:
+        split = self._train_split(reader) if "train" in self.split_bounds else None
+        cells = self.order.cache_cells(
+            split, reader.cells_per_sample, reader.cell_bytes, self.world()[0]
+        )
+        reader.resize_cache(cells)
+
+    def resize_cache(self) -> None:
+        """Size the reader's cache anew (after the training order's layout changed)."""
+        reader = self.__dict__.get("reader")
+        if isinstance(reader, ChunkedReader):
+            self._size_cache(reader)
+
+    def _zarr_decoder(self) -> CellDecoder | None:
+        """Zarr's asynchronous reads when the store allows them exactly, else None (xarray)."""
+        spec, names = self.spec, self.spec.all_vars
+        opener = zarr_opener(spec.data, spec.open_kwargs, names)
+        if opener is None:
+            return None
+        try:
+            arrays = opener()
+        except Exception as error:  # xarray opened it; read through xarray then
+            logger.info("reading through xarray: zarr could not open the store (%s)", error)
+            return None
+        decodings = {}
+        for name in names:
+            decoding = zarr_decoding(self.source[name], arrays[name], spec.array_dtype)
+            if decoding is None:
+                logger.info(
+                    "reading through xarray: variable %r has an encoding zarr reads differently",
+                    name,
+                )
+                return None
+            decodings[name] = decoding
+        layouts = channel_layouts(self.source, names, self.window_dims)
+        dims = {name: tuple(map(str, self.source[name].dims)) for name in names}
+        decoder = ZarrDecoder(opener, layouts, self.window_dims, dims, decodings)
+        decoder._arrays = (os.getpid(), arrays)  # opened already in this process
+        folder = local_zarr_group(spec.data, spec.open_kwargs)
+        if folder is None or not tensorstore_available():
+            return decoder
+        specs = {
+            name: {
+                "driver": "zarr3" if arrays[name].metadata.zarr_format == 3 else "zarr",
+                "kvstore": {"driver": "file", "path": os.path.join(folder, name)},
+            }
+            for name in names
+        }
+        return TensorStoreDecoder(
+            specs, layouts, self.window_dims, dims, decodings, self.decode_threads, decoder
+        )
+
+    def _input_channel_range(self) -> np.ndarray:
+        # The input variables come first among the reader's channels.
+        layouts = channel_layouts(self.source, self.spec.input_vars, self.window_dims)
+        return np.arange(sum(layout.n_channels for layout in layouts))
+
+    # ------------------------------------------------------------------ statistics
+
+    @cached_property
+    def statistics(self) -> Statistics:
+        """Per-channel z-score statistics.
+
+        Given (``stats``), restored from a checkpoint, or computed once from the training
+        split (out of core, with dask).
+        """
+        spec = self.spec
+        if spec.stats is not None:
+            return Statistics.from_value(spec.stats, self.source, spec.all_vars, self.window_dims)
+        if "train" not in self.split_bounds:
+            raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
+        return zscore_statistics(
+            self.source, spec.all_vars, self.window_dims, self.split_bounds["train"]
+        )
+
+    def restore_statistics(self, statistics: Statistics) -> None:
+        """Use a checkpoint's statistics; what was read with others is built anew."""
+        self.__dict__["statistics"] = statistics
+        self.__dict__.pop("reader", None)
+        self.datasets.clear()
+
+    def scale(self, values: Any, names: Sequence[str], inverse: bool = False) -> Any:
+        """Normalise (or, ``inverse``, denormalise) ``(batch, channel, ...)`` values.
+
+        Works on tensors (on their device) and numpy arrays alike; identity without
+        normalisation.
+        """
+        if self.spec.normalize is None:
+            return values
+        mean, std = self.statistics.channel_arrays(names)
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        if hasattr(values, "new_tensor"):
+            mean, std = values.new_tensor(mean), values.new_tensor(std)
+        mean, std = mean.reshape(shape), std.reshape(shape)
+        return values * std + mean if inverse else (values - mean) / std
+
+    # ------------------------------------------------------------------ datasets
+
+    def dataset(self, split: str) -> XarrayWindowDataset:
+        """The dataset of ``split`` (built once): batches by ``__getitems__(sample numbers)``."""
+        split = self.split_for(split)
+        if split not in self.indices:
+            raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
+        if split not in self.datasets:
+            spec = self.spec
+            self.datasets[split] = XarrayWindowDataset(
+                self.reader,
+                self.indices[split],
+                self.geometry,
+                spec.input_vars,
+                spec.targets,
+                spec.transform,
+                spec.target_transform,
+                ring_slots=self.ring_slots,
+            )
+        return self.datasets[split]
+
+    def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
+        """Predictions of every sample of ``split`` in order, on the grid, in physical units."""
+        split = self.split_for(split)
+        if split not in self.indices:
+            raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
+        physical = [self.scale(part, self.spec.targets, inverse=True) for part in predictions]
+        return stitch_windows(
+            physical,
+            self.indices[split],
+            self.geometry,
+            self.source,
+            self.spec.targets,
+            bounds=self.split_bounds[split],
+        )
+
+    # ------------------------------------------------------------------ training order
+
+    @property
+    def train_shuffle(self) -> str:
+        """The training order in use: ``"full"`` (uniform) or ``"chunks"`` (chunk-aware)."""
+        if self.spec.shuffle == "full" or self.loads_into_memory:
+            return "full"
+        return "chunks"
+
+    def train_split(self) -> TrainSplit:
+        """What the training order needs to know of the ``train`` split."""
+        if "train" not in self.indices:
+            raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
+        return self._train_split(self.reader)
+
+    def _train_split(self, reader: WindowReader) -> TrainSplit:
+        index = self.indices["train"]
+        shuffle, workers = self.train_shuffle, self.num_workers
+        if not isinstance(reader, ChunkedReader):
+            return TrainSplit(len(index), shuffle, workers)
+        cached = self.__dict__.get("_train_cells")
+        if cached is None:  # cell of every training sample (where its span starts)
+            below = self.geometry.reach_below
+            starts = [axis - low for axis, low in zip(index.axis_starts, below, strict=True)]
+            cached = self.__dict__["_train_cells"] = reader.home_cells(starts)[index.grid_ids()]
+        return TrainSplit(
+            len(index),
+            shuffle,
+            workers,
+            cells=cached,
+            cells_per_sample=reader.cells_per_sample,
+            cell_bytes=reader.cell_bytes,
+            walk=reader.cell_walk(),
+        )
+
+    def chunk_layout(self) -> tuple[int, int]:
+        """Chunk-aware order: (parts, streams per part).
+
+        See :meth:`~xr_datamodule.order.TrainingOrder.chunk_layout`.
+        """
+        return self.order.chunk_layout(self.train_split(), self.world()[0])
+
+    def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
+        """Sample numbers of every training batch of a data epoch on this rank, in order."""
+        return self.order.epoch_batches(self.train_split(), epoch, self.world())
+
+    def batch_spread(self, dim: str | None = None, epoch: int = 0) -> float:
+        """How varied training batches are along ``dim``, against a full shuffle (1.0)."""
+        dims = self.geometry.dims
+        dim = dim or self.split_dim
+        if dim not in dims:
+            raise KeyError(f"batch_spread: {dim!r} is not a windowed dim. Valid: {dims}")
+        index = self.indices["train"]
+        positions = index.starts(np.arange(len(index)))[:, dims.index(dim)]
+        return batch_spread(self.train_batches(epoch), positions)

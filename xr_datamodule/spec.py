@@ -1,0 +1,230 @@
+"""DataSpec: the datamodule's arguments, validated once, with their defaults.
+
+Everything a user configures (in Python, YAML or on the command line) is checked here, before
+any data is opened, with an error that names the argument and the valid choices. What needs
+the data to be checked (variable names, window sizes against dims, splits against labels) is
+checked by :class:`~xr_datamodule.pipeline.DataPipeline` when it opens the source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from xr_datamodule.missing import NAN_POLICIES
+from xr_datamodule.sources import check_source_exists
+from xr_datamodule.splits import DEFAULT_SPLITS, check_splits
+
+__all__ = ["DataSpec"]
+
+DTYPES = ("float16", "float32", "float64")
+STYLES = ("map", "iterable")
+SHUFFLES = ("auto", "chunks", "full")
+NORMALIZATIONS = (None, "zscore")
+NORMALIZE_ON = ("gather", "device")
+LOAD_CHOICES = ("auto", True, False)
+CONTEXTS = (None, "fork", "spawn", "forkserver")
+STAGE_SPLITS = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("predict",),
+}
+
+
+def _positive_int(value: Any, what: str, minimum: int = 1, what_else: str = "") -> int:
+    number = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not number or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        kind = f"{kind} {what_else}" if what_else else kind
+        raise (TypeError if not number else ValueError)(f"{what} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def _int_mapping(mapping: Any, what: str, minimum: int | None) -> dict[str, int]:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping of dim name to integer, got {mapping!r}")
+    out = {}
+    for dim, value in mapping.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{what}[{dim!r}] must be an integer, got {value!r}")
+        if minimum is not None and value < minimum:
+            kind = "positive" if minimum == 1 else f">= {minimum}"
+            raise ValueError(f"{what}[{dim!r}] must be {kind}, got {value}")
+        out[str(dim)] = int(value)
+    return out
+
+
+def _check_keys(mapping: Mapping[str, int], valid: Mapping[str, int], what: str) -> None:
+    for dim in mapping:
+        if dim not in valid:
+            raise KeyError(f"{what}: dim {dim!r} is not in input_dims. Valid: {tuple(valid)}")
+
+
+def _names(names: Any, what: str) -> list[str]:
+    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+        raise TypeError(f"{what} must be a list of variable names, got {names!r}")
+    return list(names)
+
+
+def _choice(value: Any, choices: tuple, what: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{what} must be one of {choices}, got {value!r}")
+
+
+@dataclass
+class DataSpec:
+    """What to read and how to serve it: :class:`~xr_datamodule.XarrayDataModule`'s arguments.
+
+    The fields and their meaning are those of the datamodule's constructor (see its
+    docstring); constructing a spec validates them and fills in the defaults that do not need
+    the data (``target_vars`` from ``input_vars``, ``target_dims`` from ``input_dims``, the
+    default splits, ``normalize="zscore"`` when ``stats`` are given).
+
+    Example:
+        >>> spec = DataSpec("synthetic://weather", input_vars=["t2m"],
+        ...                 input_dims={"time": 2, "lat": 32, "lon": 32})
+        >>> spec.target_vars, spec.target_dims["lat"], spec.array_dtype
+        (['t2m'], 32, dtype('float32'))
+        >>> DataSpec("synthetic://weather", ["t2m"], {"time": 2}, batch_size=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: batch_size must be a positive integer, got 0
+    """
+
+    data: str | os.PathLike | xr.Dataset
+    input_vars: list[str]
+    input_dims: dict[str, int]
+    target_vars: list[str] | None = None
+    input_overlap: dict[str, int] | None = None
+    target_dims: dict[str, int] | None = None
+    target_offset: dict[str, int] | None = None
+    splits: dict[str, Any] | None = None
+    split_dim: str | None = None
+    batch_size: int = 32
+    seed: int = 0
+    num_workers: int | str = "auto"
+    pin_memory: bool | None = None
+    persistent_workers: bool | None = None
+    prefetch_factor: int | None = None
+    multiprocessing_context: str | None = None
+    drop_last: bool = False
+    load: bool | str = "auto"
+    shuffle_chunks: int | str = "auto"
+    style: str = "map"
+    dtype: str = "float32"
+    transform: Callable[[xr.Dataset], xr.Dataset] | None = field(default=None, repr=False)
+    target_transform: Callable[[xr.Dataset], xr.Dataset] | None = field(default=None, repr=False)
+    open_kwargs: dict[str, Any] | None = None
+    normalize: str | None = None
+    normalize_on: str = "gather"
+    stats: dict[str, Any] | str | None = None
+    nan_policy: str | None = None
+    fill_value: float = 0.0
+    nan_mask: bool = False
+    shuffle: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_source_exists(self.data)
+        self._windows()
+        self._loading()
+        self._values()
+
+    def _windows(self) -> None:
+        self.input_vars = _names(self.input_vars, "input_vars")
+        self.target_vars = _names(
+            self.input_vars if self.target_vars is None else self.target_vars, "target_vars"
+        )
+        self.input_dims = _int_mapping(self.input_dims, "input_dims", minimum=1)
+        if not self.input_dims:
+            raise ValueError("input_dims must give a window length for at least one dim")
+        self.input_overlap = _int_mapping(self.input_overlap, "input_overlap", minimum=0)
+        _check_keys(self.input_overlap, self.input_dims, "input_overlap")
+        for dim, overlap in self.input_overlap.items():
+            if overlap >= self.input_dims[dim]:
+                raise ValueError(
+                    f"input_overlap[{dim!r}] = {overlap} must be smaller than the window "
+                    f"input_dims[{dim!r}] = {self.input_dims[dim]}"
+                )
+        self.target_dims = _int_mapping(self.target_dims, "target_dims", minimum=1) or dict(
+            self.input_dims
+        )
+        if set(self.target_dims) != set(self.input_dims):
+            raise KeyError(
+                f"target_dims must have the same dims as input_dims {tuple(self.input_dims)}, "
+                f"got {tuple(self.target_dims)} (use length 1 for a dim the target does not span)"
+            )
+        self.target_offset = _int_mapping(self.target_offset, "target_offset", minimum=None)
+        _check_keys(self.target_offset, self.input_dims, "target_offset")
+        self.splits = dict(DEFAULT_SPLITS if self.splits is None else self.splits)
+        check_splits(self.splits)
+
+    def _loading(self) -> None:
+        self.batch_size = _positive_int(self.batch_size, "batch_size")
+        self.seed = int(self.seed)
+        if self.num_workers != "auto":
+            _positive_int(self.num_workers, "num_workers", minimum=0, what_else="or 'auto'")
+        if self.prefetch_factor is not None:
+            _positive_int(self.prefetch_factor, "prefetch_factor")
+            if self.num_workers == 0:
+                raise ValueError("prefetch_factor needs num_workers > 0 (workers prefetch)")
+        if self.multiprocessing_context not in CONTEXTS:
+            raise ValueError(
+                f"multiprocessing_context must be one of {CONTEXTS[1:]}, "
+                f"got {self.multiprocessing_context!r}"
+            )
+        self.drop_last = bool(self.drop_last)
+        _choice(self.style, STYLES, "style")
+        if self.style == "iterable" and self.persistent_workers:
+            raise ValueError(
+                "style='iterable' needs persistent_workers=False: each epoch starts workers "
+                "that see the new epoch"
+            )
+        if not (self.load == "auto" or isinstance(self.load, bool)):
+            raise ValueError(f"load must be one of {LOAD_CHOICES}, got {self.load!r}")
+        if self.shuffle_chunks != "auto":
+            _positive_int(self.shuffle_chunks, "shuffle_chunks", what_else="or 'auto'")
+        _choice(self.shuffle, SHUFFLES, "shuffle")
+        _choice(self.dtype, DTYPES, "dtype")
+
+    def _values(self) -> None:
+        self.open_kwargs = dict(self.open_kwargs or {})
+        _choice(self.normalize, NORMALIZATIONS, "normalize")
+        _choice(self.normalize_on, NORMALIZE_ON, "normalize_on")
+        if self.normalize is not None and (self.transform or self.target_transform):
+            raise ValueError(
+                "normalize works on the variables' channels; with a transform the channels "
+                "are the transform's: normalise inside the transform instead"
+            )
+        if self.stats is not None and self.normalize is None:
+            self.normalize = "zscore"  # explicit statistics mean: normalise with them
+        _choice(self.nan_policy, NAN_POLICIES, "nan_policy")
+        self.fill_value = float(self.fill_value)
+        if self.nan_mask and self.nan_policy != "fill":
+            raise ValueError(
+                f"nan_mask=True needs nan_policy='fill' (got {self.nan_policy!r}): the mask "
+                "marks the values that were filled"
+            )
+        self.nan_mask = bool(self.nan_mask)
+
+    @property
+    def array_dtype(self) -> np.dtype:
+        """The numpy dtype of the batches."""
+        return np.dtype(self.dtype)
+
+    @property
+    def targets(self) -> list[str]:
+        """The target variables (``target_vars``; the input variables when not given)."""
+        return self.input_vars if self.target_vars is None else self.target_vars
+
+    @property
+    def all_vars(self) -> list[str]:
+        """Input variables, then the target variables that are not inputs."""
+        return self.input_vars + [v for v in self.targets if v not in self.input_vars]
