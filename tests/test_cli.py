@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,10 +23,11 @@ def _in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # what a run writes (logs, checkpoints) stays out of the clone
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
+def run(*args: str, **environment: str) -> subprocess.CompletedProcess:
     """The console script in the current directory (a test's temporary one)."""
     command = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "xr_datamodule.cli"]
-    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=240)
+    env = {**os.environ, **environment}
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=240, env=env)
 
 
 def test_fit_synthetic_config_fast_dev_run():
@@ -47,15 +49,24 @@ def test_fit_netcdf_config_fast_dev_run(era_path):
 
 
 def test_cli_reports_bad_config_clearly():
-    result = run(
-        "fit",
-        "--config",
-        SYNTHETIC,
-        "--data.input_vars=[t2m,nope]",
-        "--trainer.fast_dev_run=true",
-    )
-    assert result.returncode != 0
-    assert "'nope' is not in the data" in result.stderr
+    bad = ("fit", "--config", SYNTHETIC, "--data.input_vars=[t2m,nope]", "--trainer.fast_dev_run=1")
+    result = run(*bad)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert lines == [
+        "error: KeyError: input_vars: variable 'nope' is not in the data. "
+        "Valid: ('t2m', 'u10', 'v10')"
+    ]
+    assert "Traceback" not in result.stderr
+    verbose = run(*bad, XR_DATAMODULE_TRACEBACK="1")
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert "'nope' is not in the data" in verbose.stderr
+
+
+def test_help_names_bench():
+    result = run("--help")
+    assert result.returncode == 0
+    assert "xr-datamodule bench --config CONFIG" in " ".join(result.stdout.split())
 
 
 def test_bench_measures_and_recommends():

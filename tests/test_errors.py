@@ -103,7 +103,8 @@ def test_valid_base_config_builds(small_ds):
                 }
             ),
             ValueError,
-            r"splits 'train' and 'val' overlap",
+            r"splits 'train' and 'val' overlap: train covers time 2020-01-01 00:00:00 … "
+            r"2020-01-20 00:00:00 \(positions 0-19\), val covers time 2020-01-20",
         ),
         # a split with no full window (label range too short)
         (

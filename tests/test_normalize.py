@@ -164,3 +164,18 @@ def test_to_xarray_returns_physical_units(small_ds):
     covered = grid.b.notnull()
     expected = small_ds.b.sel(time=grid.time)
     xr.testing.assert_allclose(grid.b.where(covered), expected.where(covered).astype(float))
+
+
+def test_a_checkpoint_of_an_in_memory_dataset_asks_for_the_data(small_ds, tmp_path):
+    config = {**CONFIG, "dtype": "float32"}
+    dm = XarrayDataModule(small_ds, **config)
+    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
+    trainer = cpu_trainer(max_steps=1, max_epochs=None)
+    trainer.fit(model, datamodule=dm)
+    checkpoint = tmp_path / "memory.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    with pytest.raises(TypeError, match=r"memory.ckpt: this datamodule was built from an in-mem"):
+        XarrayDataModule.load_from_checkpoint(checkpoint)
+    restored = XarrayDataModule.load_from_checkpoint(checkpoint, data=small_ds)
+    assert restored.statistics.to_dict() == dm.statistics.to_dict()
+    assert restored.input_shape == dm.input_shape

@@ -46,3 +46,18 @@ def test_defaults_are_filled_without_opening_the_data(tmp_path):
 def test_bad_arguments_are_named(settings, error, message):
     with pytest.raises(error, match=message):
         DataSpec("synthetic://weather", input_vars=["t2m"], input_dims={"time": 3}, **settings)
+
+
+def test_lead_times_that_are_not_consecutive_get_a_recipe():
+    with pytest.raises(TypeError) as caught:
+        DataSpec(
+            "synthetic://weather",
+            input_vars=["t2m"],
+            input_dims={"time": 2, "lat": 8, "lon": 8},
+            target_dims={"time": 1, "lat": 8, "lon": 8},
+            target_offset={"time": [8, 26]},  # +6 h and +24 h after a 2-step input
+        )
+    message = str(caught.value)
+    assert "target_offset['time'] must be one integer, got [8, 26]" in message
+    assert "target_offset={'time': 8} and target_dims={'time': 19}" in message
+    assert "keep positions [0, 18] of y's 'time' axis" in message

@@ -104,3 +104,16 @@ def test_demo_learns_the_synthetic_target_beyond_climatology():
     trainer = cpu_trainer(max_epochs=2, limit_train_batches=30)
     trainer.fit(model, datamodule=dm)
     assert float(trainer.callback_metrics["val_loss"]) < 0.2 * float(climatology)
+
+
+def test_the_iterable_style_with_workers_runs_without_lightnings_length_warning():
+    import warnings
+
+    dm = XarrayDataModule(
+        "synthetic://weather", **FORECAST, style="iterable", num_workers=2, persistent_workers=False
+    )
+    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cpu_trainer(limit_train_batches=3, limit_val_batches=1).fit(model, datamodule=dm)
+    assert not [w for w in caught if "has `__len__` defined" in str(w.message)]

@@ -13,6 +13,7 @@ built (``apply_on="instantiate"``), so a model given by ``class_path`` must acce
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -37,8 +38,23 @@ def _target_shape(datamodule: XarrayDataModule) -> tuple[int, ...]:
     return datamodule.target_shape
 
 
+EPILOG = (
+    "Also: xr-datamodule bench --config CONFIG [--workers 0 2] [--shuffle chunks full] times "
+    "the configured training loader and recommends a setting (xr-datamodule bench --help). "
+    "Errors in the configuration are shown in one line; XR_DATAMODULE_TRACEBACK=1 shows the "
+    "whole traceback."
+)
+TRACEBACK_SWITCH = "XR_DATAMODULE_TRACEBACK"
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
 class XarrayCLI(LightningCLI):
     """LightningCLI that links the datamodule's sample shapes into the model."""
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """The main parser, whose help also names ``bench``."""
+        kwargs.setdefault("epilog", EPILOG)
+        return super().init_parser(**kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link ``data`` → ``model.init_args.{input,target}_shape`` after instantiation."""
@@ -137,12 +153,54 @@ def bench(args: Sequence[str] | None = None) -> dict[tuple[int, str], float]:
     return rates
 
 
+def our_error(error: BaseException) -> BaseException | None:
+    """The error this package raised about the configuration, if ``error`` comes from one.
+
+    LightningCLI and jsonargparse wrap what the datamodule raises (e.g. in a link's
+    ``compute_fn``) in their own errors; the first error of the chain that was raised
+    inside this package with a documented type is the one a user can act on.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        traceback = current.__traceback__
+        while traceback is not None and traceback.tb_next is not None:
+            traceback = traceback.tb_next
+        raised_here = traceback is not None and traceback.tb_frame.f_code.co_filename.startswith(
+            _PACKAGE
+        )
+        if raised_here and isinstance(current, (ValueError, KeyError, TypeError, OSError)):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _message(error: BaseException) -> str:
+    # A KeyError's str() is the repr of its message.
+    text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return f"{type(error).__name__}: {text}"
+
+
 def main() -> None:
-    """Console-script entry point of ``xr-datamodule``."""
-    if sys.argv[1:2] == ["bench"]:
-        bench(sys.argv[2:])
-    else:
-        run_cli()
+    """Console-script entry point of ``xr-datamodule``.
+
+    A configuration error raised by this package ends the command with its one-line
+    message (exit status 2), as LightningCLI's own argument errors do; set
+    ``XR_DATAMODULE_TRACEBACK=1`` for the whole traceback.
+    """
+    try:
+        if sys.argv[1:2] == ["bench"]:
+            bench(sys.argv[2:])
+        else:
+            run_cli()
+    except Exception as error:
+        found = our_error(error)
+        if found is None or os.environ.get(TRACEBACK_SWITCH, "") not in ("", "0"):
+            raise
+        print(f"error: {_message(found)}", file=sys.stderr)
+        print(f"(the whole traceback: {TRACEBACK_SWITCH}=1 xr-datamodule ...)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

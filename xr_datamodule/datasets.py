@@ -23,7 +23,12 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from xr_datamodule import handoff
 from xr_datamodule.gather import Cut, WindowReader
 from xr_datamodule.samplers import BatchPlan, ShardedBatchSampler
-from xr_datamodule.transforms import Transform, transformed_windows
+from xr_datamodule.transforms import (
+    Transform,
+    batch_dataset,
+    batch_to_channels,
+    transformed_windows,
+)
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
 __all__ = ["Batch", "XarrayIterableDataset", "XarrayWindowDataset"]
@@ -61,6 +66,9 @@ class XarrayWindowDataset(Dataset):
         target_transform: Likewise for the target window.
         ring_slots: Slots of a DataLoader worker's shared-memory ring (its prefetch depth
             plus two).
+        transform_on: ``"sample"``: the transforms run on each window; ``"batch"``: once on
+            the batch's windows, gathered the vectorised way (see
+            :mod:`xr_datamodule.transforms`).
     """
 
     def __init__(
@@ -73,6 +81,7 @@ class XarrayWindowDataset(Dataset):
         transform: Transform | None = None,
         target_transform: Transform | None = None,
         ring_slots: int = handoff.DEFAULT_RING_SLOTS,
+        transform_on: str = "sample",
     ) -> None:
         self.reader = reader
         self.index = index
@@ -86,6 +95,8 @@ class XarrayWindowDataset(Dataset):
         self.transform = transform
         self.target_transform = target_transform
         self.ring_slots = int(ring_slots)
+        self.transform_on = transform_on
+        self._raw_inputs = reader.channels_of(self.input_vars)
         self._reach_below = np.asarray(geometry.reach_below, dtype=np.int64)
         self._target_offset = np.asarray(geometry.target_offset, dtype=np.int64)
 
@@ -105,11 +116,13 @@ class XarrayWindowDataset(Dataset):
         starts = self.index.starts(indices)
         ahead = None if upcoming is None else self.index.starts(upcoming) - self._reach_below
         geometry = self.geometry
+        batched = self.transform_on == "batch"
+        target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
         cuts = []
-        if self.transform is None:
-            cuts.append(Cut(self.input_channels, geometry.reach_below, geometry.input_size))
-        if self.target_transform is None:
-            target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
+        if self.transform is None or batched:  # the raw input variables, for the transform
+            channels = self.input_channels if self.transform is None else self._raw_inputs
+            cuts.append(Cut(channels, geometry.reach_below, geometry.input_size))
+        if self.target_transform is None or batched:
             cuts.append(Cut(self.target_channels, target_at, geometry.target_size))
         gathered = iter(
             self.reader.gather(
@@ -122,19 +135,21 @@ class XarrayWindowDataset(Dataset):
             if cuts
             else []
         )
-        if self.transform is None:
-            inputs = next(gathered)
-        else:
-            inputs = self._transformed(starts, self.input_vars, geometry.input_size, self.transform)
-        if self.target_transform is None:
-            targets = next(gathered)
-        else:
+        inputs = next(gathered) if self.transform is None or batched else None
+        targets = next(gathered) if self.target_transform is None or batched else None
+        if self.transform is not None:
+            inputs = self._transformed(
+                starts, self.input_vars, geometry.input_size, self.transform, inputs
+            )
+        if self.target_transform is not None:
             targets = self._transformed(
                 starts + self._target_offset,
                 self.target_vars,
                 geometry.target_size,
                 self.target_transform,
+                targets,
             )
+        assert inputs is not None and targets is not None
         return Batch(inputs, targets)
 
     def _outputs(self, batch: int, cuts: Sequence[Cut]) -> list[np.ndarray]:
@@ -164,16 +179,19 @@ class XarrayWindowDataset(Dataset):
         return Batch(batch.inputs[0], batch.targets[0])
 
     def _transformed(
-        self, starts: np.ndarray, names: list[str], size: Sequence[int], transform: Transform
+        self,
+        starts: np.ndarray,
+        names: list[str],
+        size: Sequence[int],
+        transform: Transform,
+        gathered: np.ndarray | None,
     ) -> np.ndarray:
-        return transformed_windows(
-            self.reader.dataset[names],
-            starts,
-            self.geometry.dims,
-            size,
-            transform,
-            self.reader.dtype,
-        )
+        """The transform's channels: per window, or once on the gathered batch."""
+        source, dims, dtype = self.reader.dataset, self.geometry.dims, self.reader.dtype
+        if gathered is None:
+            return transformed_windows(source[names], starts, dims, size, transform, dtype)
+        batch = batch_dataset(source, names, dims, starts, gathered)
+        return batch_to_channels(transform(batch), dims, size, dtype)
 
 
 class XarrayIterableDataset(IterableDataset):

@@ -33,8 +33,8 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
     return {
         "source": "xr.Dataset" if isinstance(data, xr.Dataset) else os.fspath(data),
         "reading": "in memory" if pipeline.loads_into_memory else "out of core (by chunk)",
-        "inputs": (", ".join(spec.input_vars), pipeline.input_shape),
-        "targets": (", ".join(spec.targets), pipeline.target_shape),
+        "inputs": (", ".join(pipeline.input_variables), pipeline.input_shape),
+        "targets": (", ".join(pipeline.target_variables), pipeline.target_shape),
         "windows": ", ".join(
             f"{dim} {size} (stride {stride}, target {tsize} at {offset:+d})"
             for dim, size, stride, tsize, offset in zip(

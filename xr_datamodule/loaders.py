@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -132,6 +133,9 @@ def train_loader(
     settings = loader_settings(pipeline, pin_memory)
     collate = partial(collate_batch, ring_slots=pipeline.ring_slots)
     if pipeline.spec.style == "iterable":
+        # Lightning warns that an IterableDataset's length may be wrong with several workers;
+        # ours shards itself over workers and ranks, so its length is exact.
+        warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`")
         if pipeline.num_workers > 0:
             settings["persistent_workers"] = False  # each pass must see the new epoch
         passes = iter(range(sys.maxsize))

@@ -46,7 +46,13 @@ from xr_datamodule.sources import (
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.splits import resolve_splits
 from xr_datamodule.stitch import stitch_windows
-from xr_datamodule.transforms import Transform, transformed_windows
+from xr_datamodule.transforms import (
+    Transform,
+    batch_dataset,
+    batch_to_channels,
+    transformed_windows,
+    window_channels,
+)
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 
 __all__ = ["DataPipeline", "available_memory"]
@@ -252,10 +258,52 @@ class DataPipeline:
 
     @property
     def input_channel_names(self) -> list[str]:
-        """Readable name of each channel of ``X`` (without transform), e.g. ``u[level=200]``."""
-        layouts = channel_layouts(self.source, self.spec.input_vars, self.window_dims)
-        names = [name for layout in layouts for name in layout.channel_names(self.source)]
-        return [*names, "nan_mask"] if self.spec.nan_mask else names
+        """Readable name of each channel of ``X``, e.g. ``u[level=200]``.
+
+        With a ``transform``, the channels of its output variables (found by running it on
+        the first window).
+        """
+        spec = self.spec
+        window = self._first_transformed(spec.input_vars, spec.transform, self.geometry.input_size)
+        data = self.source if window is None else window
+        names = list(spec.input_vars) if window is None else list(map(str, window.data_vars))
+        layouts = channel_layouts(data, names, self.window_dims)
+        channels = [name for layout in layouts for name in layout.channel_names(data)]
+        return [*channels, "nan_mask"] if spec.nan_mask else channels
+
+    @property
+    def input_variables(self) -> list[str]:
+        """The variables ``X`` is made of: ``input_vars``, or the transform's output."""
+        spec = self.spec
+        window = self._first_transformed(spec.input_vars, spec.transform, self.geometry.input_size)
+        return list(spec.input_vars) if window is None else list(map(str, window.data_vars))
+
+    @property
+    def target_variables(self) -> list[str]:
+        """The variables ``y`` is made of: ``target_vars``, or the target transform's output."""
+        spec = self.spec
+        transform, size = spec.target_transform, self.geometry.target_size
+        window = self._first_transformed(spec.targets, transform, size)
+        return list(spec.targets) if window is None else list(map(str, window.data_vars))
+
+    def _first_transformed(
+        self, names: list[str], transform: Transform | None, size: tuple
+    ) -> xr.Dataset | None:
+        """The transform's output for the first window, without a ``sample`` dim (or None)."""
+        if transform is None:
+            return None
+        first = next(iter(self.indices.values())).starts([0])
+        if self.spec.transform_on == "batch":
+            values = window_channels(self.source, names, self.window_dims, first[0], size)
+            batch = batch_dataset(self.source, names, self.window_dims, first, values[None])
+            return transform(batch).isel(sample=0)
+        window = self.source[names].isel(
+            {
+                dim: slice(int(s), int(s) + n)
+                for dim, s, n in zip(self.window_dims, first[0], size, strict=True)
+            }
+        )
+        return transform(window)
 
     def _n_channels(self, names: list[str], transform: Transform | None, size: tuple) -> int:
         if transform is None:
@@ -263,8 +311,13 @@ class DataPipeline:
             return sum(layout.n_channels for layout in layouts)
         # A transform may add or drop variables: run it once on the first window.
         first = next(iter(self.indices.values())).starts([0])
+        dtype = self.spec.array_dtype
+        if self.spec.transform_on == "batch":
+            values = window_channels(self.source, names, self.window_dims, first[0], size)
+            batch = batch_dataset(self.source, names, self.window_dims, first, values[None])
+            return batch_to_channels(transform(batch), self.window_dims, size, dtype).shape[1]
         probe = transformed_windows(
-            self.source[names], first, self.window_dims, size, transform, self.spec.array_dtype
+            self.source[names], first, self.window_dims, size, transform, dtype
         )
         return probe.shape[1]
 
@@ -464,6 +517,7 @@ class DataPipeline:
                 spec.transform,
                 spec.target_transform,
                 ring_slots=self.ring_slots,
+                transform_on=spec.transform_on,
             )
         return self.datasets[split]
 

@@ -19,6 +19,7 @@ import xarray as xr
 from xr_datamodule.missing import NAN_POLICIES
 from xr_datamodule.sources import check_source_exists
 from xr_datamodule.splits import DEFAULT_SPLITS, check_splits
+from xr_datamodule.transforms import TRANSFORM_ON
 
 __all__ = ["DataSpec"]
 
@@ -72,6 +73,24 @@ def _names(names: Any, what: str) -> list[str]:
     if isinstance(names, str) or not all(isinstance(name, str) for name in names):
         raise TypeError(f"{what} must be a list of variable names, got {names!r}")
     return list(names)
+
+
+def _refuse_lead_time_lists(offsets: Any, target_dims: Mapping[str, int]) -> None:
+    """Several target offsets along a dim: say how to get them with one target window."""
+    if not isinstance(offsets, Mapping):
+        return
+    for dim, value in offsets.items():
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, int) for v in value):
+            first, last = min(value), max(value)
+            length = target_dims.get(dim, 1)
+            steps = sorted({v - first + k for v in value for k in range(length)})
+            raise TypeError(
+                f"target_offset[{dim!r}] must be one integer, got {list(value)}: for lead times "
+                f"that are not consecutive, take one target window that spans them, "
+                f"target_offset={{{dim!r}: {first}}} and target_dims={{{dim!r}: "
+                f"{last - first + length}}}, and keep positions {steps} of y's {dim!r} axis "
+                "in the model or the loss"
+            )
 
 
 def _choice(value: Any, choices: tuple, what: str) -> None:
@@ -130,6 +149,7 @@ class DataSpec:
     fill_value: float = 0.0
     nan_mask: bool = False
     shuffle: str = "auto"
+    transform_on: str = "sample"
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -161,6 +181,7 @@ class DataSpec:
                 f"target_dims must have the same dims as input_dims {tuple(self.input_dims)}, "
                 f"got {tuple(self.target_dims)} (use length 1 for a dim the target does not span)"
             )
+        _refuse_lead_time_lists(self.target_offset, self.target_dims)
         self.target_offset = _int_mapping(self.target_offset, "target_offset", minimum=None)
         _check_keys(self.target_offset, self.input_dims, "target_offset")
         self.splits = dict(DEFAULT_SPLITS if self.splits is None else self.splits)
@@ -196,6 +217,7 @@ class DataSpec:
 
     def _values(self) -> None:
         self.open_kwargs = dict(self.open_kwargs or {})
+        _choice(self.transform_on, TRANSFORM_ON, "transform_on")
         _choice(self.normalize, NORMALIZATIONS, "normalize")
         _choice(self.normalize_on, NORMALIZE_ON, "normalize_on")
         if self.normalize is not None and (self.transform or self.target_transform):

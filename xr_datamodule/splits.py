@@ -157,7 +157,7 @@ def resolve_splits(
                     f"splits[{name!r}] selects no data along {dim!r} (check the label order: "
                     f"the coordinate runs from {_edge(ds, dim, 0)} to {_edge(ds, dim, -1)})"
                 )
-    _check_disjoint(bounds)
+    _check_disjoint(bounds, ds)
     return bounds
 
 
@@ -165,7 +165,7 @@ def _edge(ds: xr.Dataset, dim: str, position: int) -> Any:
     return ds.indexes[dim][position] if dim in ds.indexes else position % ds.sizes[dim]
 
 
-def _check_disjoint(bounds: Mapping[str, Bounds]) -> None:
+def _check_disjoint(bounds: Mapping[str, Bounds], ds: xr.Dataset) -> None:
     names = list(bounds)
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
@@ -176,7 +176,19 @@ def _check_disjoint(bounds: Mapping[str, Bounds]) -> None:
             )
             if shared:
                 raise ValueError(
-                    f"splits {first!r} and {second!r} overlap: "
-                    f"{first} covers positions {bounds[first]}, {second} covers "
-                    f"{bounds[second]}; splits must be disjoint so no data leaks between them"
+                    f"splits {first!r} and {second!r} overlap: {first} covers "
+                    f"{_described(bounds[first], ds)}, {second} covers "
+                    f"{_described(bounds[second], ds)}; splits must be disjoint so no data "
+                    "leaks between them"
                 )
+
+
+def _described(ranges: Bounds, ds: xr.Dataset) -> str:
+    """The labels (and positions) a split covers along the dims it restricts."""
+    parts = []
+    for dim, (lo, hi) in ranges.items():
+        if (lo, hi) == (0, ds.sizes[dim]):
+            continue
+        labels = f"{_edge(ds, dim, lo)} … {_edge(ds, dim, hi - 1)}"
+        parts.append(f"{dim} {labels} (positions {lo}-{hi - 1})")
+    return ", ".join(parts) or "everything"

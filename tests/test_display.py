@@ -1,0 +1,38 @@
+"""What the datamodule says it will feed a model: print, repr, the notebook view, names."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from xr_datamodule import XarrayDataModule
+
+SETTINGS = dict(input_dims={"time": 3, "lat": 4, "lon": 5}, splits={"train": 0.5, "val": 0.5})
+
+
+def test_print_and_repr_give_the_summary(small_ds):
+    dm = XarrayDataModule(small_ds, input_vars=["a", "c"], target_vars=["b"], **SETTINGS)
+    text = str(dm)
+    assert text == repr(dm)
+    assert text.splitlines()[0] == "XarrayDataModule: xr.Dataset (in memory)"
+    assert "  X: a, c -> (4, 3, 4, 5)" in text and "  y: b -> (1, 3, 4, 5)" in text
+    assert "  train: time 2020-01-01 00:00:00 … 2020-01-20 00:00:00 (" in text
+    html = dm._repr_html_()
+    assert "<table>" in html and "a, c → (4, 3, 4, 5)" in html
+
+
+def test_a_broken_configuration_is_shown_not_raised(small_ds):
+    dm = XarrayDataModule(small_ds, input_vars=["nope"], **SETTINGS)
+    assert "not usable yet" in str(dm) and "'nope' is not in the data" in str(dm)
+
+
+def test_channel_names_follow_the_transform(small_ds):
+    def wind(ds):
+        return ds.assign(speed=np.hypot(ds.a, ds.b)).drop_vars("b")
+
+    dm = XarrayDataModule(
+        small_ds, input_vars=["a", "b", "c"], target_vars=["b"], transform=wind, **SETTINGS
+    )
+    names = dm.input_channel_names
+    assert names == ["a", "c[level=200]", "c[level=500]", "c[level=850]", "speed"]
+    assert len(names) == dm.input_shape[0]
+    assert "  X: a, c, speed -> (5, 3, 4, 5)" in str(dm)
