@@ -412,3 +412,42 @@ def test_a_failed_prefetch_holds_no_batch_alive(small_ds, tmp_path, monkeypatch)
         assert alive() is None  # freed at once, not left to the garbage collector
     finally:
         gc.enable()
+
+
+def test_a_read_waits_for_a_prefetch_that_holds_slots_it_needs(small_ds, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    path = tmp_path / "cells.zarr"
+    small_ds.chunk({"time": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 12, "lon": 10},
+        input_overlap={"time": 2},
+        splits={"train": 1.0},
+        load=False,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    reader = dataset.reader
+    reader.decode_threads = 2
+    reader.resize_cache(4)
+    slow = reader.decoder.decode
+
+    def decode_slowly(jobs):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(0.3)
+        slow(jobs)
+
+    monkeypatch.setattr(reader.decoder, "decode", decode_slowly)
+    dataset.__getitems__(np.array([0]), upcoming=np.array([20]))  # prefetches cells 10, 11
+    assert reader._pending is not None and not reader._pending.done()
+    # Not the batch prefetched (e.g. a validation batch in between), and it needs every
+    # slot of the arena, two of which the prefetch holds: it waits for them.
+    other = np.array([8, 16])  # cells 4, 5, 8, 9
+    batch = dataset.__getitems__(other)
+    starts = dm.indices["train"].starts(other)
+    expected = reference_windows(small_ds, ["a"], dm.window_dims, starts, (3, 12, 10))
+    np.testing.assert_array_equal(batch.inputs, expected.astype(np.float32))

@@ -492,14 +492,18 @@ class ChunkedReader(WindowReader):
         is -1): a read always fits (see :meth:`_gather_cells`), a prefetch may not.
         """
         with self._lock:
-            for key in keys:
-                if key in self._slots:
-                    self._slots.move_to_end(key)
             if self._arena is None:
                 self._arena = np.empty(
                     (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
                 )
                 self._free = list(range(self.cache_cells - 1, -1, -1))
+            # A background decode may hold the slots this read needs (a prefetch for a batch
+            # that does not come next: a validation batch in between, a resume): wait for it.
+            while wait and self._busy and not self._fits(keys):
+                self._ready.wait()
+            for key in keys:
+                if key in self._slots:
+                    self._slots.move_to_end(key)
             others = [key for key in keys if key in self._busy]  # decoded by another thread
             missing = []
             avoid = set(keys) | self._busy | set(self._pinned)
@@ -536,6 +540,14 @@ class ChunkedReader(WindowReader):
                 if any(key not in self._slots for key in others):  # its decoding failed
                     return self._slots_for(keys)
             return [self._slots.get(key, -1) for key in keys]
+
+    def _fits(self, keys: Sequence[int]) -> bool:
+        """Whether the cells ``keys`` lack fit in slots no other thread is using."""
+        wanted = set(keys)
+        missing = sum(1 for key in wanted if key not in self._slots)
+        held = wanted | self._busy | set(self._pinned)
+        spare = sum(1 for key in self._slots if key not in held)
+        return missing <= len(self._free) + spare
 
     def _replaceable(self, avoid: set[int]) -> int | None:
         """A free slot, or the slot of the least recently used cell not to be avoided."""
