@@ -16,6 +16,7 @@ SCRIPT = Path(sys.executable).with_name("xr-datamodule")
 
 
 SYNTHETIC = str(ROOT / "examples" / "synthetic.yaml")
+GLOBAL = str(ROOT / "examples" / "global.yaml")
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +144,12 @@ def test_the_main_job_leaves_a_checkpoint_metrics_and_predictions_on_the_grid(tm
         # The targets start 2 steps into the test split: what no window reaches is NaN.
         assert grid.t2m.isel(time=slice(0, 2)).isnull().all()
         assert grid.t2m.isel(time=slice(2, None)).notnull().all()
+
+
+def test_the_global_example_trains_on_its_whole_input_list():
+    result = run("fit", "--config", GLOBAL, "--trainer.fast_dev_run=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "X channels (21): t[level=500], t[level=850], u[level=500]" in result.stdout
+    assert "lsm, orography, cos_latitude" in result.stdout
+    assert "sin_local_time, insolation" in result.stdout
+    assert "y channels (11):" in result.stdout and ", tp" in result.stdout

@@ -182,10 +182,44 @@ def test_non_numeric_variable(small_ds):
         build(ds, input_vars=["a", "label"])
 
 
-def test_variable_lacking_a_windowed_dim(small_ds):
+def test_variable_lacking_a_spatial_windowed_dim(small_ds):
+    # Only the time dim may be missing (a static field); a meridional mean lacks latitude.
+    ds = small_ds.assign(meridional=(("time", "lon"), np.zeros((40, 10))))
+    with pytest.raises(
+        ValueError,
+        match=r"'meridional' .* lacks the windowed dim\(s\) \['lat'\]; only 'time' may be",
+    ):
+        build(ds, input_vars=["a", "meridional"])
+
+
+def test_only_static_variables(small_ds):
     ds = small_ds.assign(orography=(("lat", "lon"), np.zeros((12, 10))))
-    with pytest.raises(ValueError, match=r"'orography' .* lacks the windowed dim\(s\) \['time'\]"):
-        build(ds, input_vars=["a", "orography"])
+    with pytest.raises(ValueError, match=r"every selected variable lacks 'time'"):
+        build(ds, input_vars=["orography"], target_vars=["orography"])
+
+
+@pytest.mark.parametrize(
+    ("settings", "error", "message"),
+    [
+        (dict(forcings=["cos_lat"]), ValueError, r"forcings: unknown forcing 'cos_lat'. Valid:"),
+        (dict(forcings="insolation"), TypeError, r"forcings must be a list of forcing names"),
+        (dict(select={"level": [200, 925]}), KeyError, r"select\['level'\]: \[925\] not in"),
+        (dict(select={"height": [1]}), KeyError, r"select: dim 'height' is not in the data"),
+        (dict(select={"level": 200}), TypeError, r"select\['level'\] must be a non-empty list"),
+    ],
+)
+def test_bad_forcings_and_selections(small_ds, settings, error, message):
+    with pytest.raises(error, match=message):
+        build(small_ds, **settings).setup()
+
+
+def test_a_forcing_without_its_coordinate(small_ds):
+    # Windows over time and a "x" dim: insolation needs latitude and longitude.
+    ds = small_ds.rename({"lat": "y", "lon": "x"})
+    with pytest.raises(ValueError, match=r"forcings: 'insolation' needs a latitude coordinate"):
+        XarrayDataModule(
+            ds, input_vars=["a"], input_dims={"time": 3, "y": 4, "x": 5}, forcings=["insolation"]
+        ).setup()
 
 
 def test_missing_path(tmp_path):

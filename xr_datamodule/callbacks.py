@@ -35,7 +35,7 @@ from xr_datamodule.datamodule import XarrayDataModule
 from xr_datamodule.loaders import eval_loader
 from xr_datamodule.sources import channel_layouts
 
-__all__ = ["BaselineReport", "GridPredictionWriter", "baseline_losses"]
+__all__ = ["BaselineReport", "DataSummary", "GridPredictionWriter", "baseline_losses"]
 
 
 def _datamodule(trainer: pl.Trainer, who: str) -> XarrayDataModule:
@@ -121,6 +121,22 @@ def baseline_losses(dm: XarrayDataModule, split: str = "val") -> dict[str, float
     if persistence is None:
         del errors["persistence"]
     return {name: error / values for name, error in errors.items()}
+
+
+class DataSummary(pl.Callback):
+    """Print what the model is fed when a run starts: the summary and every channel's name.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[DataSummary()], logger=False)
+    """
+
+    @rank_zero_only
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Print the datamodule's summary and channel names (once per run)."""
+        dm = _datamodule(trainer, "DataSummary")
+        print(str(dm), flush=True)
+        print(f"X channels ({len(dm.input_channel_names)}): {', '.join(dm.input_channel_names)}")
+        print(f"y channels ({len(dm.target_channel_names)}): {', '.join(dm.target_channel_names)}")
 
 
 class BaselineReport(pl.Callback):

@@ -132,6 +132,18 @@ class XarrayDataModule(pl.LightningDataModule):
             [per channel]}, "std": {...}}`` or the path of a JSON file holding that; implies
             ``normalize="zscore"``.
 
+        forcings: Input channels computed from the coordinates, after the variables: any
+            of ``cos_latitude``, ``sin_latitude``, ``cos_longitude``, ``sin_longitude``,
+            ``cos_julian_day``, ``sin_julian_day``, ``cos_local_time``, ``sin_local_time``,
+            ``cos_solar_zenith_angle``, ``insolation`` (see :mod:`xr_datamodule.extras`);
+            never normalised. Static fields need no option: a variable without the time dim
+            (e.g. ``lsm(lat, lon)``) is read once and broadcast along time; ``X``'s channels
+            are the time-varying input variables, then the static ones, then the forcings
+            (then the ``nan_mask``); ``y``'s likewise.
+        select: Labels to keep before windowing, per dim: ``{"level": [500, 850, 1000]}``
+            or a range ``{"time": {"start": "2000", "stop": "2019"}}`` (inclusive, as
+            ``.sel``). Lazy; a selected store is read through xarray.
+
     Example:
         >>> dm = XarrayDataModule(
         ...     "synthetic://weather", input_vars=["t2m", "u10", "v10"], target_vars=["t2m"],
@@ -180,6 +192,8 @@ class XarrayDataModule(pl.LightningDataModule):
         nan_mask: bool = False,
         shuffle: str = "auto",
         transform_on: str = "sample",
+        forcings: list[str] | None = None,
+        select: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -311,6 +325,19 @@ class XarrayDataModule(pl.LightningDataModule):
         return self.pipeline.input_channel_names
 
     @property
+    def target_channel_names(self) -> list[str]:
+        """Readable name of each channel of ``y``."""
+        return self.pipeline.target_channel_names
+
+    @property
+    def area_weights(self) -> torch.Tensor:
+        """Latitude weights (cos latitude over its mean) shaped to broadcast against ``y``.
+
+        For the latitude-weighted loss of global models: ``((pred - y) ** 2 * w).mean()``.
+        """
+        return torch.from_numpy(self.pipeline.area_weights)
+
+    @property
     def loads_into_memory(self) -> bool:
         """Whether the selected variables are (or will be) held in memory (see ``load``)."""
         return self.pipeline.loads_into_memory
@@ -364,7 +391,7 @@ class XarrayDataModule(pl.LightningDataModule):
             >>> bool(abs(dm.denormalize(y)[0, 0, 0].numpy() - raw.values).max() < 1e-4)
             True
         """
-        return self.pipeline.scale(values, names or self.target_vars, inverse=True)
+        return self.pipeline.scale(values, names or self.pipeline.target_order, inverse=True)
 
     def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
         """Put what ``trainer.predict`` returned back on the grid, as the target variables.
@@ -495,8 +522,7 @@ class XarrayDataModule(pl.LightningDataModule):
         if self.spec.normalize is None or self.spec.normalize_on != "device":
             return batch
         inputs, targets = batch
-        scale = self.pipeline.scale
-        return scale(inputs, self.input_vars), scale(targets, self.target_vars)
+        return self.pipeline.scale_batch(inputs, targets)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs to resume the data exactly (Lightning saves it).

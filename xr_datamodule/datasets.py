@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xr_datamodule import handoff
+from xr_datamodule.extras import ExtraChannels
 from xr_datamodule.gather import Cut, WindowReader
 from xr_datamodule.samplers import BatchPlan, ShardedBatchSampler
 from xr_datamodule.transforms import (
@@ -69,6 +70,9 @@ class XarrayWindowDataset(Dataset):
         transform_on: ``"sample"``: the transforms run on each window; ``"batch"``: once on
             the batch's windows, gathered the vectorised way (see
             :mod:`xr_datamodule.transforms`).
+        input_extras: Static fields and forcings appended to ``X``'s channels (before the
+            missing-value mask), see :mod:`xr_datamodule.extras`.
+        target_extras: Static fields appended to ``y``'s channels.
     """
 
     def __init__(
@@ -82,6 +86,8 @@ class XarrayWindowDataset(Dataset):
         target_transform: Transform | None = None,
         ring_slots: int = handoff.DEFAULT_RING_SLOTS,
         transform_on: str = "sample",
+        input_extras: ExtraChannels | None = None,
+        target_extras: ExtraChannels | None = None,
     ) -> None:
         self.reader = reader
         self.index = index
@@ -96,6 +102,8 @@ class XarrayWindowDataset(Dataset):
         self.target_transform = target_transform
         self.ring_slots = int(ring_slots)
         self.transform_on = transform_on
+        self.input_extras = input_extras if input_extras and input_extras.n_channels else None
+        self.target_extras = target_extras if target_extras and target_extras.n_channels else None
         self._raw_inputs = reader.channels_of(self.input_vars)
         self._reach_below = np.asarray(geometry.reach_below, dtype=np.int64)
         self._target_offset = np.asarray(geometry.target_offset, dtype=np.int64)
@@ -124,13 +132,17 @@ class XarrayWindowDataset(Dataset):
             cuts.append(Cut(channels, geometry.reach_below, geometry.input_size))
         if self.target_transform is None or batched:
             cuts.append(Cut(self.target_channels, target_at, geometry.target_size))
+        extras = self.input_extras is not None or self.target_extras is not None
+        shapes = [(len(starts), len(cut.channels), *cut.size) for cut in cuts]
+        # With extra channels the reader's part is copied next to them: gather it apart.
+        outs = (
+            [np.empty(shape, self.reader.dtype) for shape in shapes]
+            if extras
+            else self._outputs(shapes)
+        )
         gathered = iter(
             self.reader.gather(
-                starts - self._reach_below,
-                geometry.extent,
-                cuts,
-                self._outputs(len(starts), cuts),
-                upcoming=ahead,
+                starts - self._reach_below, geometry.extent, cuts, outs, upcoming=ahead
             )
             if cuts
             else []
@@ -150,12 +162,38 @@ class XarrayWindowDataset(Dataset):
                 targets,
             )
         assert inputs is not None and targets is not None
+        if extras:
+            inputs, targets = self._with_extras(starts, inputs, targets)
         return Batch(inputs, targets)
 
-    def _outputs(self, batch: int, cuts: Sequence[Cut]) -> list[np.ndarray]:
+    def _with_extras(
+        self, starts: np.ndarray, inputs: np.ndarray, targets: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The reader's channels, then the static fields and forcings, then the mask."""
+        sides = (
+            (inputs, self.input_extras, starts, self.reader.mask_channel is not None),
+            (targets, self.target_extras, starts + self._target_offset, False),
+        )
+        shapes = [
+            (len(starts), part.shape[1] + (extra.n_channels if extra else 0), *part.shape[2:])
+            for part, extra, _, _ in sides
+        ]
+        results = []
+        for (part, extra, at, masked), out in zip(sides, self._outputs(shapes), strict=True):
+            if extra is None:
+                out[...] = part
+            else:
+                data = part.shape[1] - masked  # the mask, if any, stays last
+                out[:, :data] = part[:, :data]
+                extra.fill(out[:, data : data + extra.n_channels], at)
+                if masked:
+                    out[:, -1] = part[:, -1]
+            results.append(out)
+        return results[0], results[1]
+
+    def _outputs(self, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
         """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`)."""
         dtype = self.reader.dtype
-        shapes = [(batch, len(cut.channels), *cut.size) for cut in cuts]
         sizes = [int(np.prod(shape)) * dtype.itemsize for shape in shapes]
         offsets = np.cumsum([0] + [handoff.aligned(size) for size in sizes])
         buffer = handoff.allocate(int(offsets[-1]), self.ring_slots)

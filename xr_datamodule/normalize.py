@@ -120,8 +120,10 @@ def zscore_statistics(
     layouts = channel_layouts(ds, names, window_dims)
     reductions = []
     for layout in layouts:
-        var = _chunked(region[layout.name], window_dims[0], 8).astype(np.float64)
-        reductions += [var.mean(list(window_dims)), var.std(list(window_dims))]
+        var = region[layout.name]
+        over = [dim for dim in window_dims if dim in var.dims]  # a static field lacks time
+        var = _chunked(var, over[0], 8).astype(np.float64)
+        reductions += [var.mean(over), var.std(over)]
     computed = dask.compute(*reductions)
     mean, std = {}, {}
     for i, layout in enumerate(layouts):

@@ -29,6 +29,7 @@ from xr_datamodule.decode import (
     tensorstore_available,
     zarr_decoding,
 )
+from xr_datamodule.extras import ExtraChannels, check_forcings, coordinate_dims
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
 from xr_datamodule.missing import box_any, first_missing, missing_mask
 from xr_datamodule.normalize import Statistics, zscore_statistics
@@ -40,6 +41,8 @@ from xr_datamodule.sources import (
     is_in_memory,
     local_zarr_group,
     open_source,
+    select_labels,
+    static_variables,
     window_dim_order,
     zarr_opener,
 )
@@ -113,8 +116,16 @@ class DataPipeline:
 
     @cached_property
     def source(self) -> xr.Dataset:
-        """The opened source, restricted to nothing: lazy, nothing loaded."""
-        return open_source(self.spec.data, self.spec.open_kwargs)
+        """The opened source, lazy (nothing loaded), restricted to ``select``'s labels."""
+        source = open_source(self.spec.data, self.spec.open_kwargs)
+        return select_labels(source, self.spec.select) if self.spec.select else source
+
+    @property
+    def static_dim(self) -> str | None:
+        """The dim static fields may lack (and are broadcast along): the split dim or time."""
+        spec = self.spec
+        dim = spec.split_dim or ("time" if "time" in spec.input_dims else None)
+        return dim if dim in spec.input_dims else None
 
     @cached_property
     def window_dims(self) -> tuple[str, ...]:
@@ -122,7 +133,37 @@ class DataPipeline:
         spec = self.spec
         check_variables(self.source, spec.input_vars, "input_vars")
         check_variables(self.source, spec.targets, "target_vars")
-        return window_dim_order(self.source, spec.all_vars, tuple(spec.input_dims))
+        dims = window_dim_order(
+            self.source, spec.all_vars, tuple(spec.input_dims), static_dim=self.static_dim
+        )
+        check_forcings(spec.forcings or [], self.source, dims)
+        if self.statics(spec.all_vars) and (spec.transform or spec.target_transform):
+            raise ValueError(
+                f"static variables {self.statics(spec.all_vars)} cannot be combined with a "
+                "transform yet: add them inside the transform instead"
+            )
+        return dims
+
+    def statics(self, names: Sequence[str]) -> list[str]:
+        """The static fields among ``names`` (variables without the time dim)."""
+        return static_variables(self.source, names, self.static_dim)
+
+    def dynamic(self, names: Sequence[str]) -> list[str]:
+        """The variables among ``names`` that vary along every windowed dim."""
+        static = set(self.statics(names))
+        return [name for name in names if name not in static]
+
+    @property
+    def input_order(self) -> list[str]:
+        """The variables of ``X``'s channels in order: time-varying ones, then static ones."""
+        names = self.spec.input_vars
+        return self.dynamic(names) + self.statics(names)
+
+    @property
+    def target_order(self) -> list[str]:
+        """The variables of ``y``'s channels in order: time-varying ones, then static ones."""
+        names = self.spec.targets
+        return self.dynamic(names) + self.statics(names)
 
     @cached_property
     def geometry(self) -> WindowGeometry:
@@ -190,7 +231,7 @@ class DataPipeline:
         return indices
 
     def _fail_on_missing(self) -> None:
-        found = first_missing(self.source, self.spec.all_vars, self.geometry.dims)
+        found = first_missing(self.source, self.dynamic(self.spec.all_vars), self.geometry.dims)
         if found is not None:
             name, where = found
             place = ", ".join(f"{dim}={label}" for dim, label in where.items())
@@ -205,10 +246,12 @@ class DataPipeline:
         geometry, spec = self.geometry, self.spec
         # X sees only the input variables, y only the target ones: one mask for each.
         in_input = box_any(
-            missing_mask(self.source, spec.input_vars, geometry.dims), geometry.input_size
+            missing_mask(self.source, self.dynamic(spec.input_vars), geometry.dims),
+            geometry.input_size,
         )
         in_target = box_any(
-            missing_mask(self.source, spec.targets, geometry.dims), geometry.target_size
+            missing_mask(self.source, self.dynamic(spec.targets), geometry.dims),
+            geometry.target_size,
         )
         kept = {}
         for name, index in indices.items():
@@ -247,7 +290,8 @@ class DataPipeline:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one ``X`` sample, ``(channel, *window)``, known before any read."""
         spec, size = self.spec, self.geometry.input_size
-        channels = self._n_channels(spec.input_vars, spec.transform, size) + spec.nan_mask
+        channels = self._n_channels(spec.input_vars, spec.transform, size)
+        channels += len(spec.forcings or []) + spec.nan_mask
         return (channels, *size)
 
     @property
@@ -266,17 +310,32 @@ class DataPipeline:
         spec = self.spec
         window = self._first_transformed(spec.input_vars, spec.transform, self.geometry.input_size)
         data = self.source if window is None else window
-        names = list(spec.input_vars) if window is None else list(map(str, window.data_vars))
+        names = self.input_order if window is None else list(map(str, window.data_vars))
         layouts = channel_layouts(data, names, self.window_dims)
         channels = [name for layout in layouts for name in layout.channel_names(data)]
+        channels += spec.forcings or []
         return [*channels, "nan_mask"] if spec.nan_mask else channels
+
+    @property
+    def target_channel_names(self) -> list[str]:
+        """Readable name of each channel of ``y`` (a target transform's own, if any)."""
+        spec = self.spec
+        window = self._first_transformed(
+            spec.targets, spec.target_transform, self.geometry.target_size
+        )
+        data = self.source if window is None else window
+        names = self.target_order if window is None else list(map(str, window.data_vars))
+        layouts = channel_layouts(data, names, self.window_dims)
+        return [name for layout in layouts for name in layout.channel_names(data)]
 
     @property
     def input_variables(self) -> list[str]:
         """The variables ``X`` is made of: ``input_vars``, or the transform's output."""
         spec = self.spec
         window = self._first_transformed(spec.input_vars, spec.transform, self.geometry.input_size)
-        return list(spec.input_vars) if window is None else list(map(str, window.data_vars))
+        if window is None:
+            return self.input_order + list(spec.forcings or [])
+        return list(map(str, window.data_vars))
 
     @property
     def target_variables(self) -> list[str]:
@@ -284,7 +343,7 @@ class DataPipeline:
         spec = self.spec
         transform, size = spec.target_transform, self.geometry.target_size
         window = self._first_transformed(spec.targets, transform, size)
-        return list(spec.targets) if window is None else list(map(str, window.data_vars))
+        return self.target_order if window is None else list(map(str, window.data_vars))
 
     def _first_transformed(
         self, names: list[str], transform: Transform | None, size: tuple
@@ -321,6 +380,32 @@ class DataPipeline:
         )
         return probe.shape[1]
 
+    @property
+    def area_weights(self) -> np.ndarray:
+        """Cosine of latitude over its mean, shaped ``(1, 1, *target window)`` to weight ``y``.
+
+        For a latitude-weighted loss, e.g. ``((pred - y) ** 2 * w).mean()``. Needs a latitude
+        dim that the target window spans whole (a global field), so that every sample has
+        the same weights.
+        """
+        dims = coordinate_dims(self.source, self.window_dims)
+        if "lat" not in dims:
+            raise ValueError(
+                f"area_weights needs a latitude dim among the windowed dims {self.window_dims}"
+            )
+        dim = dims["lat"]
+        axis = self.window_dims.index(dim)
+        if self.geometry.target_size[axis] != self.source.sizes[dim]:
+            raise ValueError(
+                f"area_weights: the target window spans {self.geometry.target_size[axis]} of "
+                f"the {self.source.sizes[dim]} latitudes; weights differ from sample to sample "
+                "then: take np.cos(np.radians(latitudes)) of each sample's window instead"
+            )
+        weights = np.cos(np.radians(np.asarray(self.source[dim].values, dtype=np.float64)))
+        shape = [1] * (2 + len(self.window_dims))
+        shape[2 + axis] = len(weights)
+        return (weights / weights.mean()).reshape(shape).astype(self.spec.array_dtype)
+
     # ------------------------------------------------------------------ how data are read
 
     @cached_property
@@ -330,7 +415,7 @@ class DataPipeline:
         Decided once: ``"auto"`` compares the selected variables in the output dtype with a
         quarter of the memory available at the first call.
         """
-        load, names = self.spec.load, self.spec.all_vars
+        load, names = self.spec.load, self.reader_vars
         if load is True or load is False:
             return load
         if is_in_memory(self.source, names):
@@ -379,7 +464,7 @@ class DataPipeline:
         prepare = Preparation(
             mask_of=self._input_channel_range() if spec.nan_mask else None,
             affine=(
-                self.statistics.channel_arrays(spec.all_vars)
+                self.statistics.channel_arrays(self.reader_vars)
                 if spec.normalize is not None and spec.normalize_on == "gather"
                 else None
             ),
@@ -387,11 +472,11 @@ class DataPipeline:
         )
         if self.loads_into_memory:
             return InMemoryReader(
-                self.source, spec.all_vars, self.window_dims, spec.array_dtype, prepare
+                self.source, self.reader_vars, self.window_dims, spec.array_dtype, prepare
             )
         reader = ChunkedReader(
             self.source,
-            spec.all_vars,
+            self.reader_vars,
             self.window_dims,
             spec.array_dtype,
             extent=self.geometry.extent,
@@ -418,7 +503,9 @@ class DataPipeline:
 
     def _zarr_decoder(self) -> CellDecoder | None:
         """Zarr's asynchronous reads when the store allows them exactly, else None (xarray)."""
-        spec, names = self.spec, self.spec.all_vars
+        spec, names = self.spec, self.reader_vars
+        if spec.select:  # the store's positions are not the selection's: read through xarray
+            return None
         opener = zarr_opener(spec.data, spec.open_kwargs, names)
         if opener is None:
             return None
@@ -455,9 +542,31 @@ class DataPipeline:
             specs, layouts, self.window_dims, dims, decodings, self.decode_threads, decoder
         )
 
+    @property
+    def reader_vars(self) -> list[str]:
+        """The variables read window by window: every selected one but the static fields."""
+        return self.dynamic(self.spec.all_vars)
+
+    def _extras(self, names: Sequence[str], forcings: Sequence[str]) -> ExtraChannels | None:
+        """Static fields of ``names`` and ``forcings``, as channels after the read ones."""
+        statics = self.statics(names)
+        if not statics and not forcings:
+            return None
+        spec = self.spec
+        normalised = spec.normalize is not None and spec.normalize_on == "gather"
+        return ExtraChannels(
+            self.source,
+            self.window_dims,
+            statics,
+            self.static_dim,
+            forcings,
+            spec.array_dtype,
+            affine=self.statistics.channel_arrays(statics) if normalised and statics else None,
+        )
+
     def _input_channel_range(self) -> np.ndarray:
         # The input variables come first among the reader's channels.
-        layouts = channel_layouts(self.source, self.spec.input_vars, self.window_dims)
+        layouts = channel_layouts(self.source, self.dynamic(self.spec.input_vars), self.window_dims)
         return np.arange(sum(layout.n_channels for layout in layouts))
 
     # ------------------------------------------------------------------ statistics
@@ -484,20 +593,30 @@ class DataPipeline:
         self.__dict__.pop("reader", None)
         self.datasets.clear()
 
-    def scale(self, values: Any, names: Sequence[str], inverse: bool = False) -> Any:
+    def scale(
+        self, values: Any, names: Sequence[str], inverse: bool = False, unscaled: int = 0
+    ) -> Any:
         """Normalise (or, ``inverse``, denormalise) ``(batch, channel, ...)`` values.
 
         Works on tensors (on their device) and numpy arrays alike; identity without
-        normalisation.
+        normalisation. ``unscaled`` last channels (forcings, the mask) are left as they are.
         """
         if self.spec.normalize is None:
             return values
         mean, std = self.statistics.channel_arrays(names)
+        mean = np.concatenate([mean, np.zeros(unscaled)])
+        std = np.concatenate([std, np.ones(unscaled)])
         shape = (1, -1) + (1,) * (values.ndim - 2)
         if hasattr(values, "new_tensor"):
             mean, std = values.new_tensor(mean), values.new_tensor(std)
         mean, std = mean.reshape(shape), std.reshape(shape)
         return values * std + mean if inverse else (values - mean) / std
+
+    def scale_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
+        """Normalise a batch ``(X, y)`` (``normalize_on="device"``); forcings stay as they are."""
+        unscaled = len(self.spec.forcings or []) + self.spec.nan_mask
+        x = self.scale(inputs, self.input_order, unscaled=unscaled)
+        return x, self.scale(targets, self.target_order)
 
     # ------------------------------------------------------------------ datasets
 
@@ -512,12 +631,14 @@ class DataPipeline:
                 self.reader,
                 self.indices[split],
                 self.geometry,
-                spec.input_vars,
-                spec.targets,
+                self.dynamic(spec.input_vars),
+                self.dynamic(spec.targets),
                 spec.transform,
                 spec.target_transform,
                 ring_slots=self.ring_slots,
                 transform_on=spec.transform_on,
+                input_extras=self._extras(spec.input_vars, spec.forcings or []),
+                target_extras=self._extras(spec.targets, []),
             )
         return self.datasets[split]
 
@@ -526,13 +647,13 @@ class DataPipeline:
         split = self.split_for(split)
         if split not in self.indices:
             raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
-        physical = [self.scale(part, self.spec.targets, inverse=True) for part in predictions]
+        physical = [self.scale(part, self.target_order, inverse=True) for part in predictions]
         return stitch_windows(
             physical,
             self.indices[split],
             self.geometry,
             self.source,
-            self.spec.targets,
+            self.target_order,
             bounds=self.split_bounds[split],
         )
 

@@ -26,6 +26,7 @@ import numpy as np
 import xarray as xr
 
 __all__ = [
+    "SYNTHETIC_GLOBAL",
     "SYNTHETIC_SOURCE",
     "DataSource",
     "VariableLayout",
@@ -35,12 +36,16 @@ __all__ = [
     "is_in_memory",
     "local_zarr_group",
     "open_source",
+    "select_labels",
+    "static_variables",
     "window_dim_order",
     "zarr_opener",
 ]
 
 SYNTHETIC_SOURCE = "synthetic://weather"
 """Source string that selects the embedded synthetic dataset (:mod:`xr_datamodule.synthetic`)."""
+SYNTHETIC_GLOBAL = "synthetic://global"
+"""Source string of the embedded synthetic global dataset (levels, static fields, dates)."""
 
 DataSource = str | os.PathLike | xr.Dataset
 
@@ -78,7 +83,7 @@ def check_source_exists(data: DataSource) -> None:
             f"got {type(data).__name__}"
         )
     path = os.fspath(data)
-    if path == SYNTHETIC_SOURCE or _is_url(path):
+    if path in (SYNTHETIC_SOURCE, SYNTHETIC_GLOBAL) or _is_url(path):
         return
     if _is_glob(path):
         if not glob.glob(path):
@@ -115,6 +120,10 @@ def open_source(data: DataSource, open_kwargs: Mapping[str, Any] | None = None) 
         from xr_datamodule.synthetic import make_weather
 
         return make_weather(**kwargs)
+    if path == SYNTHETIC_GLOBAL:
+        from xr_datamodule.synthetic import make_global
+
+        return make_global(**kwargs)
     try:
         if _opens_as_zarr(path):
             # No dask by default: our reader decodes whole chunks itself, and xarray's lazily
@@ -163,7 +172,9 @@ def zarr_opener(
     if isinstance(data, xr.Dataset) or not isinstance(data, (str, os.PathLike)):
         return None
     path = os.fspath(data)
-    if path == SYNTHETIC_SOURCE or _is_glob(path) or not _opens_as_zarr(path):
+    if path in (SYNTHETIC_SOURCE, SYNTHETIC_GLOBAL) or _is_glob(path):
+        return None
+    if not _opens_as_zarr(path):
         return None
     try:
         import zarr
@@ -242,13 +253,19 @@ def check_variables(ds: xr.Dataset, names: Sequence[str], role: str) -> list[str
 
 
 def window_dim_order(
-    ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]
+    ds: xr.Dataset,
+    names: Sequence[str],
+    window_dims: Sequence[str],
+    static_dim: str | None = None,
 ) -> tuple[str, ...]:
-    """Windowed dims in the order they have in the first variable; check every variable has all.
+    """Windowed dims in the order of the first variable that has them all; check the others.
+
+    A variable may lack ``static_dim`` (the time dim) and no other windowed dim: it is a
+    static field (e.g. a land-sea mask), broadcast along that dim.
 
     Raises:
         KeyError: If a windowed dim is not a dim of the data.
-        ValueError: If a variable lacks a windowed dim.
+        ValueError: If a variable lacks a windowed dim it may not lack.
     """
     for dim in window_dims:
         if dim not in ds.dims:
@@ -258,13 +275,62 @@ def window_dim_order(
             )
     for name in names:
         missing = [dim for dim in window_dims if dim not in ds[name].dims]
-        if missing:
+        if missing and missing != [static_dim]:
+            allowed = (
+                f"only {static_dim!r} may be missing (a static field, broadcast along it)"
+                if static_dim in window_dims
+                else f"every selected variable must have all of {tuple(window_dims)}"
+            )
             raise ValueError(
                 f"variable {name!r} has dims {ds[name].dims} and lacks the windowed dim(s) "
-                f"{missing}; every selected variable must have all of {tuple(window_dims)}"
+                f"{missing}; {allowed}"
             )
-    first = ds[names[0]].dims
+    full = [name for name in names if all(dim in ds[name].dims for dim in window_dims)]
+    if not full:
+        raise ValueError(
+            f"every selected variable lacks {static_dim!r}: at least one must vary along it "
+            "(static fields are broadcast along the windows of the others)"
+        )
+    first = ds[full[0]].dims
     return tuple(str(dim) for dim in first if dim in window_dims)
+
+
+def select_labels(ds: xr.Dataset, select: Mapping[str, Any]) -> xr.Dataset:
+    """``ds.sel`` of the given labels (lists) or label ranges (slices), lazily, checked.
+
+    Raises:
+        KeyError: A dim is not in the data, or labels are not in its coordinate.
+        ValueError: A range selects nothing.
+    """
+    for dim, labels in select.items():
+        if dim not in ds.dims:
+            raise KeyError(
+                f"select: dim {dim!r} is not in the data. Valid: {tuple(map(str, ds.dims))}"
+            )
+        if isinstance(labels, slice):
+            chosen = ds.sel({dim: labels})
+            if chosen.sizes[dim] == 0:
+                raise ValueError(
+                    f"select[{dim!r}] = {labels.start!r} .. {labels.stop!r} selects nothing; "
+                    f"{dim!r} runs from {ds[dim].values[0]} to {ds[dim].values[-1]}"
+                )
+        else:
+            index = ds.indexes[dim] if dim in ds.indexes else None
+            found = index.get_indexer(labels) if index is not None else np.full(len(labels), -1)
+            absent = [label for label, at in zip(labels, found, strict=True) if at < 0]
+            if absent:
+                have = tuple(index) if index is not None and len(index) <= 50 else "..."
+                raise KeyError(f"select[{dim!r}]: {absent} not in the data; it has {have}")
+            chosen = ds.isel({dim: found})
+        ds = chosen
+    return ds
+
+
+def static_variables(ds: xr.Dataset, names: Sequence[str], static_dim: str | None) -> list[str]:
+    """The variables among ``names`` that lack ``static_dim`` (static fields)."""
+    if static_dim is None:
+        return []
+    return [name for name in names if static_dim not in ds[name].dims]
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,48 @@ def _refuse_lead_time_lists(offsets: Any, target_dims: Mapping[str, int]) -> Non
             )
 
 
+def _forcing_names(forcings: Any) -> list[str]:
+    from xr_datamodule.extras import FORCINGS
+
+    if forcings is None:
+        return []
+    if isinstance(forcings, str) or not all(isinstance(name, str) for name in forcings):
+        raise TypeError(f"forcings must be a list of forcing names, got {forcings!r}")
+    for name in forcings:
+        if name not in FORCINGS:
+            raise ValueError(f"forcings: unknown forcing {name!r}. Valid: {tuple(FORCINGS)}")
+    twice = sorted({name for name in forcings if list(forcings).count(name) > 1})
+    if twice:
+        raise ValueError(f"forcings: {twice} listed more than once")
+    return list(forcings)
+
+
+def _selection(select: Any) -> dict[str, Any]:
+    """``{dim: [labels]}`` or ``{dim: {"start": a, "stop": b}}`` (inclusive, as ``.sel``)."""
+    if select is None:
+        return {}
+    if not isinstance(select, Mapping):
+        raise TypeError(f"select must be a mapping of dim to labels, got {select!r}")
+    out: dict[str, Any] = {}
+    for dim, labels in select.items():
+        if isinstance(labels, Mapping):
+            unknown = set(labels) - {"start", "stop"}
+            if unknown:
+                raise ValueError(
+                    f"select[{dim!r}]: a range has the keys 'start' and 'stop', "
+                    f"got {sorted(unknown)}"
+                )
+            out[str(dim)] = slice(labels.get("start"), labels.get("stop"))
+        elif isinstance(labels, (list, tuple)) and labels:
+            out[str(dim)] = list(labels)
+        else:
+            raise TypeError(
+                f"select[{dim!r}] must be a non-empty list of labels or "
+                f"{{'start': ..., 'stop': ...}}, got {labels!r}"
+            )
+    return out
+
+
 def _choice(value: Any, choices: tuple, what: str) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}")
@@ -150,6 +192,8 @@ class DataSpec:
     nan_mask: bool = False
     shuffle: str = "auto"
     transform_on: str = "sample"
+    forcings: list[str] | None = None
+    select: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -218,6 +262,13 @@ class DataSpec:
     def _values(self) -> None:
         self.open_kwargs = dict(self.open_kwargs or {})
         _choice(self.transform_on, TRANSFORM_ON, "transform_on")
+        self.forcings = _forcing_names(self.forcings)
+        self.select = _selection(self.select)
+        if self.forcings and (self.transform or self.target_transform):
+            raise ValueError(
+                "forcings cannot be combined with a transform yet: compute them inside the "
+                "transform instead"
+            )
         _choice(self.normalize, NORMALIZATIONS, "normalize")
         _choice(self.normalize_on, NORMALIZE_ON, "normalize_on")
         if self.normalize is not None and (self.transform or self.target_transform):

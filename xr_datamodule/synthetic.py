@@ -22,7 +22,7 @@ import pandas as pd
 import xarray as xr
 from scipy.ndimage import map_coordinates
 
-__all__ = ["make_weather"]
+__all__ = ["make_global", "make_weather"]
 
 _GRID_KM = 50.0  # 0.5° at mid-latitudes, roughly
 _SECONDS_PER_STEP = 3600.0
@@ -115,4 +115,128 @@ def _integrate(n_time: int, n_lat: int, n_lon: int, seed: int, start: str) -> xr
         },
         coords=coords,
         attrs={"title": "xr_datamodule synthetic weather", "source": "xr_datamodule.synthetic"},
+    )
+
+
+def make_global(
+    n_time: int = 480,
+    n_lat: int = 32,
+    n_lon: int = 64,
+    levels: tuple[int, ...] = (500, 850, 1000),
+    seed: int = 0,
+    start: str = "2020-01-01",
+    freq: str = "6h",
+) -> xr.Dataset:
+    """Synthetic global data shaped like ERA5 / WeatherBench 2: levels, statics, real dates.
+
+    A deterministic toy planet on a regular global grid (cell-centred latitudes, longitudes
+    from 0 east): eastward-travelling waves on a latitudinal temperature profile, heated by
+    the real sun (:func:`~xr_datamodule.extras.insolation` at each time and place, more over
+    land) and cooled with height above the orography; geopotential and winds follow the
+    temperature (hydrostatic thickness, geostrophic-like winds), and precipitation falls
+    where the waves rise over warm land. The next step depends on the current state and on
+    the (known) insolation, so forcings and static fields carry information a model can use.
+
+    Args:
+        n_time: Steps (480 steps of 6 h = 120 days).
+        n_lat: Latitudes, from pole to pole.
+        n_lon: Longitudes, all around.
+        levels: Pressure levels in hPa (``level`` dim).
+        seed: Seed of the land mask, orography and wave phases.
+        start: First time stamp.
+        freq: Time step.
+
+    Returns:
+        float32 ``t``, ``u``, ``v``, ``z`` on ``(time, level, lat, lon)``; ``t2m``, ``msl``,
+        ``tp`` on ``(time, lat, lon)``; static ``lsm`` and ``orography`` on ``(lat, lon)``.
+
+    Example:
+        >>> ds = make_global(n_time=8)
+        >>> dict(ds.t.sizes), dict(ds.lsm.sizes)
+        ({'time': 8, 'level': 3, 'lat': 32, 'lon': 64}, {'lat': 32, 'lon': 64})
+    """
+    return _global(n_time, n_lat, n_lon, tuple(levels), seed, start, freq).copy(deep=True)
+
+
+@lru_cache(maxsize=4)
+def _global(
+    n_time: int,
+    n_lat: int,
+    n_lon: int,
+    levels: tuple[int, ...],
+    seed: int,
+    start: str,
+    freq: str,
+) -> xr.Dataset:
+    from xr_datamodule.extras import insolation
+
+    rng = np.random.default_rng(seed)
+    step = 180.0 / n_lat
+    lat = -90 + step / 2 + step * np.arange(n_lat)
+    lon = 360.0 / n_lon * np.arange(n_lon)
+    times = pd.date_range(start, periods=n_time, freq=freq)
+    lat2, lon2 = np.meshgrid(lat, lon, indexing="ij")
+    land = _smooth_field(rng, (n_lat, n_lon), modes=5)
+    lsm = (land > 0.4).astype(np.float32)
+    orography = (np.maximum(land - 0.4, 0) * 1500.0 * lsm).astype(np.float32)  # metres
+    sun = insolation(
+        lat2[None], lon2[None], times.values.astype("datetime64[ns]")[:, None, None]
+    )  # (time, lat, lon)
+    hours = (times - times[0]).total_seconds().values[:, None, None] / 3600.0
+    phases = rng.uniform(0, 2 * np.pi, size=3)
+    envelope = np.cos(np.radians(lat2))[None]
+    waves = envelope * (
+        np.cos(np.radians(3 * lon2[None]) - 2 * np.pi * hours / 96 + phases[0])
+        + 0.6
+        * np.sin(np.radians(5 * lon2[None] + 20 * lat2[None]) - 2 * np.pi * hours / 60 + phases[1])
+    )
+    t2m = (
+        300.0
+        - 45.0 * np.sin(np.radians(lat2))[None] ** 2
+        + 6.0 * waves
+        + 8.0 * sun * (1 + lsm)[None]
+        - 0.0065 * orography[None]
+    )
+    pressure = np.asarray(levels, dtype=np.float64)
+    height = 7000.0 * np.log(1013.25 / pressure)  # metres, scale height 7 km
+    t = t2m[:, None] - 0.0065 * height[None, :, None, None]
+    thickness = (
+        29.3 * t.mean(axis=(2, 3), keepdims=True) * np.log(1013.25 / pressure)[None, :, None, None]
+    )
+    z = 9.80665 * (thickness + 80.0 * waves[:, None] * (1 + height[None, :, None, None] / 7000))
+    grad_lon = np.gradient(z, axis=3)
+    grad_lat = np.gradient(z, axis=2)
+    coriolis = np.sign(lat2) * np.maximum(np.abs(np.sin(np.radians(lat2))), 0.2)
+    u = (-grad_lat / (coriolis * 400.0) + 10.0 * envelope[:, None]).astype(np.float32)
+    v = (grad_lon / (coriolis * 400.0)).astype(np.float32)
+    msl = 101325.0 - 800.0 * waves - 400.0 * sun * lsm[None]
+    rising = np.maximum(
+        np.sin(np.radians(5 * lon2[None] + 20 * lat2[None]) - 2 * np.pi * hours / 60 + phases[1]), 0
+    )
+    tp = (1e-3 * rising * (0.3 + lsm[None]) * (t2m > 280)).astype(np.float32)
+    dims3, dims4 = ("time", "lat", "lon"), ("time", "level", "lat", "lon")
+    f32 = np.float32
+    return xr.Dataset(
+        {
+            "t": (dims4, t.astype(f32), {"long_name": "temperature", "units": "K"}),
+            "u": (dims4, u, {"long_name": "eastward wind", "units": "m s-1"}),
+            "v": (dims4, v, {"long_name": "northward wind", "units": "m s-1"}),
+            "z": (dims4, z.astype(f32), {"long_name": "geopotential", "units": "m2 s-2"}),
+            "t2m": (dims3, t2m.astype(f32), {"long_name": "2 m temperature", "units": "K"}),
+            "msl": (
+                dims3,
+                msl.astype(f32),
+                {"long_name": "mean sea level pressure", "units": "Pa"},
+            ),
+            "tp": (dims3, tp, {"long_name": "total precipitation", "units": "m"}),
+            "lsm": (("lat", "lon"), lsm, {"long_name": "land-sea mask", "units": "1"}),
+            "orography": (("lat", "lon"), orography, {"long_name": "orography", "units": "m"}),
+        },
+        coords={
+            "time": times,
+            "level": ("level", np.asarray(levels), {"units": "hPa"}),
+            "lat": ("lat", lat, {"standard_name": "latitude", "units": "degrees_north"}),
+            "lon": ("lon", lon, {"standard_name": "longitude", "units": "degrees_east"}),
+        },
+        attrs={"title": "xr_datamodule synthetic global", "source": "xr_datamodule.synthetic"},
     )
