@@ -149,8 +149,12 @@ def test_bad_statistics(small_ds, stats, error, pattern):
 
 
 def test_bad_normalisation_settings(small_ds):
-    with pytest.raises(ValueError, match=r"normalize must be one of \(None, 'zscore'\)"):
-        XarrayDataModule(small_ds, **{**CONFIG, "normalize": "minmax"})
+    with pytest.raises(ValueError, match=r"normalize must be one of \(None, 'zscore', 'std'"):
+        XarrayDataModule(small_ds, **{**CONFIG, "normalize": "robust"})
+    with pytest.raises(ValueError, match=r"normalize\['b'\]: unknown method 'log'. Valid:"):
+        XarrayDataModule(small_ds, **{**CONFIG, "normalize": {"b": "log"}})
+    with pytest.raises(KeyError, match=r"normalize: \['q'\] are not selected variables"):
+        XarrayDataModule(small_ds, **{**CONFIG, "normalize": {"q": "std"}}).setup("fit")
     with pytest.raises(ValueError, match=r"normalize_on must be one of"):
         XarrayDataModule(small_ds, **CONFIG, normalize_on="cpu")
     with pytest.raises(ValueError, match=r"with a transform the channels"):
@@ -179,3 +183,29 @@ def test_a_checkpoint_of_an_in_memory_dataset_asks_for_the_data(small_ds, tmp_pa
     restored = XarrayDataModule.load_from_checkpoint(checkpoint, data=small_ds)
     assert restored.statistics.to_dict() == dm.statistics.to_dict()
     assert restored.input_shape == dm.input_shape
+
+
+def test_each_variable_is_normalised_by_its_method(small_ds):
+    methods = {"a": "std", "c": "minmax", "b": "max", "default": "none"}
+    settings = {**CONFIG, "input_vars": ["a", "c"], "target_vars": ["b"], "normalize": methods}
+    dm = XarrayDataModule(small_ds, **settings)
+    dm.setup("fit")
+    # Brute force: numpy over the training split's region.
+    train = small_ds.isel(
+        {dim: slice(lo, hi) for dim, (lo, hi) in dm.split_bounds["train"].items()}
+    )
+    a, b = train.a.values, train.b.values.astype(np.float64)
+    c = train.c.transpose("level", ...).values.reshape(3, -1)
+    offset = np.concatenate([[0.0], c.min(axis=1)])
+    scale = np.concatenate([[a.std()], c.max(axis=1) - c.min(axis=1)])
+    X, y = next(iter(dm.val_dataloader()))
+    starts = dm.indices["val"].starts(np.arange(len(X)))
+    raw = reference_windows(small_ds, ["a", "c"], dm.window_dims, starts, dm.geometry.input_size)
+    expected = (raw - offset.reshape(1, -1, 1, 1, 1)) / scale.reshape(1, -1, 1, 1, 1)
+    np.testing.assert_allclose(X.numpy(), expected, rtol=1e-5, atol=1e-6)
+    at = starts + np.asarray(dm.geometry.target_offset)
+    raw_y = reference_windows(small_ds, ["b"], dm.window_dims, at, dm.geometry.target_size)
+    np.testing.assert_allclose(y.numpy(), raw_y / np.abs(b).max(), rtol=1e-5, atol=1e-6)
+    # Inverted per method.
+    np.testing.assert_allclose(dm.denormalize(y).numpy(), raw_y, rtol=1e-5, atol=1e-5)
+    assert set(dm.state_dict()["statistics"]) == {"mean", "std", "min", "max"}

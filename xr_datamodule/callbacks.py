@@ -175,6 +175,7 @@ class BaselineReport(pl.Callback):
             at = f" ({self.monitor} {float(score):.4f})" if score is not None else ""
             lines.append(f"best checkpoint: {best}{at}")
         if trainer.logger is not None and trainer.logger.log_dir:
+            trainer.logger.save()  # a CSV logger writes what it buffered
             metrics = Path(trainer.logger.log_dir) / "metrics.csv"
             if metrics.exists():
                 lines.append(f"metrics: {metrics}")

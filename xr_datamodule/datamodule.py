@@ -112,9 +112,12 @@ class XarrayDataModule(pl.LightningDataModule):
             ``storage_options``, ...).
         normalize: ``"zscore"`` normalises each channel with the mean and standard deviation
             of the **training split only** (computed once, out of core with dask; saved in
-            the datamodule's ``state_dict`` so they travel in checkpoints). ``None``
-            (default): raw values. :meth:`denormalize` and :meth:`to_xarray` give
-            predictions back in physical units.
+            the datamodule's ``state_dict`` so they travel in checkpoints). One method for
+            all variables (``"zscore"``, ``"std"``, ``"minmax"``, ``"max"``, ``"none"``) or a
+            mapping ``{variable: method, "default": method}`` (see
+            :mod:`xr_datamodule.normalize`). ``None`` (default): raw values.
+            :meth:`denormalize` and :meth:`to_xarray` give predictions back in physical
+            units. Forcings are never normalised.
         normalize_on: ``"gather"`` (default) normalises the data when they are read (once
             per loaded copy or decoded cell, so it costs nothing per batch and works for any
             model); ``"device"`` normalises each batch after Lightning moved it, in
@@ -184,7 +187,7 @@ class XarrayDataModule(pl.LightningDataModule):
         transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
         target_transform: Callable[[xr.Dataset], xr.Dataset] | None = None,
         open_kwargs: dict[str, Any] | None = None,
-        normalize: str | None = None,
+        normalize: str | dict[str, str] | None = None,
         normalize_on: str = "gather",
         stats: dict[str, Any] | str | None = None,
         nan_policy: str | None = None,
@@ -556,7 +559,7 @@ class XarrayDataModule(pl.LightningDataModule):
         """
         if "statistics" in state_dict:
             stored = state_dict["statistics"]
-            self.pipeline.restore_statistics(Statistics(stored["mean"], stored["std"]))
+            self.pipeline.restore_statistics(Statistics.from_dict(stored))
         chunked = "chunk_layout" in state_dict and self.train_shuffle == "chunks"
         layout_now = self.chunk_layout() if chunked else None
         if self.order.load_state_dict(state_dict, layout_now):

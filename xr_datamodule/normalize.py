@@ -1,11 +1,23 @@
-"""Z-score normalisation: statistics from the training split, per variable and channel.
+"""Normalisation: statistics from the training split, per variable and channel.
 
-Statistics are means and standard deviations over the windowed dims of the training split's
-region, one per channel (a variable's non-windowed dims, e.g. ``level``, keep their own).
-They are computed out of core: the region is reduced chunk by chunk with dask (a lazily
-indexed store is chunked along its first windowed dim for the pass), so memory stays bounded;
-NaNs are skipped. A channel with zero spread gets a standard deviation of 1 (it is only
-centred).
+Each variable is normalised by one method (``normalize="zscore"`` for all, or a mapping of
+variable to method with a ``"default"``), each an affine map ``(x - offset) / scale``:
+
+========  ==========================  ================================================
+method    ``(offset, scale)``         for
+========  ==========================  ================================================
+zscore    ``(mean, std)``             most variables (AIFS's ``mean-std``)
+std       ``(0, std)``                precipitation, humidity: zero stays zero
+minmax    ``(min, max - min)``        bounded fields, to [0, 1]
+max       ``(0, max |x|)``            orography (AIFS's ``max``)
+none      ``(0, 1)``                  fractions, masks
+========  ==========================  ================================================
+
+Statistics are means, standard deviations, minima and maxima over the windowed dims of the
+training split's region, one per channel (a variable's non-windowed dims, e.g. ``level``,
+keep their own). They are computed out of core: the region is reduced chunk by chunk with
+dask (a lazily indexed store is chunked along its first windowed dim for the pass), so memory
+stays bounded; NaNs are skipped. A channel with zero spread gets a scale of 1 (it is only shifted).
 
 Example:
     >>> import numpy as np, xarray as xr
@@ -29,21 +41,67 @@ import xarray as xr
 
 from xr_datamodule.sources import channel_layouts
 
-__all__ = ["Statistics", "zscore_statistics"]
+__all__ = ["METHODS", "Statistics", "zscore_statistics"]
+
+METHODS = ("zscore", "std", "minmax", "max", "none")
 
 PASS_CHUNK_BYTES = 64 * 2**20  # chunk size of the reduction pass over a store without chunks
 
 
 @dataclass
 class Statistics:
-    """Per-channel mean and standard deviation of each variable (lists, YAML/JSON friendly)."""
+    """Per-channel mean, std (and min, max) of each variable (lists, YAML/JSON friendly)."""
 
     mean: dict[str, list[float]]
     std: dict[str, list[float]]
+    min: dict[str, list[float]] | None = None
+    max: dict[str, list[float]] | None = None
 
     def to_dict(self) -> dict[str, dict[str, list[float]]]:
         """Plain nested dict, as stored in checkpoints."""
-        return {"mean": dict(self.mean), "std": dict(self.std)}
+        stored = {"mean": dict(self.mean), "std": dict(self.std)}
+        if self.min is not None and self.max is not None:
+            stored.update(min=dict(self.min), max=dict(self.max))
+        return stored
+
+    @classmethod
+    def from_dict(cls, stored: Mapping[str, Any]) -> Statistics:
+        """What :meth:`to_dict` stored (a checkpoint's)."""
+        return cls(stored["mean"], stored["std"], stored.get("min"), stored.get("max"))
+
+    def affine(
+        self, names: Sequence[str], methods: Mapping[str, str]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(offset, scale)`` of every channel of the named variables by their methods.
+
+        Raises:
+            ValueError: A method needs minima and maxima these statistics lack (explicit
+                ``stats`` with only mean and std).
+        """
+        offsets, scales = [], []
+        for name in names:
+            method = methods.get(name, "zscore")
+            mean, std = np.asarray(self.mean[name]), np.asarray(self.std[name])
+            if method in ("minmax", "max") and (self.min is None or self.max is None):
+                raise ValueError(
+                    f"normalize: method {method!r} of variable {name!r} needs its min and max; "
+                    "these statistics have only mean and std (give 'min' and 'max' in stats)"
+                )
+            if method == "zscore":
+                offset, scale = mean, std
+            elif method == "std":
+                offset, scale = np.zeros_like(mean), std
+            elif method == "minmax":
+                low, high = np.asarray(self.min[name]), np.asarray(self.max[name])  # type: ignore[index]
+                offset, scale = low, high - low
+            elif method == "max":
+                low, high = np.asarray(self.min[name]), np.asarray(self.max[name])  # type: ignore[index]
+                offset, scale = np.zeros_like(mean), np.maximum(np.abs(low), np.abs(high))
+            else:
+                offset, scale = np.zeros_like(mean), np.ones_like(mean)
+            offsets.append(offset)
+            scales.append(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0))
+        return np.concatenate(offsets), np.concatenate(scales)
 
     @classmethod
     def from_value(
@@ -67,8 +125,11 @@ class Statistics:
                 value = json.load(file)
         assert isinstance(value, Mapping)
         layouts = {layout.name: layout for layout in channel_layouts(ds, names, window_dims)}
-        parsed: dict[str, dict[str, list[float]]] = {"mean": {}, "std": {}}
-        for kind in ("mean", "std"):
+        parsed: dict[str, dict[str, list[float]]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
+        kinds = (
+            ("mean", "std", "min", "max") if "min" in value or "max" in value else ("mean", "std")
+        )
+        for kind in kinds:
             given = value.get(kind)
             if not isinstance(given, Mapping):
                 raise KeyError(f"stats must have a {kind!r} mapping of variable to values")
@@ -86,6 +147,8 @@ class Statistics:
                 if kind == "std" and (numbers <= 0).any():
                     raise ValueError(f"stats['std'][{name!r}] must be positive, got {numbers}")
                 parsed[kind][name] = numbers.tolist()
+        if "min" in kinds:
+            return cls(parsed["mean"], parsed["std"], parsed["min"], parsed["max"])
         return cls(parsed["mean"], parsed["std"])
 
     def channel_arrays(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,13 +186,13 @@ def zscore_statistics(
         var = region[layout.name]
         over = [dim for dim in window_dims if dim in var.dims]  # a static field lacks time
         var = _chunked(var, over[0], 8).astype(np.float64)
-        reductions += [var.mean(over), var.std(over)]
+        reductions += [var.mean(over), var.std(over), var.min(over), var.max(over)]
     computed = dask.compute(*reductions)
-    mean, std = {}, {}
+    found: dict[str, dict[str, list[float]]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
     for i, layout in enumerate(layouts):
-        means = np.asarray(computed[2 * i].transpose(*layout.extra_dims)).reshape(-1)
-        spreads = np.asarray(computed[2 * i + 1].transpose(*layout.extra_dims)).reshape(-1)
-        spreads = np.where(np.isfinite(spreads) & (spreads > 0), spreads, 1.0)
-        mean[layout.name] = means.tolist()
-        std[layout.name] = spreads.tolist()
-    return Statistics(mean, std)
+        for j, kind in enumerate(("mean", "std", "min", "max")):
+            values = np.asarray(computed[4 * i + j].transpose(*layout.extra_dims)).reshape(-1)
+            if kind == "std":
+                values = np.where(np.isfinite(values) & (values > 0), values, 1.0)
+            found[kind][layout.name] = values.tolist()
+    return Statistics(found["mean"], found["std"], found["min"], found["max"])

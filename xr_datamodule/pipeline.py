@@ -464,7 +464,7 @@ class DataPipeline:
         prepare = Preparation(
             mask_of=self._input_channel_range() if spec.nan_mask else None,
             affine=(
-                self.statistics.channel_arrays(self.reader_vars)
+                self.affine(self.reader_vars)
                 if spec.normalize is not None and spec.normalize_on == "gather"
                 else None
             ),
@@ -561,7 +561,7 @@ class DataPipeline:
             self.static_dim,
             forcings,
             spec.array_dtype,
-            affine=self.statistics.channel_arrays(statics) if normalised and statics else None,
+            affine=self.affine(statics) if normalised and statics else None,
         )
 
     def _input_channel_range(self) -> np.ndarray:
@@ -587,6 +587,19 @@ class DataPipeline:
             self.source, spec.all_vars, self.window_dims, self.split_bounds["train"]
         )
 
+    def affine(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(offset, scale)`` per channel of the named variables, by their methods."""
+        spec = self.spec
+        if isinstance(spec.normalize, dict):
+            unknown = [k for k in spec.normalize if k != "default" and k not in spec.all_vars]
+            if unknown:
+                raise KeyError(
+                    f"normalize: {unknown} are not selected variables. Valid: "
+                    f"{tuple(spec.all_vars)} and 'default'"
+                )
+        methods = {name: spec.method_of(name) for name in names}
+        return self.statistics.affine(names, methods)
+
     def restore_statistics(self, statistics: Statistics) -> None:
         """Use a checkpoint's statistics; what was read with others is built anew."""
         self.__dict__["statistics"] = statistics
@@ -603,7 +616,7 @@ class DataPipeline:
         """
         if self.spec.normalize is None:
             return values
-        mean, std = self.statistics.channel_arrays(names)
+        mean, std = self.affine(names)
         mean = np.concatenate([mean, np.zeros(unscaled)])
         std = np.concatenate([std, np.ones(unscaled)])
         shape = (1, -1) + (1,) * (values.ndim - 2)

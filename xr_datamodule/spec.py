@@ -17,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from xr_datamodule.missing import NAN_POLICIES
+from xr_datamodule.normalize import METHODS
 from xr_datamodule.sources import check_source_exists
 from xr_datamodule.splits import DEFAULT_SPLITS, check_splits
 from xr_datamodule.transforms import TRANSFORM_ON
@@ -26,7 +27,7 @@ __all__ = ["DataSpec"]
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
 SHUFFLES = ("auto", "chunks", "full")
-NORMALIZATIONS = (None, "zscore")
+NORMALIZATIONS = (None, *METHODS)
 NORMALIZE_ON = ("gather", "device")
 LOAD_CHOICES = ("auto", True, False)
 CONTEXTS = (None, "fork", "spawn", "forkserver")
@@ -135,6 +136,23 @@ def _selection(select: Any) -> dict[str, Any]:
     return out
 
 
+def _normalization(value: Any) -> str | dict[str, str] | None:
+    """``None``, one method for all variables, or ``{variable: method, "default": method}``."""
+    if value is None or (isinstance(value, str) and value in METHODS):
+        return value
+    if isinstance(value, Mapping):
+        for name, method in value.items():
+            if method not in METHODS:
+                raise ValueError(
+                    f"normalize[{name!r}]: unknown method {method!r}. Valid: {METHODS}"
+                )
+        return {str(name): str(method) for name, method in value.items()}
+    raise ValueError(
+        f"normalize must be one of {NORMALIZATIONS} or a mapping of variable to method "
+        f"(with an optional 'default'), got {value!r}"
+    )
+
+
 def _choice(value: Any, choices: tuple, what: str) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}")
@@ -184,7 +202,7 @@ class DataSpec:
     transform: Callable[[xr.Dataset], xr.Dataset] | None = field(default=None, repr=False)
     target_transform: Callable[[xr.Dataset], xr.Dataset] | None = field(default=None, repr=False)
     open_kwargs: dict[str, Any] | None = None
-    normalize: str | None = None
+    normalize: str | dict[str, str] | None = None
     normalize_on: str = "gather"
     stats: dict[str, Any] | str | None = None
     nan_policy: str | None = None
@@ -269,7 +287,7 @@ class DataSpec:
                 "forcings cannot be combined with a transform yet: compute them inside the "
                 "transform instead"
             )
-        _choice(self.normalize, NORMALIZATIONS, "normalize")
+        self.normalize = _normalization(self.normalize)
         _choice(self.normalize_on, NORMALIZE_ON, "normalize_on")
         if self.normalize is not None and (self.transform or self.target_transform):
             raise ValueError(
@@ -286,6 +304,14 @@ class DataSpec:
                 "marks the values that were filled"
             )
         self.nan_mask = bool(self.nan_mask)
+
+    def method_of(self, name: str) -> str:
+        """The normalisation method of a variable (``"none"`` without normalisation)."""
+        if self.normalize is None:
+            return "none"
+        if isinstance(self.normalize, str):
+            return self.normalize
+        return self.normalize.get(name, self.normalize.get("default", "zscore"))
 
     @property
     def array_dtype(self) -> np.dtype:
