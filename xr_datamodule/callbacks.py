@@ -73,7 +73,8 @@ def _persistence_channels(dm: XarrayDataModule) -> list[int] | None:
 
 
 def _on_device(dm: XarrayDataModule, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    inputs, targets = dm.on_after_batch_transfer(tuple(batch), 0)
+    moved = dm.on_after_batch_transfer(batch if isinstance(batch, dict) else tuple(batch), 0)
+    inputs, targets = (moved["x"], moved["y"]) if isinstance(moved, dict) else moved
     return inputs.double(), targets.double()
 
 

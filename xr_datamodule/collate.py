@@ -19,8 +19,26 @@ from xr_datamodule.handoff import DEFAULT_RING_SLOTS
 __all__ = ["DEFAULT_RING_SLOTS", "collate_batch"]
 
 
+class _WithMeta:
+    """A worker's ticket and the batch's (small) metadata, unpickled as one dict."""
+
+    def __init__(self, ticket: handoff.Ticket, meta: dict[str, Any]) -> None:
+        self.ticket, self.meta = ticket, meta
+
+    def __reduce__(self) -> tuple[Any, tuple]:
+        return _as_dict, (self.ticket, self.meta)
+
+
+def _as_dict(tensors: tuple[torch.Tensor, ...], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    inputs, targets = tensors
+    return {"x": inputs, "y": targets, **{k: torch.from_numpy(v) for k, v in meta.items()}}
+
+
 def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
     """Turn a :class:`~xr_datamodule.datasets.Batch` into ``(X, y)`` CPU tensors.
+
+    A batch with metadata (``batch_format="dict"``) becomes a dict: ``x``, ``y`` and the
+    metadata (``sample``, ``input_<dim>``, ``target_<dim>``) as tensors.
 
     Use it as ``collate_fn`` of a DataLoader over an
     :class:`~xr_datamodule.datasets.XarrayWindowDataset`; device placement is left to
@@ -43,5 +61,6 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
     if get_worker_info() is not None:
         ticket = handoff.send([batch.inputs, batch.targets], ring_slots)
         if ticket is not None:
-            return ticket
-    return torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
+            return ticket if batch.meta is None else _WithMeta(ticket, batch.meta)
+    tensors = torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
+    return tensors if batch.meta is None else _as_dict(tensors, batch.meta)

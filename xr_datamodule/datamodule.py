@@ -146,6 +146,11 @@ class XarrayDataModule(pl.LightningDataModule):
         select: Labels to keep before windowing, per dim: ``{"level": [500, 850, 1000]}``
             or a range ``{"time": {"start": "2000", "stop": "2019"}}`` (inclusive, as
             ``.sel``). Lazy; a selected store is read through xarray.
+        batch_format: ``"tuple"`` (default): batches are ``(X, y)``. ``"dict"``: ``{"x": X,
+            "y": y, "sample": ..., "input_time": ..., "target_time": ..., ...}``: the sample
+            numbers and, per windowed dim, the labels of every input and target window
+            position (times as int64 nanoseconds), for conditioning on lead time or
+            evaluating per season.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -197,6 +202,7 @@ class XarrayDataModule(pl.LightningDataModule):
         transform_on: str = "sample",
         forcings: list[str] | None = None,
         select: dict[str, Any] | None = None,
+        batch_format: str = "tuple",
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -524,6 +530,9 @@ class XarrayDataModule(pl.LightningDataModule):
         """
         if self.spec.normalize is None or self.spec.normalize_on != "device":
             return batch
+        if isinstance(batch, dict):
+            x, y = self.pipeline.scale_batch(batch["x"], batch["y"])
+            return {**batch, "x": x, "y": y}
         inputs, targets = batch
         return self.pipeline.scale_batch(inputs, targets)
 

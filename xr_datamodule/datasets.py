@@ -43,6 +43,7 @@ class Batch(NamedTuple):
 
     inputs: np.ndarray
     targets: np.ndarray
+    meta: dict[str, np.ndarray] | None = None
 
 
 class XarrayWindowDataset(Dataset):
@@ -73,6 +74,10 @@ class XarrayWindowDataset(Dataset):
         input_extras: Static fields and forcings appended to ``X``'s channels (before the
             missing-value mask), see :mod:`xr_datamodule.extras`.
         target_extras: Static fields appended to ``y``'s channels.
+        labels: With them, each batch carries its metadata (``Batch.meta``): the sample
+            numbers and, per windowed dim, the labels of every input and target window
+            position (``input_<dim>``, ``target_<dim>``), from these label arrays (times as
+            int64 nanoseconds).
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class XarrayWindowDataset(Dataset):
         transform_on: str = "sample",
         input_extras: ExtraChannels | None = None,
         target_extras: ExtraChannels | None = None,
+        labels: dict[str, np.ndarray] | None = None,
     ) -> None:
         self.reader = reader
         self.index = index
@@ -104,6 +110,7 @@ class XarrayWindowDataset(Dataset):
         self.transform_on = transform_on
         self.input_extras = input_extras if input_extras and input_extras.n_channels else None
         self.target_extras = target_extras if target_extras and target_extras.n_channels else None
+        self.labels = labels
         self._raw_inputs = reader.channels_of(self.input_vars)
         self._reach_below = np.asarray(geometry.reach_below, dtype=np.int64)
         self._target_offset = np.asarray(geometry.target_offset, dtype=np.int64)
@@ -164,7 +171,23 @@ class XarrayWindowDataset(Dataset):
         assert inputs is not None and targets is not None
         if extras:
             inputs, targets = self._with_extras(starts, inputs, targets)
-        return Batch(inputs, targets)
+        meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
+        return Batch(inputs, targets, meta)
+
+    def _meta(self, ids: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
+        """Sample numbers and the labels of every window position, per windowed dim."""
+        assert self.labels is not None
+        geometry = self.geometry
+        meta = {"sample": ids.astype(np.int64)}
+        for axis, dim in enumerate(geometry.dims):
+            labels = self.labels[dim]
+            for side, offset, size in (
+                ("input", 0, geometry.input_size[axis]),
+                ("target", geometry.target_offset[axis], geometry.target_size[axis]),
+            ):
+                positions = starts[:, axis, None] + offset + np.arange(size)
+                meta[f"{side}_{dim}"] = labels[positions]
+        return meta
 
     def _with_extras(
         self, starts: np.ndarray, inputs: np.ndarray, targets: np.ndarray
@@ -214,7 +237,8 @@ class XarrayWindowDataset(Dataset):
         if isinstance(index, np.ndarray) and index.ndim == 1:
             return self.__getitems__(index)
         batch = self.__getitems__([int(index)])
-        return Batch(batch.inputs[0], batch.targets[0])
+        meta = None if batch.meta is None else {k: v[0] for k, v in batch.meta.items()}
+        return Batch(batch.inputs[0], batch.targets[0], meta)
 
     def _transformed(
         self,

@@ -18,14 +18,18 @@ from torch import nn
 
 __all__ = ["DemoForecaster"]
 
+# ``(X, y)``, or with ``batch_format="dict"`` a dict with ``"x"`` and ``"y"`` (and metadata).
+Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
+
 
 class DemoForecaster(pl.LightningModule):
     """A few 2-D convolutions from ``X`` to ``y``, trained with mean squared error.
 
     Window axes other than the last two (e.g. ``time``) are folded into channels, so any
     ``(channel, ..., height, width)`` sample works as long as input and target windows share
-    the last two axes. In LightningCLI the shapes are linked from the datamodule's
-    ``input_shape`` and ``target_shape`` (see :mod:`xr_datamodule.cli`).
+    the last two axes. Batches may be ``(X, y)`` or dicts (``batch_format="dict"``). In
+    LightningCLI the shapes are linked from the datamodule's ``input_shape`` and
+    ``target_shape`` (see :mod:`xr_datamodule.cli`).
 
     Args:
         input_shape: Shape of one input sample, ``(channel, *window)``.
@@ -66,31 +70,27 @@ class DemoForecaster(pl.LightningModule):
         hidden = self.net(inputs.flatten(1, -3))
         return hidden.reshape(inputs.shape[0], *self.target_shape)
 
-    def _loss(self, batch: tuple[torch.Tensor, torch.Tensor], name: str) -> torch.Tensor:
-        inputs, targets = batch
+    def _loss(self, batch: Batch, name: str) -> torch.Tensor:
+        inputs, targets = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
         loss = nn.functional.mse_loss(self(inputs), targets)
         self.log(name, loss, prog_bar=True, batch_size=inputs.shape[0])
         return loss
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Mean squared error of one training batch, logged as ``train_loss``."""
         return self._loss(batch, "train_loss")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
         """Log ``val_loss``."""
         self._loss(batch, "val_loss")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
         """Log ``test_loss``."""
         self._loss(batch, "test_loss")
 
-    def predict_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
+    def predict_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """The prediction for the batch's inputs, shaped like its targets."""
-        return self(batch[0])
+        return self(batch["x"] if isinstance(batch, dict) else batch[0])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam with the configured learning rate."""

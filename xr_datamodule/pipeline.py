@@ -652,8 +652,29 @@ class DataPipeline:
                 transform_on=spec.transform_on,
                 input_extras=self._extras(spec.input_vars, spec.forcings or []),
                 target_extras=self._extras(spec.targets, []),
+                labels=self.window_labels if spec.batch_format == "dict" else None,
             )
         return self.datasets[split]
+
+    @cached_property
+    def window_labels(self) -> dict[str, np.ndarray]:
+        """Label of every position of each windowed dim (for batch metadata).
+
+        Datetimes as int64 nanoseconds, numbers as they are, positions where a dim has no
+        coordinate.
+        """
+        labels = {}
+        for dim in self.window_dims:
+            if dim not in self.source.coords:
+                labels[dim] = np.arange(self.source.sizes[dim], dtype=np.int64)
+                continue
+            values = np.asarray(self.source[dim].values)
+            if np.issubdtype(values.dtype, np.datetime64):
+                values = values.astype("datetime64[ns]").astype(np.int64)
+            elif not np.issubdtype(values.dtype, np.number):
+                values = np.arange(len(values), dtype=np.int64)
+            labels[dim] = values
+        return labels
 
     def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
         """Predictions of every sample of ``split`` in order, on the grid, in physical units."""

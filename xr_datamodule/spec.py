@@ -26,6 +26,7 @@ __all__ = ["DataSpec"]
 
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
+BATCH_FORMATS = ("tuple", "dict")
 SHUFFLES = ("auto", "chunks", "full")
 NORMALIZATIONS = (None, *METHODS)
 NORMALIZE_ON = ("gather", "device")
@@ -212,6 +213,7 @@ class DataSpec:
     transform_on: str = "sample"
     forcings: list[str] | None = None
     select: dict[str, Any] | None = None
+    batch_format: str = "tuple"
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -280,6 +282,7 @@ class DataSpec:
     def _values(self) -> None:
         self.open_kwargs = dict(self.open_kwargs or {})
         _choice(self.transform_on, TRANSFORM_ON, "transform_on")
+        _choice(self.batch_format, BATCH_FORMATS, "batch_format")
         self.forcings = _forcing_names(self.forcings)
         self.select = _selection(self.select)
         if self.forcings and (self.transform or self.target_transform):
