@@ -46,6 +46,7 @@ __all__ = [
     "CellDecoder",
     "CfDecoding",
     "DecodeJob",
+    "ReadError",
     "TensorStoreDecoder",
     "XarrayDecoder",
     "ZarrDecoder",
@@ -231,6 +232,47 @@ class XarrayDecoder:
         if self._pool is None or self._pool[0] != os.getpid():
             self._pool = (os.getpid(), ThreadPoolExecutor(self.threads))
         return self._pool[1]
+
+
+class ReadError(OSError):
+    """Data could not be read: names the variable, the source and where, chaining the cause."""
+
+
+def read_error(
+    error: BaseException, dataset: xr.Dataset, regions: Sequence[Mapping[str, slice]], origin: str
+) -> ReadError:
+    """A :class:`ReadError` that says what failed to read, where, and in which process.
+
+    The culprit variable is found by reading each variable of the first region through
+    xarray (only on this error path); the region is given in labels and positions.
+    """
+    from torch.utils.data import get_worker_info
+
+    region = dict(regions[0]) if regions else {}
+    culprits = []
+    for name in dataset.data_vars:
+        variable = dataset[name]
+        try:
+            variable.isel({d: s for d, s in region.items() if d in variable.dims}).values  # noqa: B018
+        except Exception:
+            culprits.append(str(name))
+    names = culprits or [str(name) for name in dataset.data_vars]
+    where = ", ".join(_labels(dataset, dim, part) for dim, part in region.items()) or "everything"
+    worker = get_worker_info()
+    place = f" in DataLoader worker {worker.id} (pid {os.getpid()})" if worker else ""
+    which = "variable" if len(names) == 1 else "variables"
+    return ReadError(
+        f"could not read {which} {', '.join(map(repr, names))} of {origin} at {where}"
+        f"{place}: {type(error).__name__}: {error}"
+    )
+
+
+def _labels(dataset: xr.Dataset, dim: str, part: slice) -> str:
+    lo, hi = int(part.start or 0), int(part.stop if part.stop is not None else dataset.sizes[dim])
+    if dim in dataset.indexes and hi > lo:
+        index = dataset.indexes[dim]
+        return f"{dim} {index[lo]} … {index[hi - 1]} (positions {lo}-{hi - 1})"
+    return f"{dim} positions {lo}-{hi - 1}"
 
 
 @dataclass(frozen=True)

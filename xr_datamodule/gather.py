@@ -41,7 +41,14 @@ import numpy as np
 import torch
 import xarray as xr
 
-from xr_datamodule.decode import CellDecoder, DecodeJob, XarrayDecoder, cell_edges
+from xr_datamodule.decode import (
+    CellDecoder,
+    DecodeJob,
+    ReadError,
+    XarrayDecoder,
+    cell_edges,
+    read_error,
+)
 from xr_datamodule.sources import VariableLayout, channel_layouts
 
 __all__ = [
@@ -220,12 +227,16 @@ class Preparation:
 class WindowReader(ABC):
     """Reads batches of windows of a fixed set of variables, channel-major.
 
+    A read that fails raises a :class:`~xr_datamodule.decode.ReadError` naming the variable,
+    :attr:`origin` (the store or file) and the label range.
+
     Args:
         ds: The source dataset.
         names: Variables to read, in channel order.
         window_dims: Windowed dims, in the order of the output window axes.
         dtype: Output dtype.
         prepare: What to do to each block once it is read (mask, normalise, fill).
+        origin: The store or file, as read errors name it.
     """
 
     def __init__(
@@ -235,8 +246,10 @@ class WindowReader(ABC):
         window_dims: Sequence[str],
         dtype: np.dtype,
         prepare: Preparation = Preparation(),
+        origin: str = "the data",
     ) -> None:
         self.dataset = ds[list(names)]
+        self.origin = origin  # what read errors call the source: the store or file
         self.fill_value = prepare.fill_value
         self.window_dims = tuple(window_dims)
         self.dtype = np.dtype(dtype)
@@ -313,9 +326,12 @@ class InMemoryReader(WindowReader):
         """Same arguments as :class:`WindowReader`; loads at once, before workers fork."""
         super().__init__(*args, **kwargs)
         self.block = np.empty((self.n_channels, *self.shape), dtype=self.dtype)
-        XarrayDecoder(self.dataset, self.layouts, self.window_dims).decode(
-            [DecodeJob({}, self.block)]
-        )
+        try:
+            XarrayDecoder(self.dataset, self.layouts, self.window_dims).decode(
+                [DecodeJob({}, self.block)]
+            )
+        except Exception as error:
+            raise read_error(error, self.dataset, [{}], self.origin) from error
         self._prepare(self.block)
 
     def gather(
@@ -371,8 +387,9 @@ class ChunkedReader(WindowReader):
         prepare: Preparation = Preparation(),
         decode_threads: int = 1,
         decoder: CellDecoder | None = None,
+        origin: str = "the data",
     ) -> None:
-        super().__init__(ds, names, window_dims, dtype, prepare)
+        super().__init__(ds, names, window_dims, dtype, prepare, origin)
         self.decode_threads = max(1, int(decode_threads))
         self.decoder: CellDecoder = decoder or XarrayDecoder(
             self.dataset, self.layouts, self.window_dims, self.decode_threads
@@ -522,13 +539,16 @@ class ChunkedReader(WindowReader):
                 self.decoder.decode(jobs)
                 for job in jobs:
                     self._prepare(job.out)
-        except BaseException:
+        except BaseException as error:
             with self._ready:
                 for key, slot in missing:  # these slots hold no valid cell now
                     del self._slots[key]
                     self._free.append(slot)
                     self._busy.discard(key)
                 self._ready.notify_all()
+            if isinstance(error, Exception) and not isinstance(error, ReadError):
+                regions = [job.region for job in jobs]
+                raise read_error(error, self.dataset, regions, self.origin) from error
             raise
         with self._ready:
             self._busy.difference_update(key for key, _ in missing)

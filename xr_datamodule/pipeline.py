@@ -472,7 +472,12 @@ class DataPipeline:
         )
         if self.loads_into_memory:
             return InMemoryReader(
-                self.source, self.reader_vars, self.window_dims, spec.array_dtype, prepare
+                self.source,
+                self.reader_vars,
+                self.window_dims,
+                spec.array_dtype,
+                prepare,
+                origin=self.origin,
             )
         reader = ChunkedReader(
             self.source,
@@ -484,6 +489,7 @@ class DataPipeline:
             prepare=prepare,
             decode_threads=self.decode_threads,
             decoder=self._zarr_decoder(),
+            origin=self.origin,
         )
         self._size_cache(reader)
         return reader
@@ -541,6 +547,12 @@ class DataPipeline:
         return TensorStoreDecoder(
             specs, layouts, self.window_dims, dims, decodings, self.decode_threads, decoder
         )
+
+    @property
+    def origin(self) -> str:
+        """The source as errors name it: its path or URL, or "the xr.Dataset"."""
+        data = self.spec.data
+        return "the xr.Dataset" if isinstance(data, xr.Dataset) else repr(os.fspath(data))
 
     @property
     def reader_vars(self) -> list[str]:

@@ -1,0 +1,56 @@
+"""Faults are reported with what and where: a corrupted chunk, in and out of workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xr_datamodule import XarrayDataModule, decode
+from xr_datamodule.decode import ReadError
+
+SETTINGS = dict(
+    input_vars=["a", "b"],
+    input_dims={"time": 3, "lat": 12, "lon": 10},
+    splits={"train": 1.0},
+    batch_size=4,
+)
+
+
+def corrupt_one_chunk(path: Path, name: str) -> Path:
+    """Overwrite the first chunk file of a variable (zarr v3: ``name/c/...``) with garbage."""
+    target = sorted(p for p in (path / name / "c").rglob("*") if p.is_file())[0]
+    target.write_bytes(b"this is not a compressed chunk" * 4)
+    return target
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_corrupted_chunk_names_variable_store_and_dates(small_ds, tmp_path, workers, monkeypatch):
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)  # cells are the chunks of 10 steps
+    path = tmp_path / "broken.zarr"
+    small_ds.chunk({"time": 10}).to_zarr(path)
+    corrupt_one_chunk(path, "b")
+    dm = XarrayDataModule(str(path), **SETTINGS, load=False, num_workers=workers, shuffle="full")
+    dm.setup("fit")
+    with pytest.raises(Exception) as caught:  # torch re-raises a worker's error as its type
+        for _ in dm.train_dataloader():
+            pass
+    message = str(caught.value)
+    assert "could not read variable 'b' of" in message and "broken.zarr" in message
+    assert "time 2020-01-01 00:00:00 … 2020-01-10 00:00:00 (positions 0-9)" in message
+    if workers:
+        assert "in DataLoader worker" in message
+    else:
+        assert isinstance(caught.value, ReadError)
+        assert caught.value.__cause__ is not None  # the decoder's own error, chained
+
+
+def test_a_corrupted_chunk_when_loading_in_memory(small_ds, tmp_path):
+    path = tmp_path / "broken.zarr"
+    small_ds.chunk({"time": 10}).to_zarr(path)
+    corrupt_one_chunk(path, "a")
+    dm = XarrayDataModule(str(path), **SETTINGS, load=True)
+    with pytest.raises(ReadError, match=r"could not read variable 'a' of '.*broken.zarr' at"):
+        dm.setup("fit")
+    assert np.isfinite(small_ds.a.values).all()
