@@ -32,7 +32,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -250,6 +250,7 @@ class WindowReader(ABC):
     ) -> None:
         self.dataset = ds[list(names)]
         self.origin = origin  # what read errors call the source: the store or file
+        self.reopen: Callable[[], xr.Dataset] | None = None  # see reopen_source
         self.fill_value = prepare.fill_value
         self.window_dims = tuple(window_dims)
         self.dtype = np.dtype(dtype)
@@ -271,6 +272,21 @@ class WindowReader(ABC):
             lead = (-1,) + (1,) * len(self.window_dims)
             offset, scale = (np.asarray(a, dtype=self.dtype).reshape(lead) for a in prepare.affine)
             self.affine = (offset, scale)
+
+    def reopen_source(self) -> None:
+        """Open the source anew in this process (a DataLoader worker), if it can be.
+
+        A remote store opened through fsspec is bound to the event loop of the process
+        that opened it; a forked worker must not use it (its requests fail with "attached
+        to a different loop"), so each worker opens its own with :attr:`reopen`.
+        """
+        if self.reopen is None:
+            return
+        names = list(self.dataset.data_vars)
+        self.dataset = self.reopen()[names]
+        decoder = getattr(self, "decoder", None)
+        if isinstance(decoder, XarrayDecoder):
+            decoder.dataset = self.dataset[list(decoder.dataset.data_vars)]
 
     def channels_of(self, names: Sequence[str]) -> np.ndarray:
         """Channel numbers of the given variables, in the order given."""

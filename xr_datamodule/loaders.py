@@ -61,7 +61,7 @@ class _EpochLoader(DataLoader):
 
 
 def _init_worker(worker_id: int) -> None:
-    """Worker start: synchronous dask, one zarr thread, own file handles, numpy seeded.
+    """Worker start: synchronous dask, one zarr thread, own file handles and remote stores.
 
     - Dask runs synchronously: no thread pool after fork.
     - Zarr decodes with one thread: a worker reads one chunk at a time anyway, and each extra
@@ -73,8 +73,11 @@ def _init_worker(worker_id: int) -> None:
       the worker opens its own: a netCDF3 handle shared across a fork shares its file
       offset, and two processes reading through it failed with "Inappropriate ioctl for
       device" or "Resource temporarily unavailable".
+    - A remote store (fsspec URL) is opened anew: the parent's is bound to its event loop.
+    - numpy's legacy global generator is seeded.
     """
     import dask
+    from torch.utils.data import get_worker_info
     from xarray.backends.file_manager import FILE_CACHE
 
     gc.freeze()
@@ -83,6 +86,14 @@ def _init_worker(worker_id: int) -> None:
     dask.config.set(scheduler="synchronous")
     if "zarr" in sys.modules:
         sys.modules["zarr"].config.set({"threading.max_workers": 1})
+    # A remote store's fsspec file system is bound to the parent's event loop: open anew.
+    info = get_worker_info()
+    dataset = getattr(info, "dataset", None)
+    reader = getattr(dataset, "reader", None) or getattr(
+        getattr(dataset, "dataset", None), "reader", None
+    )
+    if reader is not None:
+        reader.reopen_source()
     # Seed the legacy global RNG too: user transforms commonly draw from it.
     np.random.seed(torch.initial_seed() % 2**32)  # noqa: NPY002
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any
 
 import numpy as np
@@ -39,9 +39,9 @@ from xr_datamodule.sources import (
     channel_layouts,
     check_variables,
     is_in_memory,
+    is_remote,
     local_zarr_group,
-    open_source,
-    select_labels,
+    open_selected,
     static_variables,
     window_dim_order,
     zarr_opener,
@@ -117,8 +117,7 @@ class DataPipeline:
     @cached_property
     def source(self) -> xr.Dataset:
         """The opened source, lazy (nothing loaded), restricted to ``select``'s labels."""
-        source = open_source(self.spec.data, self.spec.open_kwargs)
-        return select_labels(source, self.spec.select) if self.spec.select else source
+        return open_selected(self.spec.data, self.spec.open_kwargs, self.spec.select)
 
     @property
     def static_dim(self) -> str | None:
@@ -491,6 +490,8 @@ class DataPipeline:
             decoder=self._zarr_decoder(),
             origin=self.origin,
         )
+        if is_remote(spec.data):  # each DataLoader worker opens the store anew
+            reader.reopen = partial(open_selected, spec.data, spec.open_kwargs, spec.select)
         self._size_cache(reader)
         return reader
 

@@ -34,7 +34,9 @@ __all__ = [
     "check_source_exists",
     "check_variables",
     "is_in_memory",
+    "is_remote",
     "local_zarr_group",
+    "open_selected",
     "open_source",
     "select_labels",
     "static_variables",
@@ -324,6 +326,19 @@ def select_labels(ds: xr.Dataset, select: Mapping[str, Any]) -> xr.Dataset:
             chosen = ds.isel({dim: found})
         ds = chosen
     return ds
+
+
+def open_selected(
+    data: DataSource, open_kwargs: Mapping[str, Any] | None, select: Mapping[str, Any]
+) -> xr.Dataset:
+    """:func:`open_source`, then :func:`select_labels` (what a worker reopens)."""
+    source = open_source(data, open_kwargs)
+    return select_labels(source, select) if select else source
+
+
+def is_remote(data: DataSource) -> bool:
+    """Whether ``data`` is an fsspec URL (a remote store or file)."""
+    return isinstance(data, (str, os.PathLike)) and _is_url(os.fspath(data))
 
 
 def static_variables(ds: xr.Dataset, names: Sequence[str], static_dim: str | None) -> list[str]:
