@@ -54,3 +54,31 @@ def test_a_corrupted_chunk_when_loading_in_memory(small_ds, tmp_path):
     with pytest.raises(ReadError, match=r"could not read variable 'a' of '.*broken.zarr' at"):
         dm.setup("fit")
     assert np.isfinite(small_ds.a.values).all()
+
+
+def _die_in_the_second_worker(ds):
+    import os
+    import signal
+
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    if info is not None and info.id == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # what the out-of-memory killer does
+    return ds
+
+
+def test_a_worker_that_dies_ends_the_epoch_with_what_to_try(small_ds):
+    dm = XarrayDataModule(
+        small_ds,
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 4, "lon": 5},
+        splits={"train": 1.0},
+        batch_size=4,
+        num_workers=2,
+        transform=_die_in_the_second_worker,
+    )
+    with pytest.raises(RuntimeError, match=r"exited unexpectedly: a DataLoader worker died") as e:
+        for _ in dm.train_dataloader():
+            pass
+    assert "Try fewer workers (num_workers)" in str(e.value)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 
 from xr_datamodule import decode as decode_module
 from xr_datamodule.collate import collate_batch
@@ -37,13 +38,40 @@ from xr_datamodule.gather import ChunkedReader
 from xr_datamodule.pipeline import DataPipeline
 from xr_datamodule.samplers import ArrayBatchSampler, BlockInterleavedSampler
 
-__all__ = ["eval_loader", "loader_settings", "train_loader"]
+__all__ = ["XarrayDataLoader", "eval_loader", "loader_settings", "train_loader"]
 
 logger = logging.getLogger(__name__)
 _warned_tensorstore_fork = False  # the warning of _warn_if_workers_lose_tensorstore, once
 
 
-class _EpochLoader(DataLoader):
+class _AdvisingIterator(_MultiProcessingDataLoaderIter):
+    """torch's worker iterator; a worker that died ends the epoch with what to try."""
+
+    def _next_data(self) -> Any:
+        try:
+            return super()._next_data()
+        except RuntimeError as error:
+            if "exited unexpectedly" not in str(error):
+                raise
+            raise RuntimeError(
+                f"{error}: a DataLoader worker died, most often killed by the system for lack "
+                "of memory (see `dmesg`). Try fewer workers (num_workers), a smaller "
+                "batch_size or shuffle_chunks, or prefetch_factor=1; with num_workers=0 an "
+                "error in reading shows in the main process"
+            ) from error
+
+
+class XarrayDataLoader(DataLoader):
+    """A DataLoader whose worker deaths end with advice instead of torch's bare message."""
+
+    def _get_iterator(self) -> Any:
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        self.check_worker_number_rationality()
+        return _AdvisingIterator(self)
+
+
+class _EpochLoader(XarrayDataLoader):
     """A DataLoader over an :class:`XarrayIterableDataset` that sets its epoch on each pass.
 
     Lightning calls ``set_epoch`` only on samplers, and an iterable dataset has none; the
@@ -157,7 +185,7 @@ def train_loader(
             collate_fn=collate,
             **settings,
         )
-    return DataLoader(
+    return XarrayDataLoader(
         dataset,
         sampler=sampler,
         batch_size=None,  # the sampler yields whole batches
@@ -180,7 +208,7 @@ def eval_loader(pipeline: DataPipeline, stage: str, pin_memory: bool = False) ->
     order: Any = SequentialSampler(dataset)
     if stage in ("val", "test") and workers > 1 and isinstance(dataset.reader, ChunkedReader):
         order = BlockInterleavedSampler(len(dataset), batch_size, workers)
-    return DataLoader(
+    return XarrayDataLoader(
         dataset,
         batch_sampler=ArrayBatchSampler(order, batch_size, False),
         collate_fn=partial(collate_batch, ring_slots=pipeline.ring_slots),
