@@ -451,3 +451,44 @@ def test_a_read_waits_for_a_prefetch_that_holds_slots_it_needs(small_ds, tmp_pat
     starts = dm.indices["train"].starts(other)
     expected = reference_windows(small_ds, ["a"], dm.window_dims, starts, (3, 12, 10))
     np.testing.assert_array_equal(batch.inputs, expected.astype(np.float32))
+
+
+def test_the_copy_runs_single_threaded_while_a_prefetch_decodes(small_ds, tmp_path, monkeypatch):
+    import torch
+
+    from xr_datamodule import gather
+
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    path = tmp_path / "cells.zarr"
+    small_ds.chunk({"time": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 12, "lon": 10},
+        splits={"train": 1.0},
+        load=False,
+        num_workers=0,
+    )
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    dataset.reader.decode_threads = 2
+    seen = []
+    take = gather._take_runs
+
+    def recording(*args):
+        seen.append(torch.get_num_threads())
+        take(*args)
+
+    monkeypatch.setattr(gather, "_take_runs", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        dataset.__getitems__(np.array([0, 1]), upcoming=np.array([10]))
+        assert seen and set(seen) == {1}  # the decoder keeps the other core
+        assert torch.get_num_threads() == 2  # and the model gets its threads back
+        seen.clear()
+        dataset.reader._await_prefetch()
+        dataset.__getitems__(np.array([5]))  # nothing decoding in the background
+        assert set(seen) == {2}
+    finally:
+        torch.set_num_threads(before)
