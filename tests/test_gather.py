@@ -329,24 +329,30 @@ def test_workers_open_their_own_netcdf3_handles(era_path):
     assert results == ["ok"] * 3
 
 
+def time_chunked_module(ds, tmp_path, monkeypatch, input_vars, **settings):
+    """Out of core, no workers, on a store of 2-step chunks that are the cells; set up."""
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    path = tmp_path / "cells.zarr"
+    ds.chunk({"time": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=input_vars,
+        input_dims={"time": 3, "lat": 12, "lon": 10},
+        splits={"train": 1.0},
+        load=False,
+        num_workers=0,
+        **settings,
+    )
+    dm.setup("fit")
+    return dm
+
+
 def test_a_batch_whose_cells_are_decoding_in_the_background_waits_for_them(
     small_ds, tmp_path, monkeypatch
 ):
     import time
 
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
-    path = tmp_path / "cells.zarr"
-    small_ds.chunk({"time": 2}).to_zarr(path)
-    dm = XarrayDataModule(
-        str(path),
-        input_vars=["a", "b"],
-        input_dims={"time": 3, "lat": 12, "lon": 10},
-        input_overlap={"time": 2},
-        splits={"train": 1.0},
-        load=False,
-        num_workers=0,
-    )
-    dm.setup("fit")
+    dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a", "b"], input_overlap={"time": 2})
     dataset = dm.datasets["train"]
     reader = dataset.reader
     reader.decode_threads = 2  # decode the next batch in the background, whatever the cores
@@ -374,19 +380,7 @@ def test_a_failed_prefetch_holds_no_batch_alive(small_ds, tmp_path, monkeypatch)
     import gc
     import weakref
 
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
-    path = tmp_path / "cells.zarr"
-    small_ds.chunk({"time": 2}).to_zarr(path)
-    dm = XarrayDataModule(
-        str(path),
-        input_vars=["a"],
-        input_dims={"time": 3, "lat": 12, "lon": 10},
-        input_overlap={"time": 2},
-        splits={"train": 1.0},
-        load=False,
-        num_workers=0,
-    )
-    dm.setup("fit")
+    dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a"], input_overlap={"time": 2})
     dataset = dm.datasets["train"]
     reader = dataset.reader
     reader.decode_threads = 2
@@ -417,19 +411,7 @@ def test_a_failed_prefetch_holds_no_batch_alive(small_ds, tmp_path, monkeypatch)
 def test_a_read_waits_for_a_prefetch_that_holds_slots_it_needs(small_ds, tmp_path, monkeypatch):
     import time
 
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
-    path = tmp_path / "cells.zarr"
-    small_ds.chunk({"time": 2}).to_zarr(path)
-    dm = XarrayDataModule(
-        str(path),
-        input_vars=["a"],
-        input_dims={"time": 3, "lat": 12, "lon": 10},
-        input_overlap={"time": 2},
-        splits={"train": 1.0},
-        load=False,
-        num_workers=0,
-    )
-    dm.setup("fit")
+    dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a"], input_overlap={"time": 2})
     dataset = dm.datasets["train"]
     reader = dataset.reader
     reader.decode_threads = 2
@@ -458,18 +440,7 @@ def test_the_copy_runs_single_threaded_while_a_prefetch_decodes(small_ds, tmp_pa
 
     from xr_datamodule import gather
 
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
-    path = tmp_path / "cells.zarr"
-    small_ds.chunk({"time": 2}).to_zarr(path)
-    dm = XarrayDataModule(
-        str(path),
-        input_vars=["a"],
-        input_dims={"time": 3, "lat": 12, "lon": 10},
-        splits={"train": 1.0},
-        load=False,
-        num_workers=0,
-    )
-    dm.setup("fit")
+    dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a"])
     dataset = dm.datasets["train"]
     dataset.reader.decode_threads = 2
     seen = []

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import xarray as xr
 
-from xr_datamodule.sources import VariableLayout
+from xr_datamodule.sources import VariableLayout, label_range
 
 __all__ = [
     "CellDecoder",
@@ -257,7 +257,13 @@ def read_error(
         except Exception:
             culprits.append(str(name))
     names = culprits or [str(name) for name in dataset.data_vars]
-    where = ", ".join(_labels(dataset, dim, part) for dim, part in region.items()) or "everything"
+    where = (
+        ", ".join(
+            label_range(dataset, dim, *part.indices(dataset.sizes[dim])[:2])
+            for dim, part in region.items()
+        )
+        or "everything"
+    )
     worker = get_worker_info()
     place = f" in DataLoader worker {worker.id} (pid {os.getpid()})" if worker else ""
     which = "variable" if len(names) == 1 else "variables"
@@ -265,14 +271,6 @@ def read_error(
         f"could not read {which} {', '.join(map(repr, names))} of {origin} at {where}"
         f"{place}: {type(error).__name__}: {error}"
     )
-
-
-def _labels(dataset: xr.Dataset, dim: str, part: slice) -> str:
-    lo, hi = int(part.start or 0), int(part.stop if part.stop is not None else dataset.sizes[dim])
-    if dim in dataset.indexes and hi > lo:
-        index = dataset.indexes[dim]
-        return f"{dim} {index[lo]} … {index[hi - 1]} (positions {lo}-{hi - 1})"
-    return f"{dim} positions {lo}-{hi - 1}"
 
 
 @dataclass(frozen=True)

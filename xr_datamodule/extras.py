@@ -178,14 +178,9 @@ class ExtraChannels:
         self._static_axis = self.window_dims.index(static_dim) if self.statics else -1
         self._present = [a for a in range(len(self.window_dims)) if a != self._static_axis]
         self._block = self._read_statics(source, affine) if self.statics else None
-        self._coords = {
-            role: np.asarray(source[dim].values)
-            for role, dim in coordinate_dims(source, self.window_dims).items()
-        }
-        self._axes = {
-            role: self.window_dims.index(dim)
-            for role, dim in coordinate_dims(source, self.window_dims).items()
-        }
+        roles = coordinate_dims(source, self.window_dims)
+        self._coords = {role: np.asarray(source[dim].values) for role, dim in roles.items()}
+        self._axes = {role: self.window_dims.index(dim) for role, dim in roles.items()}
         n_static = 0 if self._block is None else self._block.shape[0]
         self.n_channels = n_static + len(self.forcings)
         layouts = channel_layouts(source, self.statics, self.window_dims)

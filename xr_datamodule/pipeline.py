@@ -53,8 +53,8 @@ from xr_datamodule.transforms import (
     Transform,
     batch_dataset,
     batch_to_channels,
-    transformed_windows,
     window_channels,
+    window_to_channels,
 )
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 
@@ -288,16 +288,14 @@ class DataPipeline:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one ``X`` sample, ``(channel, *window)``, known before any read."""
-        spec, size = self.spec, self.geometry.input_size
-        channels = self._n_channels(spec.input_vars, spec.transform, size)
-        channels += len(spec.forcings or []) + spec.nan_mask
-        return (channels, *size)
+        spec = self.spec
+        channels = self._n_channels(inputs=True) + len(spec.forcings or []) + spec.nan_mask
+        return (channels, *self.geometry.input_size)
 
     @property
     def target_shape(self) -> tuple[int, ...]:
         """Shape of one ``y`` sample, ``(channel, *window)``, known before any read."""
-        spec, size = self.spec, self.geometry.target_size
-        return (self._n_channels(spec.targets, spec.target_transform, size), *size)
+        return (self._n_channels(inputs=False), *self.geometry.target_size)
 
     @property
     def input_channel_names(self) -> list[str]:
@@ -307,54 +305,71 @@ class DataPipeline:
         the first window).
         """
         spec = self.spec
-        window = self._first_transformed(spec.input_vars, spec.transform, self.geometry.input_size)
-        data = self.source if window is None else window
-        names = self.input_order if window is None else list(map(str, window.data_vars))
-        layouts = channel_layouts(data, names, self.window_dims)
-        channels = [name for layout in layouts for name in layout.channel_names(data)]
-        channels += spec.forcings or []
+        channels = self._channel_names(inputs=True) + list(spec.forcings or [])
         return [*channels, "nan_mask"] if spec.nan_mask else channels
 
     @property
     def target_channel_names(self) -> list[str]:
         """Readable name of each channel of ``y`` (a target transform's own, if any)."""
-        spec = self.spec
-        window = self._first_transformed(
-            spec.targets, spec.target_transform, self.geometry.target_size
-        )
-        data = self.source if window is None else window
-        names = self.target_order if window is None else list(map(str, window.data_vars))
-        layouts = channel_layouts(data, names, self.window_dims)
-        return [name for layout in layouts for name in layout.channel_names(data)]
+        return self._channel_names(inputs=False)
 
     @property
     def input_variables(self) -> list[str]:
         """The variables ``X`` is made of: ``input_vars``, or the transform's output."""
-        spec = self.spec
-        window = self._first_transformed(spec.input_vars, spec.transform, self.geometry.input_size)
+        window = self._transformed_first(inputs=True)
         if window is None:
-            return self.input_order + list(spec.forcings or [])
+            return self.input_order + list(self.spec.forcings or [])
         return list(map(str, window.data_vars))
 
     @property
     def target_variables(self) -> list[str]:
         """The variables ``y`` is made of: ``target_vars``, or the target transform's output."""
-        spec = self.spec
-        transform, size = spec.target_transform, self.geometry.target_size
-        window = self._first_transformed(spec.targets, transform, size)
+        window = self._transformed_first(inputs=False)
         return self.target_order if window is None else list(map(str, window.data_vars))
 
-    def _first_transformed(
-        self, names: list[str], transform: Transform | None, size: tuple
-    ) -> xr.Dataset | None:
-        """The transform's output for the first window, without a ``sample`` dim (or None)."""
-        if transform is None:
-            return None
+    def _channel_names(self, inputs: bool) -> list[str]:
+        window = self._transformed_first(inputs)
+        data = self.source if window is None else window
+        order = self.input_order if inputs else self.target_order
+        names = order if window is None else list(map(str, window.data_vars))
+        layouts = channel_layouts(data, names, self.window_dims)
+        return [name for layout in layouts for name in layout.channel_names(data)]
+
+    def _n_channels(self, inputs: bool) -> int:
+        window = self._transformed_first(inputs)
+        if window is None:
+            names = self.spec.input_vars if inputs else self.spec.targets
+            return sum(
+                layout.n_channels
+                for layout in channel_layouts(self.source, names, self.window_dims)
+            )
+        return window_to_channels(window, self.window_dims, self.spec.array_dtype).shape[0]
+
+    def _transformed_first(self, inputs: bool) -> xr.Dataset | None:
+        """A side's transform run once on the first window (None without a transform).
+
+        A transform may add or drop variables: its output gives the channels. Run once per
+        side and kept (shapes, names and the summary all ask for it).
+        """
+        probes = self.__dict__.setdefault("_probes", {})
+        if inputs not in probes:
+            spec, geometry = self.spec, self.geometry
+            if inputs:
+                names, transform, size = spec.input_vars, spec.transform, geometry.input_size
+            else:
+                names, transform, size = spec.targets, spec.target_transform, geometry.target_size
+            probes[inputs] = None if transform is None else self._run_first(names, transform, size)
+        return probes[inputs]
+
+    def _run_first(self, names: list[str], transform: Transform, size: tuple) -> xr.Dataset:
         first = next(iter(self.indices.values())).starts([0])
         if self.spec.transform_on == "batch":
             values = window_channels(self.source, names, self.window_dims, first[0], size)
-            batch = batch_dataset(self.source, names, self.window_dims, first, values[None])
-            return transform(batch).isel(sample=0)
+            batch = transform(
+                batch_dataset(self.source, names, self.window_dims, first, values[None])
+            )
+            batch_to_channels(batch, self.window_dims, size, self.spec.array_dtype)  # checks dims
+            return batch.isel(sample=0)
         window = self.source[names].isel(
             {
                 dim: slice(int(s), int(s) + n)
@@ -362,22 +377,6 @@ class DataPipeline:
             }
         )
         return transform(window)
-
-    def _n_channels(self, names: list[str], transform: Transform | None, size: tuple) -> int:
-        if transform is None:
-            layouts = channel_layouts(self.source, names, self.window_dims)
-            return sum(layout.n_channels for layout in layouts)
-        # A transform may add or drop variables: run it once on the first window.
-        first = next(iter(self.indices.values())).starts([0])
-        dtype = self.spec.array_dtype
-        if self.spec.transform_on == "batch":
-            values = window_channels(self.source, names, self.window_dims, first[0], size)
-            batch = batch_dataset(self.source, names, self.window_dims, first, values[None])
-            return batch_to_channels(transform(batch), self.window_dims, size, dtype).shape[1]
-        probe = transformed_windows(
-            self.source[names], first, self.window_dims, size, transform, dtype
-        )
-        return probe.shape[1]
 
     @property
     def area_weights(self) -> np.ndarray:
@@ -602,20 +601,24 @@ class DataPipeline:
 
     def affine(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """``(offset, scale)`` per channel of the named variables, by their methods."""
-        spec = self.spec
-        if isinstance(spec.normalize, dict):
-            unknown = [k for k in spec.normalize if k != "default" and k not in spec.all_vars]
-            if unknown:
-                raise KeyError(
-                    f"normalize: {unknown} are not selected variables. Valid: "
-                    f"{tuple(spec.all_vars)} and 'default'"
-                )
-        methods = {name: spec.method_of(name) for name in names}
-        return self.statistics.affine(names, methods)
+        spec, key = self.spec, tuple(names)
+        known = self.__dict__.setdefault("_affines", {})  # per batch with normalize_on="device"
+        if key not in known:
+            if isinstance(spec.normalize, dict):
+                unknown = [k for k in spec.normalize if k != "default" and k not in spec.all_vars]
+                if unknown:
+                    raise KeyError(
+                        f"normalize: {unknown} are not selected variables. Valid: "
+                        f"{tuple(spec.all_vars)} and 'default'"
+                    )
+            methods = {name: spec.method_of(name) for name in names}
+            known[key] = self.statistics.affine(names, methods)
+        return known[key]
 
     def restore_statistics(self, statistics: Statistics) -> None:
         """Use a checkpoint's statistics; what was read with others is built anew."""
         self.__dict__["statistics"] = statistics
+        self.__dict__.pop("_affines", None)
         self.__dict__.pop("reader", None)
         self.datasets.clear()
 

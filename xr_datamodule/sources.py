@@ -35,6 +35,7 @@ __all__ = [
     "check_variables",
     "is_in_memory",
     "is_remote",
+    "label_range",
     "local_zarr_group",
     "open_selected",
     "open_source",
@@ -339,6 +340,14 @@ def open_selected(
 def is_remote(data: DataSource) -> bool:
     """Whether ``data`` is an fsspec URL (a remote store or file)."""
     return isinstance(data, (str, os.PathLike)) and _is_url(os.fspath(data))
+
+
+def label_range(ds: xr.Dataset, dim: str, lo: int, hi: int) -> str:
+    """Positions ``[lo, hi)`` of ``dim`` as messages give them: labels, then positions."""
+    if dim in ds.indexes and hi > lo:
+        index = ds.indexes[dim]
+        return f"{dim} {index[lo]} … {index[hi - 1]} (positions {lo}-{hi - 1})"
+    return f"{dim} positions {lo}-{hi - 1}"
 
 
 def static_variables(ds: xr.Dataset, names: Sequence[str], static_dim: str | None) -> list[str]:

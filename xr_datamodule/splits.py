@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.sources import label_range
+
 __all__ = ["DEFAULT_SPLITS", "SPLIT_NAMES", "check_splits", "resolve_splits"]
 
 SPLIT_NAMES = ("train", "val", "test", "predict")
@@ -189,6 +191,5 @@ def _described(ranges: Bounds, ds: xr.Dataset) -> str:
     for dim, (lo, hi) in ranges.items():
         if (lo, hi) == (0, ds.sizes[dim]):
             continue
-        labels = f"{_edge(ds, dim, lo)} … {_edge(ds, dim, hi - 1)}"
-        parts.append(f"{dim} {labels} (positions {lo}-{hi - 1})")
+        parts.append(label_range(ds, dim, lo, hi))
     return ", ".join(parts) or "everything"
