@@ -223,10 +223,10 @@ def hand_written_loader(path: Path, workers: int) -> DataLoader:
     )
 
 
-def ours_module(path: Path, workers: int, shuffle: str | None) -> object:
+def ours_module(path: Path, workers: int, shuffle: str | None, **options: object) -> object:
     from xr_datamodule import XarrayDataModule
 
-    extra = {} if shuffle is None else {"shuffle": shuffle}
+    extra = dict(options) if shuffle is None else {"shuffle": shuffle, **options}
     return XarrayDataModule(
         str(path),
         input_vars=VARIABLES,

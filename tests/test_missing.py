@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
 
 from tests.conftest import make_dataset, reference_windows
 from xr_datamodule import XarrayDataModule
+from xr_datamodule.missing import MissingValueError
 
 CONFIG = dict(
     input_vars=["a", "c"],
@@ -99,13 +101,93 @@ def test_fill_replaces_missing_values(holey):
     assert not np.isnan(batch.inputs).any()
 
 
-def test_no_policy_lets_nan_through_and_bad_policy_is_refused(holey):
-    dm = XarrayDataModule(holey, **CONFIG)
+def test_keep_lets_nan_through_and_bad_policy_is_refused(holey):
+    dm = XarrayDataModule(holey, **CONFIG, nan_policy="keep")
     dm.setup()
     batch = dm.datasets["train"].__getitems__(np.arange(len(dm.datasets["train"])))
     assert np.isnan(batch.inputs).any()
-    with pytest.raises(ValueError, match=r"nan_policy must be one of \(None, 'error', 'drop'"):
+    with pytest.raises(ValueError, match=r"nan_policy must be one of \('check', 'keep', 'error'"):
         XarrayDataModule(holey, **CONFIG, nan_policy="skip")
+
+
+def one_hole():
+    ds = make_dataset()
+    ds["c"][1, 2, 30, 7] = np.nan  # level 500, lon 2.0, the 31st day, the 8th latitude
+    return ds
+
+
+def first_batch_with_nan(ds, dm, loader):
+    """Number of the first batch of ``loader`` with a NaN in a window (brute force)."""
+    geometry = dm.geometry
+    for number, ids in enumerate(loader.batch_sampler):
+        starts = dm.indices["test"].starts(np.asarray(ids))
+        inputs = reference_windows(ds, ["a", "c"], dm.window_dims, starts, geometry.input_size)
+        targets = reference_windows(
+            ds, ["b"], dm.window_dims, starts + geometry.target_offset, geometry.target_size
+        )
+        if np.isnan(inputs).any() or np.isnan(targets).any():
+            return number
+    raise AssertionError("no batch holds the NaN")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("backing", ["memory", "zarr"])
+def test_by_default_the_first_batch_with_a_nan_fails_naming_it(tmp_path, backing, workers):
+    ds = one_hole()
+    data = ds
+    if backing == "zarr":
+        ds.chunk({"time": 8}).to_zarr(tmp_path / "hole.zarr")
+        data = str(tmp_path / "hole.zarr")
+    dm = XarrayDataModule(data, **CONFIG, load=backing == "memory", num_workers=workers)
+    dm.setup()
+    for _ in dm.train_dataloader():  # the training split holds no NaN: it passes
+        pass
+    loader = dm.test_dataloader()
+    failing = first_batch_with_nan(ds, dm, loader)
+    served = 0
+    with pytest.raises(
+        MissingValueError,
+        match=r"variable 'c' \(level=500\) has a missing value \(NaN\) at "
+        r"time=2020-01-31 00:00:00, lat=40\.909\d*, lon=2\.0 .*nan_policy='keep'",
+    ):
+        for _ in loader:
+            served += 1
+    assert served == failing
+
+
+def test_a_zarr_chunk_missing_from_the_store_is_reported(small_ds, tmp_path, caplog):
+    path = tmp_path / "gap.zarr"
+    small_ds.chunk({"time": 8, "lat": 12, "lon": 10, "level": 3}).to_zarr(path)
+    chunk_files = sorted(p for p in (path / "b").rglob("*") if p.is_file() and "zarr" not in p.name)
+    assert len(chunk_files) == 5  # 40 days in chunks of 8
+    chunk_files[4].unlink()  # the last 8 days of 'b': read back as NaN by zarr
+    dm = XarrayDataModule(str(path), **CONFIG, load=False)
+    with caplog.at_level(logging.WARNING, logger="xr_datamodule.pipeline"):
+        dm.setup()
+    warned = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
+    assert len(warned) == 1 and "lacks 1 of the 5 chunks of variable 'b'" in warned[0]
+    assert "fails under nan_policy='check'" in warned[0]
+    with pytest.raises(MissingValueError, match=r"variable 'b' has .*zarr chunk missing"):
+        for _ in dm.test_dataloader():
+            pass
+
+
+def test_a_static_field_with_nan_fails_in_setup():
+    ds = make_dataset()
+    ds["orog"] = (("lat", "lon"), np.ones((12, 10)))
+    ds["orog"][3, 4] = np.nan
+    dm = XarrayDataModule(ds, **{**CONFIG, "input_vars": ["a", "orog"]})
+    with pytest.raises(
+        MissingValueError, match=r"static field 'orog' has a missing value \(NaN\) at lat=.*lon=4"
+    ):
+        dm.setup()
+
+
+def test_a_transform_output_with_nan_is_reported(holey):
+    dm = XarrayDataModule(holey, **CONFIG, transform=lambda window: window)
+    dm.setup()
+    with pytest.raises(MissingValueError, match=r"the transform's output .* \(NaN\)"):
+        dm.datasets["train"].__getitems__(np.arange(len(dm.datasets["train"])))
 
 
 @pytest.mark.parametrize("load", [True, False])

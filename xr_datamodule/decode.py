@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.retries import retrying, worker_place
 from xr_datamodule.sources import VariableLayout, label_range
 
 __all__ = [
@@ -51,9 +52,11 @@ __all__ = [
     "XarrayDecoder",
     "ZarrDecoder",
     "cell_edges",
+    "decode_with_retries",
     "variable_view",
     "zarr_decoding",
 ]
+
 
 MIN_CELL_BYTES = 2**20  # thinner chunks are merged along the first dim (per-cell overhead)
 DEFAULT_CELL_BYTES = 16 * 2**20  # cell size along the first dim of a file without chunks
@@ -234,6 +237,11 @@ class XarrayDecoder:
         return self._pool[1]
 
 
+def decode_with_retries(decoder: CellDecoder, jobs: Sequence[DecodeJob], what: str) -> None:
+    """``decoder.decode(jobs)`` through :func:`retrying` (a decode is safe to repeat)."""
+    retrying(lambda: decoder.decode(jobs), what)
+
+
 class ReadError(OSError):
     """Data could not be read: names the variable, the source and where, chaining the cause."""
 
@@ -246,8 +254,6 @@ def read_error(
     The culprit variable is found by reading each variable of the first region through
     xarray (only on this error path); the region is given in labels and positions.
     """
-    from torch.utils.data import get_worker_info
-
     region = dict(regions[0]) if regions else {}
     culprits = []
     for name in dataset.data_vars:
@@ -264,8 +270,7 @@ def read_error(
         )
         or "everything"
     )
-    worker = get_worker_info()
-    place = f" in DataLoader worker {worker.id} (pid {os.getpid()})" if worker else ""
+    place = worker_place()
     which = "variable" if len(names) == 1 else "variables"
     return ReadError(
         f"could not read {which} {', '.join(map(repr, names))} of {origin} at {where}"

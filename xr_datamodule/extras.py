@@ -29,7 +29,8 @@ import numpy as np
 import xarray as xr
 
 from xr_datamodule.gather import gather_windows
-from xr_datamodule.sources import channel_layouts
+from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, holds_nan
+from xr_datamodule.sources import channel_layouts, label_at
 
 __all__ = ["FORCINGS", "ExtraChannels", "cos_solar_zenith", "insolation"]
 
@@ -201,6 +202,17 @@ class ExtraChannels:
             lead = (-1,) + (1,) * len(present)
             block = (block - np.reshape(affine[0], lead)) / np.reshape(affine[1], lead)
         return np.ascontiguousarray(block.astype(self.dtype))
+
+    def fail_on_nan(self, source: xr.Dataset) -> None:
+        """Raise :class:`MissingValueError` if a static field holds a NaN (checked once)."""
+        if self._block is None or not holds_nan(self._block):
+            return
+        channel, *at = np.argwhere(np.isnan(self._block))[0].tolist()
+        dims = [self.window_dims[axis] for axis in self._present]
+        raise MissingValueError(
+            f"static field {self.channel_names[channel]!r} has a missing value (NaN) at "
+            f"{label_at(source, dims, at)}; {MISSING_ADVICE}"
+        )
 
     def fill(self, out: np.ndarray, starts: np.ndarray) -> None:
         """Write the channels of the windows starting at ``starts`` into ``out``.

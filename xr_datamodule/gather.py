@@ -48,9 +48,12 @@ from xr_datamodule.decode import (
     ReadError,
     XarrayDecoder,
     cell_edges,
+    decode_with_retries,
     read_error,
 )
-from xr_datamodule.sources import VariableLayout, channel_layouts
+from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, holds_nan
+from xr_datamodule.retries import worker_place
+from xr_datamodule.sources import VariableLayout, channel_layouts, label_at
 
 __all__ = [
     "ChunkedReader",
@@ -232,11 +235,14 @@ class Preparation:
         affine: ``(offset, scale)`` per data channel: values become
             ``(value - offset) / scale`` (z-score normalisation).
         fill_value: Replaces NaN in the data channels (after ``affine``).
+        find_nan: Look for NaN in every block read (the default ``nan_policy="check"``): a
+            batch that holds one raises :class:`~xr_datamodule.missing.MissingValueError`.
     """
 
     mask_of: np.ndarray | None = None
     affine: tuple[np.ndarray, np.ndarray] | None = None
     fill_value: float | None = None
+    find_nan: bool = False
 
 
 class WindowReader(ABC):
@@ -287,6 +293,10 @@ class WindowReader(ABC):
             lead = (-1,) + (1,) * len(self.window_dims)
             offset, scale = (np.asarray(a, dtype=self.dtype).reshape(lead) for a in prepare.affine)
             self.affine = (offset, scale)
+        self.find_nan = prepare.find_nan and self.dtype.kind == "f"
+        # Set once a block read held a NaN: from then on every batch is searched for one
+        # (a store without NaN never pays for more than one look at each decoded block).
+        self.nan_seen = False
 
     def reopen_source(self) -> None:
         """Open the source anew in this process (a DataLoader worker), if it can be.
@@ -319,13 +329,40 @@ class WindowReader(ABC):
             data /= self.affine[1]
         if self.fill_value is not None:
             np.copyto(data, self.fill_value, where=np.isnan(data))
+        if self.find_nan and not self.nan_seen and holds_nan(data):
+            self.nan_seen = True
+
+    def _fail_on_nan(
+        self, base: np.ndarray, cuts: Sequence[Cut], outs: Sequence[np.ndarray]
+    ) -> None:
+        """Raise :class:`MissingValueError` at the first NaN of a gathered batch, if any."""
+        for cut, out in zip(cuts, outs, strict=True):
+            if not holds_nan(out):
+                continue
+            row, channel, *at = np.argwhere(np.isnan(out))[0].tolist()
+            positions = np.asarray(base[row]) + np.asarray(cut.offset) + np.asarray(at)
+            channel = int(np.asarray(cut.channels)[channel])
+            raise MissingValueError(
+                f"{self.channel_name(channel)} has a missing value (NaN) at "
+                f"{label_at(self.dataset, self.window_dims, positions)} in {self.origin}"
+                f"{worker_place()}; {MISSING_ADVICE}"
+            )
+
+    def channel_name(self, channel: int) -> str:
+        """``variable 'u' (level=200)``: what a message calls one channel."""
+        for layout in self.layouts:
+            part = self._channel_slices[layout.name]
+            if part.start <= channel < part.stop:
+                name = layout.channel_names(self.dataset)[channel - part.start]
+                variable, _, labels = name.partition("[")
+                return f"variable {variable!r}" + (f" ({labels[:-1]})" if labels else "")
+        return "the missing-value mask"
 
     @property
     def mask_channel(self) -> int | None:
         """Channel number of the missing-value mask, if there is one."""
         return self.n_data_channels if self.mask_of is not None else None
 
-    @abstractmethod
     def gather(
         self,
         base_starts: np.ndarray,
@@ -347,7 +384,27 @@ class WindowReader(ABC):
 
         Returns:
             One ``(batch, len(cut.channels), *cut.size)`` array per cut.
+
+        Raises:
+            MissingValueError: With ``find_nan``, at the first NaN of the batch.
         """
+        base = np.asarray(base_starts, dtype=np.int64)
+        outs = list(outs) if outs is not None else _empty_outputs(len(base), cuts, self.dtype)
+        self._read(base, extent, cuts, outs, upcoming)
+        if self.nan_seen:
+            self._fail_on_nan(base, cuts, outs)
+        return outs
+
+    @abstractmethod
+    def _read(
+        self,
+        base: np.ndarray,
+        extent: Sequence[int],
+        cuts: Sequence[Cut],
+        outs: list[np.ndarray],
+        upcoming: np.ndarray | None,
+    ) -> None:
+        """Fill ``outs`` with the batch (the arguments of :meth:`gather`, outputs made)."""
 
 
 class InMemoryReader(WindowReader):
@@ -358,27 +415,22 @@ class InMemoryReader(WindowReader):
         super().__init__(*args, **kwargs)
         self.block = np.empty((self.n_channels, *self.shape), dtype=self.dtype)
         try:
-            XarrayDecoder(self.dataset, self.layouts, self.window_dims).decode(
-                [DecodeJob({}, self.block)]
-            )
+            decoder = XarrayDecoder(self.dataset, self.layouts, self.window_dims)
+            decode_with_retries(decoder, [DecodeJob({}, self.block)], self.origin)
         except Exception as error:
             raise read_error(error, self.dataset, [{}], self.origin) from error
         self._prepare(self.block)
 
-    def gather(
+    def _read(
         self,
-        base_starts: np.ndarray,
+        base: np.ndarray,
         extent: Sequence[int],
         cuts: Sequence[Cut],
-        outs: Sequence[np.ndarray] | None = None,
-        upcoming: np.ndarray | None = None,
-    ) -> list[np.ndarray]:
+        outs: list[np.ndarray],
+        upcoming: np.ndarray | None,
+    ) -> None:
         """One vectorised copy per cut over the whole stacked array."""
-        outs = (
-            list(outs) if outs is not None else _empty_outputs(len(base_starts), cuts, self.dtype)
-        )
-        _gather_block(self.block, np.asarray(base_starts, dtype=np.int64), cuts, outs)
-        return outs
+        _gather_block(self.block, base, cuts, outs)
 
 
 class ChunkedReader(WindowReader):
@@ -567,7 +619,7 @@ class ChunkedReader(WindowReader):
             jobs = [self._job(key, slot) for key, slot in missing]
         try:
             if jobs:
-                self.decoder.decode(jobs)
+                decode_with_retries(self.decoder, jobs, self.origin)
                 for job in jobs:
                     self._prepare(job.out)
         except BaseException as error:
@@ -669,22 +721,20 @@ class ChunkedReader(WindowReader):
 
     # ------------------------------------------------------------------ gathering
 
-    def gather(
+    def _read(
         self,
-        base_starts: np.ndarray,
+        base: np.ndarray,
         extent: Sequence[int],
         cuts: Sequence[Cut],
-        outs: Sequence[np.ndarray] | None = None,
-        upcoming: np.ndarray | None = None,
-    ) -> list[np.ndarray]:
+        outs: list[np.ndarray],
+        upcoming: np.ndarray | None,
+    ) -> None:
         """One copy per cut for the whole batch; rows crossing a last-dim edge one by one.
 
         With ``upcoming`` (and decode threads), the next batch's cells are decoded in the
         background from the moment this batch's cells are ready: while it is copied out of
         the arena and while it is used.
         """
-        base = np.asarray(base_starts, dtype=np.int64)
-        outs = list(outs) if outs is not None else _empty_outputs(len(base), cuts, self.dtype)
         if self.decode_threads < 2 or upcoming is None or not len(upcoming):
             upcoming = None
         split = self._split_rows(base, cuts)
@@ -698,7 +748,7 @@ class ChunkedReader(WindowReader):
         rows = np.flatnonzero(~split)
         if rows.size == len(base):
             self._gather_cells(base, cuts, outs, upcoming)
-            return outs
+            return
         if rows.size:
             parts = _empty_outputs(rows.size, cuts, self.dtype)
             self._gather_cells(base[rows], cuts, parts, upcoming)
@@ -706,7 +756,6 @@ class ChunkedReader(WindowReader):
                 out[rows] = part
         elif upcoming is not None:
             self._prefetch(upcoming)
-        return outs
 
     def _split_rows(self, base: np.ndarray, cuts: Sequence[Cut]) -> np.ndarray:
         """Samples with a row that crosses a cell edge along the last dim."""

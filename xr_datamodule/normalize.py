@@ -121,9 +121,7 @@ class Statistics:
             ValueError: A variable's list has the wrong number of channels, or a std is <= 0.
         """
         if not isinstance(value, Mapping):
-            with open(value) as file:
-                value = json.load(file)
-        assert isinstance(value, Mapping)
+            value = _stats_file(value)
         layouts = {layout.name: layout for layout in channel_layouts(ds, names, window_dims)}
         parsed: dict[str, dict[str, list[float]]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
         kinds = (
@@ -136,7 +134,13 @@ class Statistics:
             for name, layout in layouts.items():
                 if name not in given:
                     raise KeyError(f"stats[{kind!r}] has no entry for variable {name!r}")
-                numbers = np.atleast_1d(np.asarray(given[name], dtype=np.float64)).reshape(-1)
+                try:
+                    numbers = np.atleast_1d(np.asarray(given[name], dtype=np.float64)).reshape(-1)
+                except (TypeError, ValueError) as error:
+                    raise TypeError(
+                        f"stats[{kind!r}][{name!r}] must be a number or a list of numbers, "
+                        f"got {given[name]!r}"
+                    ) from error
                 if numbers.size == 1:
                     numbers = np.repeat(numbers, layout.n_channels)
                 if numbers.size != layout.n_channels:
@@ -196,3 +200,19 @@ def zscore_statistics(
                 values = np.where(np.isfinite(values) & (values > 0), values, 1.0)
             found[kind][layout.name] = values.tolist()
     return Statistics(found["mean"], found["std"], found["min"], found["max"])
+
+
+def _stats_file(path: Any) -> Mapping:
+    """The statistics mapping held in a JSON file (``stats="stats.json"``)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"stats must be a mapping or the path of a JSON file, got {path!r}")
+    try:
+        with open(path) as file:
+            value = json.load(file)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"stats: no such file {os.fspath(path)!r}") from error
+    except (OSError, ValueError) as error:
+        raise ValueError(f"stats: could not read JSON from {os.fspath(path)!r}: {error}") from error
+    if not isinstance(value, Mapping):
+        raise ValueError(f"stats: {os.fspath(path)!r} must hold a JSON object, got {value!r}")
+    return value

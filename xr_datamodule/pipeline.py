@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property, partial
 from typing import Any
 
@@ -31,7 +31,14 @@ from xr_datamodule.decode import (
 )
 from xr_datamodule.extras import ExtraChannels, check_forcings, coordinate_dims
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
-from xr_datamodule.missing import box_any, first_missing, missing_mask
+from xr_datamodule.missing import (
+    MISSING_ADVICE,
+    MissingValueError,
+    absent_chunks,
+    box_any,
+    first_missing,
+    missing_mask,
+)
 from xr_datamodule.normalize import Statistics, zscore_statistics
 from xr_datamodule.order import TrainingOrder, TrainSplit
 from xr_datamodule.samplers import batch_spread
@@ -234,10 +241,8 @@ class DataPipeline:
         if found is not None:
             name, where = found
             place = ", ".join(f"{dim}={label}" for dim, label in where.items())
-            raise ValueError(
-                f"variable {name!r} has a missing value (NaN) at {place}; use "
-                "nan_policy='drop' to leave out windows with missing values or "
-                "nan_policy='fill' to replace them"
+            raise MissingValueError(
+                f"variable {name!r} has a missing value (NaN) at {place}; {MISSING_ADVICE}"
             )
 
     def _drop_missing(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
@@ -467,6 +472,7 @@ class DataPipeline:
                 else None
             ),
             fill_value=spec.fill_value if spec.nan_policy == "fill" else None,
+            find_nan=spec.nan_policy == "check",
         )
         if self.loads_into_memory:
             return InMemoryReader(
@@ -535,6 +541,8 @@ class DataPipeline:
         decoder = ZarrDecoder(opener, layouts, self.window_dims, dims, decodings)
         decoder._arrays = (os.getpid(), arrays)  # opened already in this process
         folder = local_zarr_group(spec.data, spec.open_kwargs)
+        if folder is not None and spec.nan_policy != "keep":
+            self._report_absent_chunks(arrays)
         if folder is None or not tensorstore_available():
             return decoder
         specs = {
@@ -547,6 +555,23 @@ class DataPipeline:
         return TensorStoreDecoder(
             specs, layouts, self.window_dims, dims, decodings, self.decode_threads, decoder
         )
+
+    def _report_absent_chunks(self, arrays: Mapping[str, Any]) -> None:
+        """Warn of chunks a local store lacks (they read as the fill value)."""
+        for name, (absent, total, fill) in absent_chunks(arrays).items():
+            logger.warning(
+                "%s lacks %d of the %d chunks of variable %r: they read as its fill value "
+                "(%s)%s; an interrupted write or copy, or chunks left out because they held "
+                "only the fill value",
+                self.origin,
+                absent,
+                total,
+                name,
+                fill,
+                ", and the first batch that touches one fails under nan_policy='check'"
+                if np.asarray(fill).dtype.kind == "f" and np.isnan(fill)
+                else "",
+            )
 
     @property
     def origin(self) -> str:
@@ -566,7 +591,7 @@ class DataPipeline:
             return None
         spec = self.spec
         normalised = spec.normalize is not None and spec.normalize_on == "gather"
-        return ExtraChannels(
+        extras = ExtraChannels(
             self.source,
             self.window_dims,
             statics,
@@ -575,6 +600,9 @@ class DataPipeline:
             spec.array_dtype,
             affine=self.affine(statics) if normalised and statics else None,
         )
+        if spec.nan_policy in ("check", "error"):
+            extras.fail_on_nan(self.source)
+        return extras
 
     def _input_channel_range(self) -> np.ndarray:
         # The input variables come first among the reader's channels.

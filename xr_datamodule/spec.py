@@ -49,6 +49,12 @@ def _positive_int(value: Any, what: str, minimum: int = 1, what_else: str = "") 
     return int(value)
 
 
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be True or False, got {value!r}")
+    return bool(value)
+
+
 def _int_mapping(mapping: Any, what: str, minimum: int | None) -> dict[str, int]:
     if mapping is None:
         return {}
@@ -72,7 +78,7 @@ def _check_keys(mapping: Mapping[str, int], valid: Mapping[str, int], what: str)
 
 
 def _names(names: Any, what: str) -> list[str]:
-    if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+    if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
         raise TypeError(f"{what} must be a list of variable names, got {names!r}")
     return list(names)
 
@@ -100,7 +106,7 @@ def _forcing_names(forcings: Any) -> list[str]:
 
     if forcings is None:
         return []
-    if isinstance(forcings, str) or not all(isinstance(name, str) for name in forcings):
+    if not isinstance(forcings, (list, tuple)) or not all(isinstance(n, str) for n in forcings):
         raise TypeError(f"forcings must be a list of forcing names, got {forcings!r}")
     for name in forcings:
         if name not in FORCINGS:
@@ -206,7 +212,7 @@ class DataSpec:
     normalize: str | dict[str, str] | None = None
     normalize_on: str = "gather"
     stats: dict[str, Any] | str | None = None
-    nan_policy: str | None = None
+    nan_policy: str | None = "check"
     fill_value: float = 0.0
     nan_mask: bool = False
     shuffle: str = "auto"
@@ -248,12 +254,19 @@ class DataSpec:
         _refuse_lead_time_lists(self.target_offset, self.target_dims)
         self.target_offset = _int_mapping(self.target_offset, "target_offset", minimum=None)
         _check_keys(self.target_offset, self.input_dims, "target_offset")
+        if self.split_dim is not None and not isinstance(self.split_dim, str):
+            raise TypeError(f"split_dim must be a dim name or None, got {self.split_dim!r}")
+        if self.splits is not None and not isinstance(self.splits, Mapping):
+            raise TypeError(
+                "splits must be a mapping of split name to a fraction, a (start, stop) label "
+                f"range or {{dim: [lo, hi]}} positions, got {self.splits!r}"
+            )
         self.splits = dict(DEFAULT_SPLITS if self.splits is None else self.splits)
         check_splits(self.splits)
 
     def _loading(self) -> None:
         self.batch_size = _positive_int(self.batch_size, "batch_size")
-        self.seed = int(self.seed)
+        self.seed = _positive_int(self.seed, "seed", minimum=0)
         if self.num_workers != "auto":
             _positive_int(self.num_workers, "num_workers", minimum=0, what_else="or 'auto'")
         if self.prefetch_factor is not None:
@@ -265,7 +278,7 @@ class DataSpec:
                 f"multiprocessing_context must be one of {CONTEXTS[1:]}, "
                 f"got {self.multiprocessing_context!r}"
             )
-        self.drop_last = bool(self.drop_last)
+        self.drop_last = _flag(self.drop_last, "drop_last")
         _choice(self.style, STYLES, "style")
         if self.style == "iterable" and self.persistent_workers:
             raise ValueError(
@@ -297,16 +310,25 @@ class DataSpec:
                 "normalize works on the variables' channels; with a transform the channels "
                 "are the transform's: normalise inside the transform instead"
             )
+        if self.stats is not None and not isinstance(self.stats, (Mapping, str, os.PathLike)):
+            raise TypeError(
+                f"stats must be a mapping or the path of a JSON file, got {self.stats!r}"
+            )
         if self.stats is not None and self.normalize is None:
             self.normalize = "zscore"  # explicit statistics mean: normalise with them
         _choice(self.nan_policy, NAN_POLICIES, "nan_policy")
+        self.nan_policy = self.nan_policy or "check"  # None: the default
+        if isinstance(self.fill_value, bool) or not isinstance(
+            self.fill_value, (int, float, np.integer, np.floating)
+        ):
+            raise TypeError(f"fill_value must be a number, got {self.fill_value!r}")
         self.fill_value = float(self.fill_value)
         if self.nan_mask and self.nan_policy != "fill":
             raise ValueError(
                 f"nan_mask=True needs nan_policy='fill' (got {self.nan_policy!r}): the mask "
                 "marks the values that were filled"
             )
-        self.nan_mask = bool(self.nan_mask)
+        self.nan_mask = _flag(self.nan_mask, "nan_mask")
 
     def method_of(self, name: str) -> str:
         """The normalisation method of a variable (``"none"`` without normalisation)."""
