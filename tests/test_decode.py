@@ -206,3 +206,25 @@ def test_the_environment_can_turn_tensorstore_off(monkeypatch):
     assert not decode.tensorstore_available()
     monkeypatch.setenv("XR_DATAMODULE_TENSORSTORE", "1")
     assert decode.tensorstore_available() == (decode._tensorstore_pid in (None, os.getpid()))
+
+
+@pytest.mark.parametrize(
+    ("chunk_steps", "expected"), [(2, "TensorStoreDecoder"), (64, "ZarrDecoder")]
+)
+def test_workers_read_with_tensorstore_only_where_chunks_are_small(tmp_path, chunk_steps, expected):
+    if not tensorstore_available():
+        pytest.skip("TensorStore cannot run in this process")
+    ds = xr.Dataset(
+        {"x": (("time", "lat", "lon"), np.zeros((128, 64, 64), np.float32))},
+        coords={"time": np.arange(128)},
+    )
+    # 2 steps: 32 KB chunks (TensorStore saves zarr-python's per-chunk overhead); 64 steps:
+    # 1 MiB chunks, where it would cost each worker its own ~30 MB for little gain.
+    ds.chunk({"time": chunk_steps}).to_zarr(tmp_path / "s.zarr", consolidated=False)
+    settings = dict(input_vars=["x"], input_dims={"time": 1, "lat": 32, "lon": 32}, load=False)
+    dm = XarrayDataModule(str(tmp_path / "s.zarr"), **settings, num_workers=2)
+    dm.setup("fit")
+    assert type(dm.datasets["train"].reader.decoder).__name__ == expected
+    alone = XarrayDataModule(str(tmp_path / "s.zarr"), **settings, num_workers=0)
+    alone.setup("fit")
+    assert type(alone.datasets["train"].reader.decoder).__name__ == "TensorStoreDecoder"
