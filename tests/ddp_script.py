@@ -1,6 +1,6 @@
 """Run by tests/test_exactly_once.py: a real 2-process DDP fit on CPU that records sample ids.
 
-    python tests/ddp_script.py OUT_DIR [N_SAMPLES] [BATCH] [STYLE] [WORKERS]
+    python tests/ddp_script.py OUT_DIR [N_SAMPLES] [BATCH] [STYLE] [WORKERS] [SAMPLES_PER_EPOCH]
 
 Each rank writes the ids of the samples it trained on, batch by batch, to OUT_DIR/rank{R}.json.
 """
@@ -53,6 +53,7 @@ def main() -> None:
     batch = int(sys.argv[3]) if len(sys.argv) > 3 else 8
     style = sys.argv[4] if len(sys.argv) > 4 else "map"
     workers = int(sys.argv[5]) if len(sys.argv) > 5 else 0
+    per_epoch = int(sys.argv[6]) if len(sys.argv) > 6 else None  # samples_per_epoch
     dm = XarrayDataModule(
         ids_dataset(n),
         input_vars=["x"],
@@ -62,6 +63,7 @@ def main() -> None:
         dtype="float64",
         num_workers=workers,
         style=style,
+        samples_per_epoch=per_epoch,
     )
     trainer = pl.Trainer(
         strategy="ddp",

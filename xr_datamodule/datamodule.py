@@ -11,7 +11,7 @@ summaries. Lightning's Trainer owns devices and the loop.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -158,6 +158,32 @@ class XarrayDataModule(pl.LightningDataModule):
             numbers and, per windowed dim, the labels of every input and target window
             position (times as int64 nanoseconds), for conditioning on lead time or
             evaluating per season.
+        sampler: The training order, instead of the shuffle: a torch ``Sampler`` class, its
+            import path or ``{"class_path": ..., "init_args": {...}}`` (YAML), built in
+            ``setup`` with ``data_source=range(n)`` and ``weights=`` (from
+            ``sample_weights``) when it takes them; or a callable ``f(index, rng)`` given
+            the split's :class:`~xr_datamodule.windows.SampleIndex` and a numpy generator,
+            returning sample numbers. Its ``generator`` is seeded from ``(seed, epoch)``
+            before each epoch, so every rank draws the same order and takes its own block
+            of it (ranks disjoint), workers read what the main process drew, and a resume
+            continues the epoch exactly. Out of core it is not chunk-aware: up to one cell
+            decode per sample.
+        sample_weights: Weighted draws for rare events: ``{"by": "target_max", "quantile":
+            0.99, "boost": 10}`` gives the samples whose statistic (``input_``/``target_``
+            + ``max``/``min``/``mean`` over the window's variables and channels) reaches the
+            training split's quantile (or ``"above": value``) ``boost`` times the weight of
+            the others; a callable gets :meth:`window_statistics` and returns one weight
+            per sample. Computed once, out of core, vectorised (one pass over the data);
+            the weights are :attr:`sample_weights`. Draws per epoch: ``samples_per_epoch``
+            or the split's size, with or without ``replacement``.
+        replacement: Weighted draws with replacement (default) or without.
+        samples_per_epoch: An epoch is this many samples: consecutive epochs take
+            consecutive stretches of passes over the index, so no sample repeats until
+            every one has come (then a new shuffle); chunk-aware out of core.
+        random_offsets: Training windows start at random positions each epoch (not only
+            on the stride grid): within one stride of their grid start, never past the
+            split's end, reproducible from ``(seed, epoch)``; validation and test stay on
+            the grid. Out of core a moved window may reach one more cell.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -210,15 +236,33 @@ class XarrayDataModule(pl.LightningDataModule):
         forcings: list[str] | None = None,
         select: dict[str, Any] | None = None,
         batch_format: str = "tuple",
+        sampler: Any = None,
+        sample_weights: Any = None,
+        replacement: bool = True,
+        samples_per_epoch: int | None = None,
+        random_offsets: bool = False,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
+        unsaved += [
+            name
+            for name, value in (("sampler", sampler), ("sample_weights", sample_weights))
+            if callable(value)
+        ]
         if isinstance(data, xr.Dataset):
             unsaved.append("data")
         self.save_hyperparameters(ignore=unsaved)
         arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}
         self.spec = DataSpec(**arguments)
-        self.order = TrainingOrder(seed, self.spec.batch_size, self.spec.drop_last, shuffle_chunks)
+        spec = self.spec
+        self.order = TrainingOrder(
+            seed,
+            spec.batch_size,
+            spec.drop_last,
+            shuffle_chunks,
+            spec.samples_per_epoch,
+            spec.replacement,
+        )
         self.pipeline = DataPipeline(self.spec, self.order, world=self._world)
         self._iterable_passes = 0
 
@@ -316,6 +360,29 @@ class XarrayDataModule(pl.LightningDataModule):
     def dropped_samples(self) -> dict[str, int]:
         """Samples ``nan_policy="drop"`` left out, per split."""
         return self.pipeline.dropped_samples
+
+    @property
+    def sample_weights(self) -> np.ndarray | None:
+        """The training samples' sampling weights (``sample_weights``), or None.
+
+        Example:
+            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
+            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
+            ...                       sample_weights={"by": "input_max", "quantile": 0.9,
+            ...                                       "boost": 5})
+            >>> sorted(set(dm.sample_weights.tolist()))
+            [1.0, 5.0]
+        """
+        return self.pipeline.sample_weights
+
+    def window_statistics(self, split: str = "train") -> Mapping[str, np.ndarray]:
+        """Per-sample statistics of a split's windows: ``input_max``, ``target_mean``, ....
+
+        One float per sample (in sample order): the statistic over every variable and
+        channel of its input (or target) window; each computed once, out of core, with one
+        vectorised pass over the data (see :mod:`xr_datamodule.weights`).
+        """
+        return self.pipeline.window_statistics(split)
 
     @property
     def datasets(self) -> dict[str, Any]:

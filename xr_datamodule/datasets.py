@@ -24,7 +24,7 @@ from xr_datamodule import handoff
 from xr_datamodule.extras import ExtraChannels
 from xr_datamodule.gather import Cut, WindowReader
 from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, holds_nan
-from xr_datamodule.samplers import BatchPlan, ShardedBatchSampler
+from xr_datamodule.samplers import BatchPlan, RandomOffsets, ShardedBatchSampler
 from xr_datamodule.sources import label_at
 from xr_datamodule.transforms import (
     Transform,
@@ -96,8 +96,10 @@ class XarrayWindowDataset(Dataset):
         input_extras: ExtraChannels | None = None,
         target_extras: ExtraChannels | None = None,
         labels: dict[str, np.ndarray] | None = None,
+        offsets: RandomOffsets | None = None,
     ) -> None:
         self.reader = reader
+        self.offsets = offsets
         self.index = index
         self.geometry = geometry
         self.input_vars = list(input_vars)
@@ -121,7 +123,10 @@ class XarrayWindowDataset(Dataset):
         return len(self.index)
 
     def __getitems__(
-        self, indices: Sequence[int] | np.ndarray, upcoming: np.ndarray | None = None
+        self,
+        indices: Sequence[int] | np.ndarray,
+        upcoming: np.ndarray | None = None,
+        epoch: int | None = None,
     ) -> Batch:
         """Read a whole batch of samples at once.
 
@@ -129,9 +134,10 @@ class XarrayWindowDataset(Dataset):
             indices: Sample numbers.
             upcoming: Sample numbers of the batch read next, if known: its chunks are then
                 decoded in the background (out of core, without DataLoader workers).
+            epoch: The data epoch (with random offsets, where the windows start).
         """
-        starts = self.index.starts(indices)
-        ahead = None if upcoming is None else self.index.starts(upcoming) - self._reach_below
+        starts = self._starts(indices, epoch)
+        ahead = None if upcoming is None else self._starts(upcoming, epoch) - self._reach_below
         geometry = self.geometry
         batched = self.transform_on == "batch"
         target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
@@ -175,6 +181,13 @@ class XarrayWindowDataset(Dataset):
             inputs, targets = self._with_extras(starts, inputs, targets)
         meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
         return Batch(inputs, targets, meta)
+
+    def _starts(self, ids: Sequence[int] | np.ndarray, epoch: int | None) -> np.ndarray:
+        """Input-window starts of samples ``ids``: on the grid, or moved by random offsets."""
+        starts = self.index.starts(ids)
+        if self.offsets is None:
+            return starts
+        return self.offsets.apply(starts, np.asarray(ids, dtype=np.int64), epoch or 0)
 
     def _meta(self, ids: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
         """Sample numbers and the labels of every window position, per windowed dim."""
@@ -235,7 +248,7 @@ class XarrayWindowDataset(Dataset):
         reader is told the next batch once this one is read.
         """
         if isinstance(index, BatchPlan):
-            return self.__getitems__(index.ids, index.upcoming)
+            return self.__getitems__(index.ids, index.upcoming, index.epoch)
         if isinstance(index, np.ndarray) and index.ndim == 1:
             return self.__getitems__(index)
         batch = self.__getitems__([int(index)])

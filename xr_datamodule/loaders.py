@@ -167,7 +167,11 @@ def train_loader(
     # Without workers the reader decodes the next batch's cells in the background.
     lookahead = int(pipeline.num_workers == 0 and isinstance(dataset.reader, ChunkedReader))
     sampler = pipeline.order.batch_sampler(
-        pipeline.train_split(), pipeline.world(), epoch, lookahead
+        pipeline.train_split(),
+        pipeline.world(),
+        epoch,
+        lookahead,
+        plans=pipeline.spec.random_offsets,  # the batches carry their epoch
     )
     settings = loader_settings(pipeline, pin_memory)
     collate = partial(collate_batch, ring_slots=pipeline.ring_slots)

@@ -32,6 +32,7 @@ __all__ = [
     "first_missing",
     "holds_nan",
     "missing_mask",
+    "scannable",
 ]
 
 NAN_POLICIES = ("check", "keep", "error", "drop", "fill", None)  # None: the default, "check"
@@ -74,12 +75,21 @@ def absent_chunks(arrays: Mapping[str, Any]) -> dict[str, tuple[int, int, Any]]:
     return found
 
 
-def _is_missing(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.DataArray:
+def scannable(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.DataArray:
+    """The variable, chunked along the first windowed dim if lazy and unchunked.
+
+    A reduction over it then runs out of core (dask, chunk by chunk).
+    """
     var = ds[name]
     if var.chunks is None and not var.variable._in_memory:
         per_step = int(np.prod([n for d, n in var.sizes.items() if d != window_dims[0]]))
         step = max(1, SCAN_CHUNK_BYTES // max(per_step * var.dtype.itemsize, 1))
         var = var.chunk({window_dims[0]: step})
+    return var
+
+
+def _is_missing(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.DataArray:
+    var = scannable(ds, name, window_dims)
     extra = [dim for dim in var.dims if dim not in window_dims]
     missing = var.isnull()
     return (missing.any(extra) if extra else missing).transpose(*window_dims)

@@ -21,7 +21,10 @@ from xr_datamodule.samplers import (
     ChunkShuffleSampler,
     EpochSampler,
     EpochShuffleSampler,
+    FixedLengthSampler,
     ShardedBatchSampler,
+    UserOrderSampler,
+    WeightedEpochSampler,
 )
 
 __all__ = ["TrainSplit", "TrainingOrder"]
@@ -46,6 +49,9 @@ class TrainSplit:
         cells_per_sample: The most cells one sample touches.
         cell_bytes: Bytes of one cached cell.
         walk: Position of every cell in the reader's neighbour-first walk (or None).
+        weights: Sampling weights of the samples (``sample_weights``), or None.
+        sampler: The user's sampler (a torch Sampler or a callable ``f(index, rng)``), or None.
+        index: The split's sample index (given to a callable sampler).
     """
 
     n_samples: int
@@ -55,6 +61,9 @@ class TrainSplit:
     cells_per_sample: int = 1
     cell_bytes: int = 0
     walk: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    sampler: Any = None
+    index: Any = None
 
     @property
     def samples_per_cell(self) -> float:
@@ -72,6 +81,8 @@ class TrainingOrder:
         batch_size: Samples per batch.
         drop_last: Drop each rank's last, smaller batch.
         shuffle_chunks: Chunk-aware streams per rank, or ``"auto"``.
+        samples_per_epoch: Samples per epoch (default: the whole split).
+        replacement: Weighted draws with replacement.
 
     Example:
         >>> order = TrainingOrder(seed=0, batch_size=4)
@@ -86,8 +97,12 @@ class TrainingOrder:
         batch_size: int = 32,
         drop_last: bool = False,
         shuffle_chunks: int | str = "auto",
+        samples_per_epoch: int | None = None,
+        replacement: bool = True,
     ) -> None:
         self.seed = int(seed)
+        self.samples_per_epoch = samples_per_epoch
+        self.replacement = replacement
         self.batch_size = batch_size
         self.drop_last = drop_last
         self.shuffle_chunks = shuffle_chunks
@@ -95,6 +110,7 @@ class TrainingOrder:
         self.resume: tuple[int, int] | None = None  # (epoch, batches done) to skip once
         self.resumed_layout: tuple[int, int] | None = None  # a checkpoint's (parts, streams)
         self._sampler: EpochSampler | None = None
+        self._sampler_of = -1  # the split size the sampler was made for
         self.serving: ShardedBatchSampler | None = None  # the training loader's sampler
 
     # ------------------------------------------------------------------ layout
@@ -153,14 +169,26 @@ class TrainingOrder:
     def epoch_sampler(self, split: TrainSplit, world_size: int = 1) -> EpochSampler:
         """The per-epoch order of the split's samples (kept while the split is the same)."""
         sampler = self._sampler
-        if sampler is None or sampler.n != split.n_samples:
+        if sampler is None or self._sampler_of != split.n_samples:
             sampler = self._sampler = self._make_sampler(split, world_size)
+            self._sampler_of = split.n_samples
         return sampler
 
     def _make_sampler(self, split: TrainSplit, world_size: int) -> EpochSampler:
-        if split.shuffle == "chunks" and split.cells is not None:
+        """The split's per-epoch order: the user's, weighted, chunk-aware or uniform.
+
+        Then cut into epochs of ``samples_per_epoch`` (weighted draws draw that many).
+        """
+        base: EpochSampler
+        if split.sampler is not None:
+            base = UserOrderSampler(split.sampler, split.n_samples, self.seed, split.index)
+        elif split.weights is not None:
+            return WeightedEpochSampler(
+                split.weights, self.seed, self.samples_per_epoch, self.replacement
+            )
+        elif split.shuffle == "chunks" and split.cells is not None:
             parts, streams = self.chunk_layout(split, world_size)
-            return ChunkShuffleSampler(
+            base = ChunkShuffleSampler(
                 split.cells,
                 seed=self.seed,
                 streams=streams,
@@ -168,10 +196,19 @@ class TrainingOrder:
                 processes=parts,
                 walk=split.walk,
             )
-        return EpochShuffleSampler(split.n_samples, self.seed)
+        else:
+            base = EpochShuffleSampler(split.n_samples, self.seed)
+        if self.samples_per_epoch is None:
+            return base
+        return FixedLengthSampler(base, self.samples_per_epoch)
 
     def batch_sampler(
-        self, split: TrainSplit, world: tuple[int, int], epoch: int | None, lookahead: int = 0
+        self,
+        split: TrainSplit,
+        world: tuple[int, int],
+        epoch: int | None,
+        lookahead: int = 0,
+        plans: bool = False,
     ) -> ShardedBatchSampler:
         """The training loader's batch sampler for this rank; applies a pending resume once.
 
@@ -183,6 +220,7 @@ class TrainingOrder:
                 ``set_epoch``, e.g. when resuming.
             lookahead: Batches whose sample numbers each batch carries along (without
                 workers the reader decodes the next batch's cells in the background).
+            plans: Yield :class:`~xr_datamodule.samplers.BatchPlan` items (with the epoch).
         """
         world_size, rank = world
         sampler = ShardedBatchSampler(
@@ -194,6 +232,7 @@ class TrainingOrder:
             resume=self.resume,
             epoch_offset=self.epoch_offset,
             lookahead=lookahead,
+            plans=plans,
         )
         if epoch is not None:
             sampler.set_epoch(epoch)

@@ -41,7 +41,7 @@ from xr_datamodule.missing import (
 )
 from xr_datamodule.normalize import Statistics, zscore_statistics
 from xr_datamodule.order import TrainingOrder, TrainSplit
-from xr_datamodule.samplers import batch_spread
+from xr_datamodule.samplers import RandomOffsets, batch_spread, build_sampler
 from xr_datamodule.sources import (
     channel_layouts,
     check_variables,
@@ -63,6 +63,7 @@ from xr_datamodule.transforms import (
     window_channels,
     window_to_channels,
 )
+from xr_datamodule.weights import WindowStatistics, box_reduce, point_field, weights_from
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 
 __all__ = ["DataPipeline", "available_memory"]
@@ -115,11 +116,17 @@ class DataPipeline:
     ) -> None:
         self.spec = spec
         self.order = order or TrainingOrder(
-            spec.seed, spec.batch_size, spec.drop_last, spec.shuffle_chunks
+            spec.seed,
+            spec.batch_size,
+            spec.drop_last,
+            spec.shuffle_chunks,
+            spec.samples_per_epoch,
+            spec.replacement,
         )
         self.world = world
         self.dropped_samples: dict[str, int] = {}
         self.datasets: dict[str, XarrayWindowDataset] = {}
+        self._window_statistics: dict[str, WindowStatistics] = {}
 
     # ------------------------------------------------------------------ metadata (lazy)
 
@@ -714,8 +721,71 @@ class DataPipeline:
                 input_extras=self._extras(spec.input_vars, spec.forcings or []),
                 target_extras=self._extras(spec.targets, []),
                 labels=self.window_labels if spec.batch_format == "dict" else None,
+                offsets=self.random_offsets if split == "train" else None,
             )
         return self.datasets[split]
+
+    # ------------------------------------------------------------------ user sampling
+
+    @cached_property
+    def random_offsets(self) -> RandomOffsets | None:
+        """Random window starts of the training split (``random_offsets=True``), or None."""
+        if not self.spec.random_offsets:
+            return None
+        geometry = self.geometry
+        bounds = self.split_bounds["train"]
+        last = [
+            bounds[dim][1] - extent + below
+            for dim, extent, below in zip(
+                geometry.dims, geometry.extent, geometry.reach_below, strict=True
+            )
+        ]
+        return RandomOffsets(
+            self.order.seed, np.asarray(geometry.stride), np.asarray(last, dtype=np.int64)
+        )
+
+    def window_statistics(self, split: str = "train") -> WindowStatistics:
+        """Per-sample statistics of ``split``'s windows (one out-of-core pass each, kept)."""
+        if split not in self._window_statistics:
+            index = self.indices[split]
+            self._window_statistics[split] = WindowStatistics(
+                partial(self._window_statistic, index)
+            )
+        return self._window_statistics[split]
+
+    def _window_statistic(self, index: SampleIndex, side: str, stat: str) -> np.ndarray:
+        geometry, spec = self.geometry, self.spec
+        names = self.dynamic(spec.input_vars if side == "input" else spec.targets)
+        size = geometry.input_size if side == "input" else geometry.target_size
+        offset = (0,) * len(size) if side == "input" else geometry.target_offset
+        field = point_field(self.source, names, geometry.dims, stat)
+        boxes = box_reduce(field, size, stat)
+        at = np.ix_(*(s + o for s, o in zip(index.axis_starts, offset, strict=True)))
+        return boxes[at].reshape(-1)[index.grid_ids()]
+
+    @cached_property
+    def sample_weights(self) -> np.ndarray | None:
+        """Sampling weight of every training sample (``sample_weights``), or None."""
+        setting = self.spec.sample_weights
+        if setting is None or "train" not in self.split_bounds:
+            return None
+        n = len(self.indices["train"])
+        weights = weights_from(setting, self.window_statistics("train"), n)
+        boosted = float((weights > weights.min()).mean()) if len(weights) else 0.0
+        logger.info(
+            "sample_weights: %d training samples, %.1f %% above the smallest weight",
+            n,
+            100 * boosted,
+        )
+        return weights
+
+    @cached_property
+    def user_sampler(self) -> Any:
+        """The user's sampler for the training split (built once), or None."""
+        setting = self.spec.sampler
+        if setting is None or "train" not in self.split_bounds:
+            return None
+        return build_sampler(setting, len(self.indices["train"]), self.sample_weights)
 
     @cached_property
     def window_labels(self) -> dict[str, np.ndarray]:
@@ -757,8 +827,11 @@ class DataPipeline:
     @property
     def train_shuffle(self) -> str:
         """The training order in use: ``"full"`` (uniform) or ``"chunks"`` (chunk-aware)."""
-        if self.spec.shuffle == "full" or self.loads_into_memory:
+        spec = self.spec
+        if spec.shuffle == "full" or self.loads_into_memory:
             return "full"
+        if spec.sampler is not None or spec.sample_weights is not None:
+            return "full"  # the user's order or weighted draws: not grouped by cell
         return "chunks"
 
     def train_split(self) -> TrainSplit:
@@ -770,8 +843,9 @@ class DataPipeline:
     def _train_split(self, reader: WindowReader) -> TrainSplit:
         index = self.indices["train"]
         shuffle, workers = self.train_shuffle, self.num_workers
+        sampling = dict(weights=self.sample_weights, sampler=self.user_sampler, index=index)
         if not isinstance(reader, ChunkedReader):
-            return TrainSplit(len(index), shuffle, workers)
+            return TrainSplit(len(index), shuffle, workers, **sampling)
         cached = self.__dict__.get("_train_cells")
         if cached is None:  # cell of every training sample (where its span starts)
             below = self.geometry.reach_below
@@ -785,6 +859,7 @@ class DataPipeline:
             cells_per_sample=reader.cells_per_sample,
             cell_bytes=reader.cell_bytes,
             walk=reader.cell_walk(),
+            **sampling,
         )
 
     def chunk_layout(self) -> tuple[int, int]:

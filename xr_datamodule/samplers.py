@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from torch.utils.data import BatchSampler, DistributedSampler, Sampler, SequentialSampler
@@ -34,8 +34,13 @@ __all__ = [
     "ChunkShuffleSampler",
     "EpochSampler",
     "EpochShuffleSampler",
+    "FixedLengthSampler",
+    "RandomOffsets",
     "ShardedBatchSampler",
+    "UserOrderSampler",
+    "WeightedEpochSampler",
     "batch_spread",
+    "build_sampler",
     "sample_order",
 ]
 
@@ -49,6 +54,7 @@ class BatchPlan(NamedTuple):
 
     ids: np.ndarray
     upcoming: np.ndarray | None = None
+    epoch: int | None = None  # the data epoch (random offsets depend on it)
 
 
 class EpochSampler(Sampler[int]):
@@ -426,6 +432,8 @@ class ShardedBatchSampler(DistributedSampler):
         lookahead: When positive, yield :class:`BatchPlan` items whose hint is the batch
             ``lookahead`` places later (the same DataLoader worker's next batch when it is
             the number of workers, or 1 without workers).
+        plans: Always yield :class:`BatchPlan` items (they carry the data epoch, which
+            random offsets depend on).
 
     Example:
         >>> order = EpochShuffleSampler(10, seed=0)
@@ -446,6 +454,7 @@ class ShardedBatchSampler(DistributedSampler):
         resume: tuple[int, int] | None = None,
         epoch_offset: int = 0,
         lookahead: int = 0,
+        plans: bool = False,
     ) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; the
         # datamodule knows it from the trainer (and tests simulate ranks).
@@ -461,6 +470,7 @@ class ShardedBatchSampler(DistributedSampler):
         self.resume = resume
         self.epoch_offset = int(epoch_offset)
         self.lookahead = max(0, int(lookahead))
+        self.plans = bool(plans)
         self.serving = order.epoch  # data epoch of the pass under way (or the next one)
         self.num_samples = order.n // self.num_replicas
         self.total_size = self.num_samples * self.num_replicas
@@ -498,10 +508,257 @@ class ShardedBatchSampler(DistributedSampler):
         if self.resume is not None and self.resume[0] == epoch:
             batches = batches[self.resume[1] :]
             self.resume = None
-        if not self.lookahead:
+        if not self.lookahead and not self.plans:
             yield from batches
             return
         step = self.lookahead
         for number, batch in enumerate(batches):
-            upcoming = batches[number + step] if number + step < len(batches) else None
-            yield BatchPlan(batch, upcoming)
+            ahead = step and number + step < len(batches)
+            yield BatchPlan(batch, batches[number + step] if ahead else None, epoch)
+
+
+# ----------------------------------------------------------------------------- user sampling
+
+
+class WeightedEpochSampler(EpochSampler):
+    """Weighted draws per ``(seed, epoch)``: rare samples oversampled by their weights.
+
+    Args:
+        weights: Non-negative weight of every sample (drawn with probability proportional).
+        seed: Base seed.
+        num_samples: Draws per epoch (default: one per sample).
+        replacement: Draw with replacement (a sample may come several times an epoch) or
+            without (each at most once; ``num_samples`` at most the samples of weight > 0).
+
+    Example:
+        >>> sampler = WeightedEpochSampler(np.array([0.0, 1.0, 3.0]), seed=0, num_samples=4)
+        >>> draws = sampler.order()
+        >>> len(draws), bool((draws != 0).all())   # weight 0 is never drawn
+        (4, True)
+    """
+
+    def __init__(
+        self,
+        weights: np.ndarray,
+        seed: int = 0,
+        num_samples: int | None = None,
+        replacement: bool = True,
+    ) -> None:
+        weights = np.asarray(weights, dtype=np.float64)
+        self.probabilities = weights / weights.sum()
+        self.replacement = bool(replacement)
+        super().__init__(len(weights) if num_samples is None else int(num_samples), seed)
+        drawable = int(np.count_nonzero(weights))
+        if not self.replacement and self.n > drawable:
+            raise ValueError(
+                f"samples_per_epoch = {self.n} draws without replacement, but only {drawable} "
+                "samples have a weight above 0; draw with replacement or fewer per epoch"
+            )
+
+    def order(self) -> np.ndarray:
+        """This epoch's draws."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        size = len(self.probabilities)
+        return rng.choice(size, self.n, replace=self.replacement, p=self.probabilities)
+
+
+class FixedLengthSampler(EpochSampler):
+    """Epochs of ``samples_per_epoch`` taken in turn from passes over the whole index.
+
+    Pass ``k`` is the ``base`` order of its epoch ``k`` (a permutation); epoch ``e`` is the
+    stretch ``[e * N, (e + 1) * N)`` of the passes laid end to end. So no sample repeats
+    until every one has come; the next pass is a new shuffle. Where an epoch straddles two
+    passes, the samples the earlier pass gave it move back in the later one (out of that
+    epoch's part), so an epoch never holds a sample twice (with ``N`` at most the index). A
+    chunk-aware ``base`` stays chunk-aware.
+
+    Args:
+        base: The order of each pass over the index.
+        samples_per_epoch: ``N``.
+
+    Example:
+        >>> sampler = FixedLengthSampler(EpochShuffleSampler(10, seed=0), 4)
+        >>> epochs = [sampler.take_order() for _ in range(5)]       # 20 draws: two passes
+        >>> sorted(np.concatenate(epochs[:2] + [epochs[2][:2]]).tolist()) == list(range(10))
+        True
+    """
+
+    def __init__(self, base: EpochSampler, samples_per_epoch: int) -> None:
+        self.base = base
+        self._passes: dict[int, np.ndarray] = {}  # the latest passes, rearranged
+        super().__init__(int(samples_per_epoch), base.seed)
+
+    def order(self) -> np.ndarray:
+        """This epoch's stretch of the passes."""
+        total = self.base.n
+        begin = self.epoch * self.n
+        parts, taken = [], 0
+        while taken < self.n:
+            number, offset = divmod(begin + taken, total)
+            part = self._pass(number)[offset : offset + self.n - taken]
+            parts.append(part)
+            taken += len(part)
+        return np.concatenate(parts).astype(np.int64, copy=False)
+
+    def _raw_pass(self, number: int) -> np.ndarray:
+        self.base.set_epoch(number)
+        return self.base.order()
+
+    def _pass(self, number: int) -> np.ndarray:
+        """Pass ``number``, its head cleared of what the epoch it starts in already has."""
+        if number in self._passes:
+            return self._passes[number]
+        total, size = self.base.n, self.n
+        # The rearrangement touches only a pass's first 2N places: where a pass is 3N long
+        # its tail is the raw order's, else the chain goes back to the first pass.
+        if total >= 3 * size:
+            first = number
+        else:
+            first = max((k for k in self._passes if k <= number), default=0)
+        for k in range(first, number + 1):
+            if k in self._passes:
+                continue
+            raw = self._raw_pass(k)
+            carried = (k * total) % size  # samples the straddling epoch took from pass k - 1
+            if k == 0 or size > total or carried == 0:
+                self._passes[k] = raw
+                continue
+            previous = self._passes.get(k - 1)
+            if previous is None:
+                previous = self._raw_pass(k - 1)
+            head = raw[~np.isin(raw, previous[total - carried :])][: size - carried]
+            self._passes[k] = np.concatenate([head, raw[~np.isin(raw, head)]])
+        for old in [k for k in self._passes if k < number - 1]:
+            del self._passes[old]  # keep the latest two
+        return self._passes[number]
+
+
+class UserOrderSampler(EpochSampler):
+    """A user's sampler as a per-``(seed, epoch)`` order that ranks, workers and resumes share.
+
+    ``sampler`` is either a torch :class:`~torch.utils.data.Sampler` (its ``generator``, when
+    it has one, is seeded from ``(seed, epoch)`` before each epoch, and ``set_epoch`` is
+    called when it has one) or a callable ``f(index, rng) -> sample numbers`` given the
+    split's :class:`~xr_datamodule.windows.SampleIndex` and a numpy generator seeded from
+    ``(seed, epoch)``. Every epoch's order must have the same length; its numbers must lie in
+    ``[0, n_samples)``.
+
+    Example:
+        >>> from torch.utils.data import RandomSampler
+        >>> sampler = UserOrderSampler(RandomSampler(range(6)), n_samples=6, seed=1)
+        >>> sorted(sampler.order().tolist())
+        [0, 1, 2, 3, 4, 5]
+    """
+
+    def __init__(self, sampler: object, n_samples: int, seed: int = 0, index: object = None):
+        self.sampler = sampler
+        self.n_samples = int(n_samples)
+        self.index = index
+        super().__init__(0, seed)
+        self.n = len(self.order())
+
+    def order(self) -> np.ndarray:
+        """This epoch's order, checked."""
+        import torch
+
+        sampler = self.sampler
+        if isinstance(sampler, Sampler):
+            if hasattr(sampler, "generator"):
+                sampler.generator = torch.Generator().manual_seed(
+                    int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+                )
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(self.epoch)
+            drawn = np.fromiter((int(i) for i in sampler), dtype=np.int64)
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            drawn = np.asarray(sampler(self.index, rng), dtype=np.int64).reshape(-1)  # type: ignore[operator]
+        if self.n and len(drawn) != self.n:
+            raise ValueError(
+                f"sampler: epoch {self.epoch} has {len(drawn)} samples, epoch 0 had {self.n}; "
+                "every epoch must have the same length (ranks must agree on it)"
+            )
+        if len(drawn) and (drawn.min() < 0 or drawn.max() >= self.n_samples):
+            raise ValueError(
+                f"sampler: sample numbers must lie in [0, {self.n_samples}), got "
+                f"{int(drawn.min())} … {int(drawn.max())}"
+            )
+        return drawn
+
+
+def offsets_hash(seed: int, epoch: int, ids: np.ndarray, axis: int) -> np.ndarray:
+    """A uint64 hash of ``(seed, epoch, sample, axis)`` per sample (splitmix64), vectorised.
+
+    It does not depend on which batch or process a sample is read in: random offsets come
+    out the same with any number of workers, ranks or resumes.
+    """
+    with np.errstate(over="ignore"):
+        key = np.uint64((seed * 0x9E3779B1 + epoch * 0x85EBCA77 + axis * 0xC2B2AE3D) % 2**64)
+        x = np.asarray(ids, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + key
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+class RandomOffsets(NamedTuple):
+    """Training windows moved off the stride grid, per ``(seed, epoch)``, inside the split.
+
+    A sample at grid start ``p`` along a dim of stride ``s`` starts at ``p + u`` with ``u``
+    uniform in ``[0, s)``, cut so that its span stays in the split (``last`` is the last
+    start whose span does). Every position a window may start at is then reachable.
+    """
+
+    seed: int
+    strides: np.ndarray  # (ndim,)
+    last: np.ndarray  # (ndim,) the last valid start along each dim
+
+    def apply(self, starts: np.ndarray, ids: np.ndarray, epoch: int) -> np.ndarray:
+        """The moved starts of samples ``ids`` (grid starts ``starts``) in ``epoch``."""
+        moved = np.array(starts, dtype=np.int64, copy=True)
+        for axis in range(moved.shape[1]):
+            room = np.minimum(self.strides[axis], self.last[axis] - moved[:, axis] + 1)
+            if int(room.max(initial=1)) <= 1:
+                continue
+            draw = offsets_hash(self.seed, epoch, ids, axis) % room.astype(np.uint64)
+            moved[:, axis] += draw.astype(np.int64)
+        return moved
+
+
+def build_sampler(setting: Any, n_samples: int, weights: np.ndarray | None) -> Any:
+    """The user's ``sampler`` setting as a torch Sampler (or the callable it is).
+
+    A class (given as such, by import path or as ``{"class_path", "init_args"}``) is built
+    with its ``init_args`` plus, when its constructor takes them and they are not given,
+    ``data_source=range(n_samples)``, ``weights=`` the sample weights and
+    ``num_samples=n_samples``.
+
+    Raises:
+        ValueError: The class cannot be imported, is not a Sampler, or cannot be built.
+    """
+    import importlib
+    import inspect
+
+    if not isinstance(setting, dict) and not inspect.isclass(setting):
+        return setting  # a callable f(index, rng)
+    init_args: dict[str, Any] = {}
+    cls = setting
+    if isinstance(setting, dict):
+        path, init_args = setting["class_path"], dict(setting["init_args"])
+        module, _, name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise ValueError(f"sampler: cannot import {path!r}: {error}") from error
+    if not (inspect.isclass(cls) and issubclass(cls, Sampler)):
+        raise ValueError(f"sampler: {cls!r} is not a torch.utils.data.Sampler class")
+    parameters = inspect.signature(cls.__init__).parameters
+    offered = {"data_source": range(n_samples), "num_samples": n_samples}
+    if weights is not None:
+        offered["weights"] = weights.tolist()
+    for key, value in offered.items():
+        if key in parameters and key not in init_args:
+            init_args[key] = value
+    try:
+        return cls(**init_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"sampler: cannot build {cls.__name__}({init_args!r}): {error}") from error

@@ -160,6 +160,62 @@ def _normalization(value: Any) -> str | dict[str, str] | None:
     )
 
 
+WEIGHT_STATISTICS = tuple(
+    f"{side}_{stat}" for side in ("input", "target") for stat in ("max", "min", "mean")
+)
+
+
+def _weights_setting(value: Any) -> Any:
+    """Check ``sample_weights``: None, a callable, or ``{"by", "quantile"|"above", "boost"}``."""
+    if value is None or callable(value):
+        return value
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            "sample_weights must be a mapping such as {'by': 'target_max', 'quantile': 0.99, "
+            f"'boost': 10}} or a callable of the window statistics, got {value!r}"
+        )
+    unknown = set(value) - {"by", "quantile", "above", "boost"}
+    if unknown:
+        raise ValueError(
+            f"sample_weights: unknown keys {sorted(unknown)}. Valid: by, quantile, above, boost"
+        )
+    _choice(value.get("by"), WEIGHT_STATISTICS, "sample_weights['by']")
+    if ("quantile" in value) == ("above" in value):
+        raise ValueError("sample_weights needs exactly one of 'quantile' and 'above'")
+    for key in ("quantile", "above", "boost"):
+        if key in value and (
+            isinstance(value[key], bool) or not isinstance(value[key], (int, float))
+        ):
+            raise TypeError(f"sample_weights[{key!r}] must be a number, got {value[key]!r}")
+    if "quantile" in value and not 0 <= value["quantile"] <= 1:
+        raise ValueError(f"sample_weights['quantile'] must be in [0, 1], got {value['quantile']}")
+    boost = value.get("boost", 10.0)
+    if not boost > 0 or not np.isfinite(boost):
+        raise ValueError(f"sample_weights['boost'] must be positive, got {boost}")
+    return {**value, "boost": float(boost)}
+
+
+def _sampler_setting(value: Any) -> Any:
+    """Check ``sampler``: None, a class, its path, ``{"class_path", "init_args"}``, a callable."""
+    if value is None or callable(value):
+        return value
+    if isinstance(value, str):
+        return {"class_path": value, "init_args": {}}
+    if isinstance(value, Mapping) and "class_path" in value:
+        unknown = set(value) - {"class_path", "init_args"}
+        if unknown or not isinstance(value.get("init_args", {}), Mapping):
+            raise ValueError(
+                "sampler: a mapping has 'class_path' and an optional 'init_args' mapping, "
+                f"got {dict(value)!r}"
+            )
+        init_args = dict(value.get("init_args") or {})
+        return {"class_path": str(value["class_path"]), "init_args": init_args}
+    raise TypeError(
+        "sampler must be a torch Sampler class, its import path, {'class_path': ..., "
+        f"'init_args': {{...}}}} or a callable f(index, rng), got {value!r}"
+    )
+
+
 def _choice(value: Any, choices: tuple, what: str) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}")
@@ -220,12 +276,18 @@ class DataSpec:
     forcings: list[str] | None = None
     select: dict[str, Any] | None = None
     batch_format: str = "tuple"
+    sampler: Any = field(default=None, repr=False)
+    sample_weights: Any = field(default=None, repr=False)
+    replacement: bool = True
+    samples_per_epoch: int | None = None
+    random_offsets: bool = False
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
         self._windows()
         self._loading()
         self._values()
+        self._sampling()
 
     def _windows(self) -> None:
         self.input_vars = _names(self.input_vars, "input_vars")
@@ -291,6 +353,20 @@ class DataSpec:
             _positive_int(self.shuffle_chunks, "shuffle_chunks", what_else="or 'auto'")
         _choice(self.shuffle, SHUFFLES, "shuffle")
         _choice(self.dtype, DTYPES, "dtype")
+
+    def _sampling(self) -> None:
+        self.replacement = _flag(self.replacement, "replacement")
+        self.random_offsets = _flag(self.random_offsets, "random_offsets")
+        if self.samples_per_epoch is not None:
+            self.samples_per_epoch = _positive_int(self.samples_per_epoch, "samples_per_epoch")
+        self.sample_weights = _weights_setting(self.sample_weights)
+        self.sampler = _sampler_setting(self.sampler)
+        if self.random_offsets and self.nan_policy == "drop":
+            raise ValueError(
+                "random_offsets=True cannot be combined with nan_policy='drop': windows with "
+                "NaN are left out on the stride grid, a moved window may hold one; use "
+                "nan_policy='fill' (or 'check')"
+            )
 
     def _values(self) -> None:
         self.open_kwargs = dict(self.open_kwargs or {})
