@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,10 @@ def test_quickstart_notebook_executes(tmp_path):
     client.execute()  # raises CellExecutionError on any failing cell
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 3  # splits, windows, prediction beside the truth
+    assert len(images) == 4  # splits, windows, prediction beside the truth, rare-event weights
+    text = "".join(out.get("text", "") for out in outputs if out.get("output_type") == "stream")
+    shares = re.search(r"boosted: ([\d.]+)% of the windows, ([\d.]+)% of the draws", text)
+    assert shares and float(shares[2]) > 3 * float(shares[1])  # oversampled, as drawn
     html = [out["data"]["text/html"] for out in outputs if "text/html" in out.get("data", {})]
     assert any("XarrayDataModule" in page and "samples" in page for page in html)
     # Keep the pictures next to the test run, for a person to look at.
