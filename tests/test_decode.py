@@ -218,8 +218,8 @@ def test_workers_read_with_tensorstore_only_where_chunks_are_small(tmp_path, chu
         {"x": (("time", "lat", "lon"), np.zeros((128, 64, 64), np.float32))},
         coords={"time": np.arange(128)},
     )
-    # 2 steps: 32 KB chunks (TensorStore saves zarr-python's per-chunk overhead); 64 steps:
-    # 1 MiB chunks, where it would cost each worker its own ~30 MB for little gain.
+    # 2 steps: 32 KB chunks (TensorStore saves zarr-python's per-chunk overhead); 128 steps:
+    # 2 MiB chunks, where it would cost each worker its own ~30 MB for little gain.
     ds.chunk({"time": chunk_steps}).to_zarr(tmp_path / "s.zarr", consolidated=False)
     settings = dict(input_vars=["x"], input_dims={"time": 1, "lat": 32, "lon": 32}, load=False)
     dm = XarrayDataModule(str(tmp_path / "s.zarr"), **settings, num_workers=2)
