@@ -209,7 +209,8 @@ def test_the_environment_can_turn_tensorstore_off(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("chunk_steps", "expected"), [(2, "TensorStoreDecoder"), (64, "ZarrDecoder")]
+    ("chunk_steps", "expected"),
+    [(2, "TensorStoreDecoder"), (64, "TensorStoreDecoder"), (128, "ZarrDecoder")],
 )
 def test_workers_read_with_tensorstore_only_where_chunks_are_small(tmp_path, chunk_steps, expected):
     if not tensorstore_available():
