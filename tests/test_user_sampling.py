@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -304,3 +305,34 @@ class StartRecorder(Recorder):
             x[:, 0, :] - x[:, 0, :1], torch.arange(4.0, dtype=x.dtype).expand(len(x), 4)
         )
         return self.layer(x[:, :, :1].reshape(-1, 1).float()).pow(2).mean()
+
+
+def test_a_sampler_from_yaml_reaches_the_datamodule_as_the_class_it_names(tmp_path):
+    from xr_datamodule.cli import XarrayCLI
+
+    config = tmp_path / "sampled.yaml"
+    config.write_text(
+        "data:\n"
+        "  data: synthetic://weather\n"
+        "  input_vars: [t2m]\n"
+        "  input_dims: {time: 1, lat: 32, lon: 32}\n"
+        "  num_workers: 0\n"
+        "  sampler:\n"
+        "    class_path: torch.utils.data.RandomSampler\n"
+        "    init_args: {replacement: true}\n"
+        "model:\n"
+        "  class_path: xr_datamodule.models.DemoForecaster\n"
+    )
+    cli = XarrayCLI(
+        pl.LightningModule,
+        XarrayDataModule,
+        subclass_mode_model=True,
+        args=["--config", str(config), "--trainer.logger=false"],
+        run=False,
+    )
+    dm = cli.datamodule
+    assert dm.spec.sampler["class_path"] == "torch.utils.data.RandomSampler"
+    dm.setup("fit")
+    built = dm.pipeline.user_sampler
+    assert isinstance(built, RandomSampler) and built.replacement
+    assert len(built) == dm.split_sizes["train"]

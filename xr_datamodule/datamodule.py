@@ -236,7 +236,7 @@ class XarrayDataModule(pl.LightningDataModule):
         forcings: list[str] | None = None,
         select: dict[str, Any] | None = None,
         batch_format: str = "tuple",
-        sampler: Any = None,
+        sampler: str | dict[str, Any] | Callable[..., Any] | None = None,
         sample_weights: Any = None,
         replacement: bool = True,
         samples_per_epoch: int | None = None,
