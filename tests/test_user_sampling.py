@@ -35,17 +35,19 @@ from xr_datamodule.samplers import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
+IDS = dict(
+    input_vars=["x"],
+    input_dims={"time": 1},
+    splits={"train": 1.0},
+    batch_size=8,
+    dtype="float64",
+    num_workers=0,
+    seed=3,
+)
+
+
 def ids_module(n: int = 90, **settings) -> XarrayDataModule:
-    base = dict(
-        input_vars=["x"],
-        input_dims={"time": 1},
-        splits={"train": 1.0},
-        batch_size=8,
-        dtype="float64",
-        num_workers=0,
-        seed=3,
-    )
-    return XarrayDataModule(ids_dataset(n), **{**base, **settings})
+    return XarrayDataModule(ids_dataset(n), **{**IDS, **settings})
 
 
 def fit(dm, epochs: int, ckpt_path=None, callbacks=()) -> list[list[int]]:
@@ -336,3 +338,30 @@ def test_a_sampler_from_yaml_reaches_the_datamodule_as_the_class_it_names(tmp_pa
     built = dm.pipeline.user_sampler
     assert isinstance(built, RandomSampler) and built.replacement
     assert len(built) == dm.split_sizes["train"]
+
+
+def test_weighted_draws_out_of_core_are_read_chunk_by_chunk(tmp_path):
+    # 400 steps in chunks of 10: 40 cells. The same draws as in memory, in an order that
+    # decodes each drawn cell about once an epoch (a random order would decode one per draw).
+    ids_dataset(400).chunk({"time": 10}).to_zarr(tmp_path / "ids.zarr")
+    weights = {"by": "input_max", "quantile": 0.9, "boost": 5.0}
+    settings = dict(sample_weights=weights, samples_per_epoch=200, batch_size=10)
+    lazy = XarrayDataModule(
+        str(tmp_path / "ids.zarr"),
+        **{**IDS, **settings},
+        load=False,
+    )
+    lazy.setup("fit")
+    in_memory = ids_module(400, **settings)
+    for epoch in (0, 1):
+        drawn = np.concatenate(lazy.train_batches(epoch))
+        assert sorted(drawn.tolist()) == sorted(
+            np.concatenate(in_memory.train_batches(epoch)).tolist()
+        )
+    reader = lazy.datasets["train"].reader
+    before = reader.cells_read
+    seen = np.concatenate([x.numpy().ravel() for x, _ in lazy.train_dataloader()]).astype(int)
+    assert sorted(seen.tolist()) == sorted(np.concatenate(lazy.train_batches(0)).tolist())
+    distinct = len(np.unique(seen // 10))
+    assert reader.cells_read - before <= 1.2 * distinct  # not one decode per draw (200)
+    assert np.mean(seen >= 360) > 0.25  # the boosted tenth: 5/(5+9) of the draws expected

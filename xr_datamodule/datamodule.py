@@ -175,7 +175,8 @@ class XarrayDataModule(pl.LightningDataModule):
             the others; a callable gets :meth:`window_statistics` and returns one weight
             per sample. Computed once, out of core, vectorised (one pass over the data);
             the weights are :attr:`sample_weights`. Draws per epoch: ``samples_per_epoch``
-            or the split's size, with or without ``replacement``.
+            or the split's size, with or without ``replacement``; out of core each epoch's
+            draws come in the chunk-aware order of their cells (each decoded about once).
         replacement: Weighted draws with replacement (default) or without.
         samples_per_epoch: An epoch is this many samples: consecutive epochs take
             consecutive stretches of passes over the index, so no sample repeats until

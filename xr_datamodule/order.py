@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from xr_datamodule.samplers import (
+    ChunkedDrawSampler,
     ChunkShuffleSampler,
     EpochSampler,
     EpochShuffleSampler,
@@ -183,8 +184,16 @@ class TrainingOrder:
         if split.sampler is not None:
             base = UserOrderSampler(split.sampler, split.n_samples, self.seed, split.index)
         elif split.weights is not None:
-            return WeightedEpochSampler(
+            draws = WeightedEpochSampler(
                 split.weights, self.seed, self.samples_per_epoch, self.replacement
+            )
+            if split.shuffle != "chunks" or split.cells is None:
+                return draws
+            # Out of core: the epoch's draws in the chunk-aware order (same draws, read
+            # chunk by chunk: each drawn cell decoded about once an epoch).
+            parts, streams = self.chunk_layout(split, world_size)
+            return ChunkedDrawSampler(
+                draws, split.cells, streams, self.batch_size, parts, split.walk
             )
         elif split.shuffle == "chunks" and split.cells is not None:
             parts, streams = self.chunk_layout(split, world_size)

@@ -832,8 +832,8 @@ class DataPipeline:
         spec = self.spec
         if spec.shuffle == "full" or self.loads_into_memory:
             return "full"
-        if spec.sampler is not None or spec.sample_weights is not None:
-            return "full"  # the user's order or weighted draws: not grouped by cell
+        if spec.sampler is not None:
+            return "full"  # the user's order: not grouped by cell
         return "chunks"
 
     def train_split(self) -> TrainSplit:

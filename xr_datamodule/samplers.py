@@ -32,6 +32,7 @@ __all__ = [
     "BatchPlan",
     "BlockInterleavedSampler",
     "ChunkShuffleSampler",
+    "ChunkedDrawSampler",
     "EpochSampler",
     "EpochShuffleSampler",
     "FixedLengthSampler",
@@ -560,6 +561,63 @@ class WeightedEpochSampler(EpochSampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         size = len(self.probabilities)
         return rng.choice(size, self.n, replace=self.replacement, p=self.probabilities)
+
+
+class ChunkedDrawSampler(EpochSampler):
+    """Weighted draws read chunk by chunk: each epoch's draws in the chunk-aware order.
+
+    The draws of an epoch (``draws``, a :class:`WeightedEpochSampler`) are put in the order
+    of a :class:`ChunkShuffleSampler` over their cells, so that out of core each cell drawn
+    is decoded about once per epoch instead of once per draw. The same draws, the same
+    rates; only their order within the epoch changes.
+
+    Args:
+        draws: The weighted draws.
+        cells: Cell number of every sample of the split.
+        streams: Streams per process (see :class:`ChunkShuffleSampler`).
+        batch_size: Batch size.
+        processes: DataLoader workers (or 1).
+        walk: The reader's neighbour-first walk over cells, or None.
+
+    Example:
+        >>> cells = np.repeat(np.arange(5), 4)            # 5 cells of 4 samples
+        >>> draws = WeightedEpochSampler(np.ones(20), seed=0, num_samples=8)
+        >>> order = ChunkedDrawSampler(draws, cells, streams=1, batch_size=4).order()
+        >>> bool((np.diff(cells[order]) != 0).sum() <= 4)  # consecutive draws share cells
+        True
+    """
+
+    def __init__(
+        self,
+        draws: WeightedEpochSampler,
+        cells: np.ndarray,
+        streams: int = 4,
+        batch_size: int = 1,
+        processes: int = 1,
+        walk: np.ndarray | None = None,
+    ) -> None:
+        self.draws = draws
+        self.cells = np.asarray(cells)
+        self.layout = dict(streams=streams, batch_size=batch_size, processes=processes, walk=walk)
+        self.streams, self.processes = streams, processes
+        super().__init__(draws.n, draws.seed)
+
+    def _arranged(self) -> tuple[np.ndarray, ChunkShuffleSampler]:
+        self.draws.set_epoch(self.epoch)
+        drawn = self.draws.order()
+        inner = ChunkShuffleSampler(self.cells[drawn], self.seed, **self.layout)
+        inner.set_epoch(self.epoch)
+        return drawn, inner
+
+    def order(self) -> np.ndarray:
+        """This epoch's draws, chunk by chunk."""
+        drawn, inner = self._arranged()
+        return drawn[inner.order()]
+
+    def rank_order(self, rank: int, world: int) -> np.ndarray:
+        """A rank's block of this epoch's draws, its processes' batches dealt in turn."""
+        drawn, inner = self._arranged()
+        return drawn[inner.rank_order(rank, world)]
 
 
 class FixedLengthSampler(EpochSampler):
