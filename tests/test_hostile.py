@@ -207,30 +207,24 @@ def check(shape: tuple[int, int, int], holes: int, seed: int, config: dict) -> s
 
 
 SHAPES = st.tuples(st.integers(1, 14), st.integers(1, 5), st.integers(1, 5))
+HOLES = st.sampled_from([0, 0, 1, 3])  # NaN in the data, now and then
+CASES = dict(
+    deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=250,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(
-    shape=SHAPES, holes=st.sampled_from([0, 0, 1, 3]), seed=st.integers(0, 100), config=configs()
-)
+@settings(max_examples=250, **CASES)
+@given(shape=SHAPES, holes=HOLES, seed=st.integers(0, 100), config=configs())
 def test_any_configuration_serves_the_reference_or_a_documented_error(shape, holes, seed, config):
     check(shape, holes, seed, config)
 
 
 @pytest.mark.slow
-@settings(
-    max_examples=120,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+@settings(max_examples=120, **CASES)
 @given(
     shape=st.tuples(st.integers(6, 14), st.integers(2, 5), st.integers(2, 5)),
-    holes=st.sampled_from([0, 0, 1, 3]),
+    holes=HOLES,
     seed=st.integers(0, 100),
     config=configs(hostile=False),
 )
