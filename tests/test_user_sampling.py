@@ -302,6 +302,8 @@ class StartRecorder(Recorder):
 
     def training_step(self, batch, batch_idx):
         x = batch["x"]
+        if not self.starts:  # resumed mid-epoch: no epoch start was announced
+            self.starts.append([])
         self.starts[-1] += x[:, 0, 0].long().tolist()
         assert torch.equal(
             x[:, 0, :] - x[:, 0, :1], torch.arange(4.0, dtype=x.dtype).expand(len(x), 4)
@@ -365,3 +367,29 @@ def test_weighted_draws_out_of_core_are_read_chunk_by_chunk(tmp_path):
     distinct = len(np.unique(seen // 10))
     assert reader.cells_read - before <= 1.2 * distinct  # not one decode per draw (200)
     assert np.mean(seen >= 360) > 0.25  # the boosted tenth: 5/(5+9) of the draws expected
+
+
+def test_random_offsets_resume_exactly_even_under_another_seed(tmp_path):
+    settings = dict(
+        input_dims={"time": 4},
+        batch_size=5,
+        random_offsets=True,
+        batch_format="dict",
+        splits={"train": 1.0},
+    )
+
+    def run(seed, ckpt_path=None, callbacks=()):
+        model = StartRecorder()
+        trainer = cpu_trainer(
+            max_epochs=2, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)
+        )
+        trainer.fit(model, datamodule=ids_module(80, seed=seed, **settings), ckpt_path=ckpt_path)
+        return [s for epoch in model.starts for s in epoch]
+
+    every = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    full = run(3, callbacks=[every])
+    assert len(full) == 2 * 20 and any(s % 4 for s in full)
+    # The checkpoint's seed (3) is restored: the same windows as the uninterrupted run.
+    assert run(99, ckpt_path=str(tmp_path / "step=3.ckpt")) == full[15:]

@@ -127,6 +127,7 @@ class XarrayWindowDataset(Dataset):
         indices: Sequence[int] | np.ndarray,
         upcoming: np.ndarray | None = None,
         epoch: int | None = None,
+        seed: int | None = None,
     ) -> Batch:
         """Read a whole batch of samples at once.
 
@@ -135,9 +136,12 @@ class XarrayWindowDataset(Dataset):
             upcoming: Sample numbers of the batch read next, if known: its chunks are then
                 decoded in the background (out of core, without DataLoader workers).
             epoch: The data epoch (with random offsets, where the windows start).
+            seed: The training order's seed (with random offsets).
         """
-        starts = self._starts(indices, epoch)
-        ahead = None if upcoming is None else self._starts(upcoming, epoch) - self._reach_below
+        starts = self._starts(indices, epoch, seed)
+        ahead = (
+            None if upcoming is None else self._starts(upcoming, epoch, seed) - self._reach_below
+        )
         geometry = self.geometry
         batched = self.transform_on == "batch"
         target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
@@ -182,12 +186,14 @@ class XarrayWindowDataset(Dataset):
         meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
         return Batch(inputs, targets, meta)
 
-    def _starts(self, ids: Sequence[int] | np.ndarray, epoch: int | None) -> np.ndarray:
+    def _starts(
+        self, ids: Sequence[int] | np.ndarray, epoch: int | None, seed: int | None = None
+    ) -> np.ndarray:
         """Input-window starts of samples ``ids``: on the grid, or moved by random offsets."""
         starts = self.index.starts(ids)
         if self.offsets is None:
             return starts
-        return self.offsets.apply(starts, np.asarray(ids, dtype=np.int64), epoch or 0)
+        return self.offsets.apply(starts, np.asarray(ids, dtype=np.int64), epoch or 0, seed)
 
     def _meta(self, ids: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
         """Sample numbers and the labels of every window position, per windowed dim."""
@@ -248,7 +254,7 @@ class XarrayWindowDataset(Dataset):
         reader is told the next batch once this one is read.
         """
         if isinstance(index, BatchPlan):
-            return self.__getitems__(index.ids, index.upcoming, index.epoch)
+            return self.__getitems__(index.ids, index.upcoming, index.epoch, index.seed)
         if isinstance(index, np.ndarray) and index.ndim == 1:
             return self.__getitems__(index)
         batch = self.__getitems__([int(index)])

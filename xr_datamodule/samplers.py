@@ -56,6 +56,7 @@ class BatchPlan(NamedTuple):
     ids: np.ndarray
     upcoming: np.ndarray | None = None
     epoch: int | None = None  # the data epoch (random offsets depend on it)
+    seed: int | None = None  # the order's seed (a checkpoint's, after a resume)
 
 
 class EpochSampler(Sampler[int]):
@@ -515,7 +516,7 @@ class ShardedBatchSampler(DistributedSampler):
         step = self.lookahead
         for number, batch in enumerate(batches):
             ahead = step and number + step < len(batches)
-            yield BatchPlan(batch, batches[number + step] if ahead else None, epoch)
+            yield BatchPlan(batch, batches[number + step] if ahead else None, epoch, self.seed)
 
 
 # ----------------------------------------------------------------------------- user sampling
@@ -770,14 +771,20 @@ class RandomOffsets(NamedTuple):
     strides: np.ndarray  # (ndim,)
     last: np.ndarray  # (ndim,) the last valid start along each dim
 
-    def apply(self, starts: np.ndarray, ids: np.ndarray, epoch: int) -> np.ndarray:
-        """The moved starts of samples ``ids`` (grid starts ``starts``) in ``epoch``."""
+    def apply(
+        self, starts: np.ndarray, ids: np.ndarray, epoch: int, seed: int | None = None
+    ) -> np.ndarray:
+        """The moved starts of samples ``ids`` (grid starts ``starts``) in ``epoch``.
+
+        ``seed`` (the training order's, which a checkpoint restores) replaces :attr:`seed`.
+        """
+        seed = self.seed if seed is None else seed
         moved = np.array(starts, dtype=np.int64, copy=True)
         for axis in range(moved.shape[1]):
             room = np.minimum(self.strides[axis], self.last[axis] - moved[:, axis] + 1)
             if int(room.max(initial=1)) <= 1:
                 continue
-            draw = offsets_hash(self.seed, epoch, ids, axis) % room.astype(np.uint64)
+            draw = offsets_hash(seed, epoch, ids, axis) % room.astype(np.uint64)
             moved[:, axis] += draw.astype(np.int64)
         return moved
 
