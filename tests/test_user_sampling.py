@@ -393,3 +393,17 @@ def test_random_offsets_resume_exactly_even_under_another_seed(tmp_path):
     assert len(full) == 2 * 20 and any(s % 4 for s in full)
     # The checkpoint's seed (3) is restored: the same windows as the uninterrupted run.
     assert run(99, ckpt_path=str(tmp_path / "step=3.ckpt")) == full[15:]
+
+
+def test_a_checkpoint_keeps_the_chunk_layout_of_wrapped_chunk_aware_orders():
+    from xr_datamodule.order import TrainingOrder, TrainSplit
+
+    cells = np.repeat(np.arange(20), 10)
+    split = TrainSplit(200, "chunks", workers=2, cells=cells, cell_bytes=1)
+    for settings, weights in (({"samples_per_epoch": 50}, None), ({}, np.ones(200))):
+        order = TrainingOrder(seed=1, batch_size=8, **settings)
+        with_weights = TrainSplit(**{**split.__dict__, "weights": weights})
+        order.epoch_sampler(with_weights)
+        assert order.state_dict(None, None)["chunk_layout"] == list(
+            order.chunk_layout(with_weights)
+        )

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from xr_datamodule import handoff
 from xr_datamodule.extras import ExtraChannels
 from xr_datamodule.gather import Cut, WindowReader
-from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, holds_nan
+from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, first_nan, holds_nan
 from xr_datamodule.samplers import BatchPlan, RandomOffsets, ShardedBatchSampler
 from xr_datamodule.sources import label_at
 from xr_datamodule.transforms import (
@@ -275,7 +275,7 @@ class XarrayWindowDataset(Dataset):
             # The windows are read for the transform, not by the reader: look at its output.
             out = transformed_windows(source[names], starts, dims, size, transform, dtype)
             if self.reader.find_nan and holds_nan(out):
-                row = int(np.argwhere(np.isnan(out))[0][0])
+                row = first_nan(out)[0]
                 raise MissingValueError(
                     f"the transform's output for the window of {names} starting at "
                     f"{label_at(source, dims, starts[row])} has a missing value (NaN); "

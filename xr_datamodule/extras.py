@@ -29,7 +29,7 @@ import numpy as np
 import xarray as xr
 
 from xr_datamodule.gather import gather_windows
-from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, holds_nan
+from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, first_nan, holds_nan
 from xr_datamodule.sources import channel_layouts, label_at
 
 __all__ = ["FORCINGS", "ExtraChannels", "cos_solar_zenith", "insolation"]
@@ -207,7 +207,7 @@ class ExtraChannels:
         """Raise :class:`MissingValueError` if a static field holds a NaN (checked once)."""
         if self._block is None or not holds_nan(self._block):
             return
-        channel, *at = np.argwhere(np.isnan(self._block))[0].tolist()
+        channel, *at = first_nan(self._block)
         dims = [self.window_dims[axis] for axis in self._present]
         raise MissingValueError(
             f"static field {self.channel_names[channel]!r} has a missing value (NaN) at "

@@ -51,7 +51,7 @@ from xr_datamodule.decode import (
     decode_with_retries,
     read_error,
 )
-from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, holds_nan
+from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, first_nan, holds_nan
 from xr_datamodule.retries import worker_place
 from xr_datamodule.sources import VariableLayout, channel_layouts, label_at
 
@@ -339,7 +339,7 @@ class WindowReader(ABC):
         for cut, out in zip(cuts, outs, strict=True):
             if not holds_nan(out):
                 continue
-            row, channel, *at = np.argwhere(np.isnan(out))[0].tolist()
+            row, channel, *at = first_nan(out)
             positions = np.asarray(base[row]) + np.asarray(cut.offset) + np.asarray(at)
             channel = int(np.asarray(cut.channels)[channel])
             raise MissingValueError(

@@ -30,6 +30,7 @@ __all__ = [
     "absent_chunks",
     "box_any",
     "first_missing",
+    "first_nan",
     "holds_nan",
     "missing_mask",
     "scannable",
@@ -57,6 +58,11 @@ def holds_nan(block: np.ndarray) -> bool:
     of ``np.isnan(block).any()``, and on a freshly decoded cell still in cache.
     """
     return block.dtype.kind in "fc" and block.size > 0 and bool(np.isnan(np.max(block)))
+
+
+def first_nan(array: np.ndarray) -> list[int]:
+    """Index of the first NaN of ``array`` (C order); call it once :func:`holds_nan` said so."""
+    return np.argwhere(np.isnan(array))[0].tolist()
 
 
 def absent_chunks(arrays: Mapping[str, Any]) -> dict[str, tuple[int, int, Any]]:

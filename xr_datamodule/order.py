@@ -26,6 +26,7 @@ from xr_datamodule.samplers import (
     ShardedBatchSampler,
     UserOrderSampler,
     WeightedEpochSampler,
+    chunk_layout_of,
 )
 
 __all__ = ["TrainSplit", "TrainingOrder"]
@@ -269,9 +270,10 @@ class TrainingOrder:
             trainer_epoch: The trainer's current epoch (None without a trainer).
         """
         state: dict[str, Any] = {"seed": self.seed, "epoch_offset": self.epoch_offset}
-        if isinstance(self._sampler, ChunkShuffleSampler):
+        layout = None if self._sampler is None else chunk_layout_of(self._sampler)
+        if layout is not None:
             # The order depends on them: a resume with other workers keeps them.
-            state["chunk_layout"] = [self._sampler.processes, self._sampler.streams]
+            state["chunk_layout"] = list(layout)
         sampler = self.serving
         if batches_done is not None and trainer_epoch is not None and sampler is not None:
             state["epoch"] = sampler.serving

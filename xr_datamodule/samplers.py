@@ -42,6 +42,7 @@ __all__ = [
     "WeightedEpochSampler",
     "batch_spread",
     "build_sampler",
+    "chunk_layout_of",
     "sample_order",
 ]
 
@@ -599,14 +600,20 @@ class ChunkedDrawSampler(EpochSampler):
     ) -> None:
         self.draws = draws
         self.cells = np.asarray(cells)
-        self.layout = dict(streams=streams, batch_size=batch_size, processes=processes, walk=walk)
-        self.streams, self.processes = streams, processes
+        self.streams, self.batch_size, self.processes, self.walk = (
+            streams,
+            batch_size,
+            processes,
+            walk,
+        )
         super().__init__(draws.n, draws.seed)
 
     def _arranged(self) -> tuple[np.ndarray, ChunkShuffleSampler]:
         self.draws.set_epoch(self.epoch)
         drawn = self.draws.order()
-        inner = ChunkShuffleSampler(self.cells[drawn], self.seed, **self.layout)
+        inner = ChunkShuffleSampler(
+            self.cells[drawn], self.seed, self.streams, self.batch_size, self.processes, self.walk
+        )
         inner.set_epoch(self.epoch)
         return drawn, inner
 
@@ -743,6 +750,19 @@ class UserOrderSampler(EpochSampler):
                 f"{int(drawn.min())} … {int(drawn.max())}"
             )
         return drawn
+
+
+def chunk_layout_of(sampler: EpochSampler) -> tuple[int, int] | None:
+    """``(processes, streams)`` of a chunk-aware order, also inside a wrapper; else None.
+
+    The order depends on them: a checkpoint keeps them so that a resume with other workers
+    still yields the rest of the epoch exactly.
+    """
+    if isinstance(sampler, FixedLengthSampler):
+        sampler = sampler.base
+    if isinstance(sampler, ChunkShuffleSampler | ChunkedDrawSampler):
+        return sampler.processes, sampler.streams
+    return None
 
 
 def offsets_hash(seed: int, epoch: int, ids: np.ndarray, axis: int) -> np.ndarray:
