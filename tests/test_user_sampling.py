@@ -400,8 +400,8 @@ def test_a_checkpoint_keeps_the_chunk_layout_of_wrapped_chunk_aware_orders():
 
     cells = np.repeat(np.arange(20), 10)
     split = TrainSplit(200, "chunks", workers=2, cells=cells, cell_bytes=1)
-    for settings, weights in (({"samples_per_epoch": 50}, None), ({}, np.ones(200))):
-        order = TrainingOrder(seed=1, batch_size=8, **settings)
+    for options, weights in (({"samples_per_epoch": 50}, None), ({}, np.ones(200))):
+        order = TrainingOrder(seed=1, batch_size=8, **options)
         with_weights = TrainSplit(**{**split.__dict__, "weights": weights})
         order.epoch_sampler(with_weights)
         assert order.state_dict(None, None)["chunk_layout"] == list(
