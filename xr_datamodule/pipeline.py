@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.chunkfiles import ChunkFileDecoder, chunk_files
 from xr_datamodule.collate import DEFAULT_RING_SLOTS
 from xr_datamodule.datasets import XarrayWindowDataset
 from xr_datamodule.decode import (
@@ -523,7 +524,13 @@ class DataPipeline:
             self._size_cache(reader)
 
     def _zarr_decoder(self) -> CellDecoder | None:
-        """Zarr's asynchronous reads when the store allows them exactly, else None (xarray)."""
+        """The fastest exact reader of a zarr store, or None (read through xarray).
+
+        A local store is read from its chunk files (:class:`ChunkFileDecoder`) when zarr
+        describes every variable's chunks as plain compressed arrays, else with TensorStore
+        where it pays (sharding, codec chains); a remote store, or one TensorStore cannot
+        read here, through zarr-python's asynchronous API.
+        """
         spec, names = self.spec, self.reader_vars
         if spec.select:  # the store's positions are not the selection's: read through xarray
             return None
@@ -550,9 +557,16 @@ class DataPipeline:
         decoder = ZarrDecoder(opener, layouts, self.window_dims, dims, decodings)
         decoder._arrays = (os.getpid(), arrays)  # opened already in this process
         folder = local_zarr_group(spec.data, spec.open_kwargs)
-        if folder is not None and spec.nan_policy != "keep":
+        if folder is None:
+            return decoder
+        if spec.nan_policy != "keep":
             self._report_absent_chunks(arrays)
-        if folder is None or not tensorstore_available() or not self._tensorstore_pays(arrays):
+        files = {name: chunk_files(arrays[name], os.path.join(folder, name)) for name in names}
+        if all(files.values()):
+            return ChunkFileDecoder(
+                files, layouts, self.window_dims, dims, decodings, self.decode_threads
+            )
+        if not tensorstore_available() or not self._tensorstore_pays(arrays):
             return decoder
         specs = {
             name: {
@@ -570,12 +584,10 @@ class DataPipeline:
 
         Each process that reads loads its own TensorStore: ~30 MB (library, threads and
         their malloc arenas) per DataLoader worker, whatever the size of the store. Its
-        gain is the per-chunk overhead it saves, which shrinks as chunks grow: 2.2 against
-        0.6-0.85 GB/s per thread on the global benchmark's chunks of 32-425 KB, 1.4x on its
-        chunks of 4 steps (1.07 MB on average; 2 workers read 2770 MB/s with zarr-python
-        against 4684 with TensorStore), ~15 % on the patch benchmark's 4 MB chunks, where
-        decompression dominates (2 workers: 0.23 GB added instead of 0.17 GB, 43 % of that
-        store). With workers it is used for chunks under 2 MiB on average.
+        gain over zarr-python is the per-chunk overhead it saves, which shrinks as chunks
+        grow: 2.2 against 0.6-0.85 GB/s per thread on the global benchmark's chunks of
+        32-425 KB, 1.4x on chunks of 1.07 MB, ~15 % on 4 MB chunks, where decompression
+        dominates. With workers it is used for chunks under 2 MiB on average.
         """
         if self.num_workers == 0:
             return True

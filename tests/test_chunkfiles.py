@@ -1,0 +1,241 @@
+"""Chunk files decoded straight into blocks give exactly what zarr-python reads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numcodecs
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
+
+from tests.conftest import reference_windows
+from xr_datamodule import XarrayDataModule
+from xr_datamodule.chunkfiles import ChunkFileDecoder, chunk_files, decoded_size
+from xr_datamodule.decode import CfDecoding, DecodeJob
+from xr_datamodule.sources import VariableLayout
+
+# (zarr format, compressor, byte order on disk, chunk key separator)
+LAYOUTS = [
+    (3, "zstd", "little", "/"),
+    (3, "blosc", "little", "/"),
+    (3, None, "big", "/"),
+    (3, "zstd", "big", "."),
+    (2, "zstd", "little", "."),
+    (2, "blosc", "big", "/"),
+    (2, None, "little", "."),
+]
+DTYPES = ["f4", "f8", "i2", "u1", "i4"]
+
+
+def make_array(path: Path, shape, chunks, dtype, layout) -> zarr.Array:
+    """A zarr array with ``layout`` (see LAYOUTS) holding distinct values per element."""
+    zarr_format, compressor, order, separator = layout
+    kwargs: dict = {}
+    if zarr_format == 3:
+        compressors = {"zstd": ZstdCodec(), "blosc": BloscCodec(), None: None}[compressor]
+        kwargs["serializer"] = BytesCodec(endian=order)
+        if separator == ".":
+            kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "."}
+    else:
+        compressors = {"zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc(), None: None}
+        compressors = compressors[compressor]
+        dtype = np.dtype(dtype).newbyteorder("<" if order == "little" else ">")
+        kwargs["chunk_key_encoding"] = {"name": "v2", "separator": separator}
+    array = zarr.create_array(
+        str(path),
+        shape=shape,
+        chunks=chunks,
+        dtype=dtype,
+        zarr_format=zarr_format,
+        compressors=compressors,
+        fill_value=7,
+        **kwargs,
+    )
+    values = np.arange(int(np.prod(shape))).reshape(shape) % 120 - 50
+    array[...] = values.astype(array.dtype)
+    return array
+
+
+def decoder_for(array: zarr.Array, folder: Path, channel_dim: int | None, threads: int):
+    """A decoder of one variable with dims d0, d1, ...; ``channel_dim`` becomes channels."""
+    dims = tuple(f"d{axis}" for axis in range(array.ndim))
+    window_dims = tuple(dim for axis, dim in enumerate(dims) if axis != channel_dim)
+    extra = () if channel_dim is None else (dims[channel_dim],)
+    extra_shape = () if channel_dim is None else (array.shape[channel_dim],)
+    files = chunk_files(array, str(folder))
+    assert files is not None
+    layout = VariableLayout("x", extra, extra_shape)
+    decoder = ChunkFileDecoder(
+        {"x": files}, [layout], window_dims, {"x": dims}, {"x": CfDecoding()}, threads
+    )
+    return decoder, dims, window_dims
+
+
+@st.composite
+def cases(draw):
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=ndim, max_size=ndim)))
+    chunks = tuple(draw(st.integers(1, n + 2)) for n in shape)
+    region = []
+    for n in shape:
+        start = draw(st.integers(0, n - 1))
+        region.append(slice(start, draw(st.integers(start + 1, n))))
+    channel_dim = draw(st.sampled_from([None, *range(1, ndim)]))
+    if channel_dim is not None:  # a variable's channels are read whole
+        region[channel_dim] = slice(0, shape[channel_dim])
+    return dict(
+        shape=shape,
+        chunks=chunks,
+        region=region,
+        channel_dim=channel_dim,
+        dtype=draw(st.sampled_from(DTYPES)),
+        layout=draw(st.sampled_from(LAYOUTS)),
+        out_dtype=draw(st.sampled_from(["float32", "float64"])),
+        lost=draw(st.integers(0, 3)),
+        threads=draw(st.sampled_from([1, 2])),
+    )
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(case=cases())
+def test_any_region_of_any_layout_reads_as_zarr_reads_it(tmp_path_factory, case):
+    folder = tmp_path_factory.mktemp("store") / "x"
+    array = make_array(folder, case["shape"], case["chunks"], case["dtype"], case["layout"])
+    files = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if not name.startswith(".") and name != "zarr.json"
+    )
+    for path in files[: case["lost"]]:  # chunks lost in a copy read as the fill value
+        os.unlink(path)
+    decoder, dims, window_dims = decoder_for(array, folder, case["channel_dim"], case["threads"])
+    region = dict(zip(dims, case["region"], strict=True))
+    expected = array[tuple(case["region"])].astype(case["out_dtype"])
+    if case["channel_dim"] is not None:  # the block is (channel, *window)
+        expected = np.moveaxis(expected, case["channel_dim"], 0)
+    else:
+        expected = expected[None]
+    out = np.full(expected.shape, np.nan, dtype=case["out_dtype"])
+    window_region = {dim: region[dim] for dim in window_dims}
+    decoder.decode([DecodeJob(window_region, out)])
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_whole_chunks_are_decoded_in_place(tmp_path, monkeypatch):
+    array = make_array(tmp_path / "x", (4, 6, 8), (2, 6, 8), "f4", LAYOUTS[0])
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    copies = []
+    monkeypatch.setattr(ChunkFileDecoder, "_scratch", lambda self, files: copies.append(1))
+    out = np.empty((1, 4, 6, 8), np.float32)
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
+    assert copies == []  # no scratch chunk: each chunk went straight into the block
+    np.testing.assert_array_equal(out[0], array[...])
+
+
+@pytest.mark.parametrize(
+    ("codecs", "readable"),
+    [
+        ({"compressors": ZstdCodec()}, True),
+        ({"compressors": None}, True),
+        ({"compressors": GzipCodec()}, False),  # no size in its header: zarr-python reads it
+        ({"compressors": [ZstdCodec(), Crc32cCodec()]}, False),
+        ({"filters": [TransposeCodec(order=(1, 0))]}, False),
+        ({"shards": (4, 6)}, False),
+    ],
+)
+def test_layouts_read_from_chunk_files_and_those_left_to_zarr(tmp_path, codecs, readable):
+    array = zarr.create_array(
+        str(tmp_path / "x"), shape=(8, 6), chunks=(2, 3), dtype="f4", zarr_format=3, **codecs
+    )
+    assert (chunk_files(array, str(tmp_path / "x")) is not None) == readable
+
+
+def test_zarr_v2_filters_and_fortran_order_are_left_to_zarr(tmp_path):
+    for name, kwargs in {"f": {"filters": [numcodecs.Delta("f4")]}, "o": {"order": "F"}}.items():
+        array = zarr.create_array(
+            str(tmp_path / name), shape=(8,), chunks=(2,), dtype="f4", zarr_format=2, **kwargs
+        )
+        assert chunk_files(array, str(tmp_path / name)) is None
+
+
+@pytest.mark.parametrize("layout", [LAYOUTS[0], LAYOUTS[1], LAYOUTS[2]])
+def test_a_damaged_chunk_file_fails_naming_the_array(tmp_path, layout):
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", layout)
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    damaged = Path(chunk_files(array, str(tmp_path / "x")).path((1, 0)))
+    damaged.write_bytes(damaged.read_bytes()[:20])
+    out = np.empty((1, 4, 6), np.float32)
+    with pytest.raises((OSError, RuntimeError), match=r"damaged|error|truncated"):
+        decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
+
+
+def test_a_chunk_that_decodes_short_is_an_error_not_stale_bytes(tmp_path):
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[0])
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    short = Path(chunk_files(array, str(tmp_path / "x")).path((0, 0)))
+    short.write_bytes(numcodecs.Zstd().encode(np.zeros(5, np.float32)))
+    with pytest.raises(OSError, match="holds 20 bytes decoded, not 48"):
+        decoder.decode([DecodeJob({"d0": slice(0, 4)}, np.empty((1, 4, 6), np.float32))])
+
+
+def test_decoded_sizes_are_read_from_the_headers():
+    for codec in (numcodecs.Zstd(), numcodecs.Zstd(level=9), numcodecs.Blosc()):
+        for size in (1, 255, 256, 300, 65_791, 2**20 + 3):
+            encoded = memoryview(codec.encode(np.zeros(size, np.uint8)))
+            assert decoded_size(codec.codec_id, encoded) == size
+    # A zstd frame written as a stream does not say (descriptor 0, a window byte).
+    assert decoded_size("zstd", memoryview(b"\x28\xb5\x2f\xfd\x00\x48" + bytes(12))) is None
+    with pytest.raises(OSError, match="damaged"):
+        decoded_size("zstd", memoryview(b"not a zstd frame at all"))
+
+
+def test_a_frame_without_a_size_is_decoded_aside_and_checked(tmp_path, monkeypatch):
+    from xr_datamodule import chunkfiles
+
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[0])
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    monkeypatch.setattr(chunkfiles, "decoded_size", lambda codec_id, raw: None)
+    out = np.empty((1, 4, 6), np.float32)
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
+    np.testing.assert_array_equal(out[0], array[...])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_workers_and_the_main_process_read_chunk_files_into_isel_batches(tmp_path, workers):
+    rng = np.random.default_rng(0)
+    ds = xr.Dataset(
+        {
+            "u": (("time", "level", "lat", "lon"), rng.standard_normal((40, 3, 8, 12))),
+            "t": (("time", "lat", "lon"), rng.standard_normal((40, 8, 12)).astype(np.float32)),
+        },
+        coords={"time": np.arange(40), "level": [850, 500, 250]},
+    )
+    ds.chunk({"time": 5}).to_zarr(tmp_path / "s.zarr", zarr_format=3, consolidated=False)
+    dm = XarrayDataModule(
+        str(tmp_path / "s.zarr"),
+        input_vars=["u", "t"],
+        input_dims={"time": 2, "lat": 8, "lon": 12},
+        input_overlap={"time": 1},
+        splits={"train": 1.0},
+        batch_size=4,
+        load=False,
+        num_workers=workers,
+        shuffle="full",
+        seed=3,
+    )
+    dm.setup("fit")
+    assert isinstance(dm.datasets["train"].reader.decoder, ChunkFileDecoder)
+    X = np.concatenate([X.numpy() for X, _ in dm.train_dataloader()])
+    order = np.concatenate(dm.train_batches(0))
+    starts = dm.indices["train"].starts(order)
+    expected = reference_windows(ds, ["u", "t"], dm.window_dims, starts, (2, 8, 12))
+    np.testing.assert_array_equal(X, expected.astype(np.float32))
