@@ -14,7 +14,7 @@ Beside our loader it runs, in the same process and on the same store:
 * the decode-once limit: every chunk of the store decoded once by zarr with one thread,
   expressed as bytes delivered per epoch (each chunk feeds three samples);
 * how many chunk decodes an epoch made per chunk in the store, counted inside zarr's codec
-  (also in DataLoader workers);
+  for the hand-written Dataset and per cell decoded for ours (also in DataLoader workers);
 * a measure of batch diversity: :meth:`XarrayDataModule.batch_spread` (the spread of the
   time positions within a batch against a full shuffle's) and the distinct weeks per batch.
 
@@ -93,8 +93,9 @@ class DecodeCounter:
 
     Two counts, since the paths decode differently: chunks that zarr-python's zstd codec
     decodes (the hand-written Dataset), and cells our reader decodes (in these stores each
-    is one chunk of every variable, whatever decodes it: TensorStore, zarr or xarray). The
-    counters live in shared memory; a child process calls :meth:`install` again.
+    is one chunk of every variable, whatever decodes it: chunk files, TensorStore, zarr or
+    xarray). The counters live in shared memory; a child process calls :meth:`install`
+    again.
     """
 
     def __init__(self) -> None:
@@ -244,7 +245,7 @@ def ours_module(path: Path, workers: int, shuffle: str | None, **options: object
 
 
 def decode_once_tensorstore(path: Path) -> float:
-    """Seconds for TensorStore (what our reader uses here) to decode every chunk, one thread.
+    """Seconds for TensorStore (the fastest other reader) to decode every chunk, one thread.
 
     Like :func:`decode_once`, into one reused buffer per variable. Run it in a child process
     (:func:`bench_common.in_child`): TensorStore's threads do not survive a fork.

@@ -467,7 +467,7 @@ def print_global_table(rows: list[dict]) -> None:
 
 def print_global_targets(rows: list[dict]) -> None:
     """The global issue's targets. The decode-once limit is zarr-python's, as the issue set
-    it; the stricter one of TensorStore (which our reader decodes with) is printed beside."""
+    it; the stricter one of TensorStore (the fastest other reader) is printed beside."""
 
     def check(label: str, ok: bool, figure: str) -> None:
         print(f"  {'met    ' if ok else 'NOT MET'}  {label}: {figure}")

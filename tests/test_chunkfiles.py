@@ -174,8 +174,9 @@ def test_a_damaged_chunk_file_fails_naming_the_array(tmp_path, layout):
     damaged = Path(chunk_files(array, str(tmp_path / "x")).path((1, 0)))
     damaged.write_bytes(damaged.read_bytes()[:20])
     out = np.empty((1, 4, 6), np.float32)
-    with pytest.raises((OSError, RuntimeError), match=r"damaged|error|truncated"):
+    with pytest.raises(OSError, match="could not decode the chunk file") as raised:
         decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
+    assert str(damaged) in str(raised.value)
 
 
 def test_a_chunk_that_decodes_short_is_an_error_not_stale_bytes(tmp_path):

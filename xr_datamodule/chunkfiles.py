@@ -236,8 +236,7 @@ class ChunkFileDecoder:
                 tasks += self._chunk_tasks(self.files[layout.name], view, region)
                 views.append((layout.name, view))
         if self.threads > 1 and len(tasks) > 1:
-            for done in self._thread_pool().map(self._decode_chunk, tasks):
-                del done  # re-raises a failed chunk's error
+            list(self._thread_pool().map(self._decode_chunk, tasks))  # raises a chunk's error
         else:
             for task in tasks:
                 self._decode_chunk(task)
@@ -271,7 +270,8 @@ class ChunkFileDecoder:
 
     def _decode_chunk(self, task: tuple) -> None:
         files, position, inside, target = task
-        raw = self._read(files.path(position))
+        path = files.path(position)
+        raw = self._read(path)
         if raw is None:  # no file: the chunk holds only the fill value
             target[...] = files.fill_value
             return
@@ -279,12 +279,14 @@ class ChunkFileDecoder:
             piece.start == 0 and piece.stop == size
             for piece, size in zip(inside, files.chunks, strict=True)
         )
-        if whole and target.dtype == files.dtype and target.flags.c_contiguous:
-            self._decompress(files, raw, target)
-            return
-        scratch = self._scratch(files)
-        self._decompress(files, raw, scratch)
-        target[...] = scratch[inside]
+        in_place = whole and target.dtype == files.dtype and target.flags.c_contiguous
+        out = target if in_place else self._scratch(files)
+        try:
+            self._decompress(files, raw, out)
+        except (OSError, RuntimeError, ValueError, EOFError) as error:  # numcodecs' kinds
+            raise OSError(f"could not decode the chunk file {path!r}: {error}") from error
+        if not in_place:
+            target[...] = out[inside]
 
     @staticmethod
     def _decompress(files: ChunkFiles, raw: memoryview, out: np.ndarray) -> None:
@@ -298,10 +300,7 @@ class ChunkFileDecoder:
             raw = memoryview(compressor.decode(raw)).cast("B")
             size = raw.nbytes
         if size != flat.size:
-            raise OSError(
-                f"a chunk in {files.folder!r} holds {size} bytes decoded, not {flat.size}:"
-                " the file is damaged"
-            )
+            raise OSError(f"it holds {size} bytes decoded, not {flat.size}: the file is damaged")
         flat[:] = np.frombuffer(raw, dtype=np.uint8)
 
     def _read(self, path: str) -> memoryview | None:

@@ -3,26 +3,32 @@
 Out of core, the windowed dims are cut into *cells*: whole storage chunks (see
 :func:`cell_edges`). A decoder fills a cell of every selected variable into a channel-major
 block ``(channel, *cell)`` that the reader provides (a slot of its arena), so that nothing is
-copied twice. Two decoders:
+copied twice. Four decoders:
 
 * :class:`XarrayDecoder` reads each variable's region through xarray (``isel(...).values``):
   any backend xarray opens (netCDF, zarr, dask, in-memory data). Several cells may be decoded
   in parallel threads.
 * :class:`ZarrDecoder` reads zarr stores through zarr-python 3's asynchronous API: the chunks
   of every variable of every requested cell are in flight at once on zarr's event loop and
-  decode straight into the block (no temporary array, no per-call round trip).
-* :class:`TensorStoreDecoder` reads local zarr stores (v2 and v3) with TensorStore, whose
-  C++ pipeline decodes straight into the block too. On the global benchmark store (one time
-  step per chunk, 82 channels) it decoded 2.2 GB/s with one thread and 3.1 GB/s with two,
-  against 0.6-0.85 GB/s for zarr-python with one thread (whose per-chunk asyncio and thread
-  hand-offs cost more than the decompression). TensorStore cannot be used in a process
-  forked after it ran (its threads do not survive a fork): such a process (a DataLoader
-  worker forked from a main process that read data) reads through zarr-python instead.
+  decode straight into the block (no temporary array, no per-call round trip). Remote
+  stores are read so.
+* :class:`~xr_datamodule.chunkfiles.ChunkFileDecoder` (in :mod:`xr_datamodule.chunkfiles`)
+  reads local zarr stores whose chunks are plain compressed arrays, the common layout:
+  each chunk file decompressed by numcodecs straight into the block. It beat both others
+  on every benchmark store (see that module).
+* :class:`TensorStoreDecoder` reads the other local zarr stores (sharded ones, codec
+  chains) with TensorStore, whose C++ pipeline decodes straight into the block too. On the
+  global benchmark store (one time step per chunk, 82 channels) it decoded 2.2 GB/s with
+  one thread and 3.1 GB/s with two, against 0.6-0.85 GB/s for zarr-python with one thread
+  (whose per-chunk asyncio and thread hand-offs cost more than the decompression).
+  TensorStore cannot be used in a process forked after it ran (its threads do not survive
+  a fork): such a process (a DataLoader worker forked from a main process that read data)
+  reads through zarr-python instead.
 
-For both, xarray still provides the metadata and labels; the variables' encodings are checked
-so that the values are exactly what xarray would decode (``_FillValue``/``missing_value``
-become NaN, ``scale_factor``/``add_offset`` are applied); any other encoding falls back to
-xarray.
+For all of them, xarray still provides the metadata and labels; the variables' encodings are
+checked so that the values are exactly what xarray would decode (``_FillValue`` and
+``missing_value`` become NaN, ``scale_factor``/``add_offset`` are applied); any other encoding
+falls back to xarray.
 
 Nothing here knows about samples or Lightning.
 """
