@@ -39,6 +39,7 @@ __all__ = ["ChunkFileDecoder", "ChunkFiles", "chunk_files"]
 _V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc"}
 _V2_COMPRESSORS = {"zstd", "blosc"}  # numcodecs ids
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_POOL_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,7 @@ class ChunkFileDecoder:
         return scratch[key]
 
     def _thread_pool(self) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(self.threads))
-        return self._pool[1]
+        with _POOL_LOCK:  # the reader's prefetch thread and the main thread both decode
+            if self._pool is None or self._pool[0] != os.getpid():
+                self._pool = (os.getpid(), ThreadPoolExecutor(self.threads))
+            return self._pool[1]
