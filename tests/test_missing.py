@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import make_dataset, reference_windows
-from xr_datamodule import XarrayDataModule
+from xr_datamodule import XarrayDataModule, windows
 from xr_datamodule.missing import MissingValueError
 
 CONFIG = dict(
@@ -54,8 +54,14 @@ def brute_force_keep(ds, dm, split):
     return [k for k in keep if k is not None]
 
 
-@pytest.mark.parametrize("backing", ["memory", "zarr"])
-def test_drop_leaves_out_exactly_the_windows_with_nan(holey, tmp_path, backing):
+@pytest.mark.parametrize(
+    ("backing", "slab_bytes"), [("memory", None), ("zarr", None), ("memory", 1), ("zarr", 4000)]
+)
+def test_drop_leaves_out_exactly_the_windows_with_nan(
+    holey, tmp_path, backing, slab_bytes, monkeypatch
+):
+    if slab_bytes is not None:  # the mask in slabs of one window, or of a few
+        monkeypatch.setattr(windows, "SLAB_BYTES", slab_bytes)
     data = holey
     if backing == "zarr":
         path = tmp_path / "holey.zarr"
@@ -79,7 +85,11 @@ def test_drop_leaves_out_exactly_the_windows_with_nan(holey, tmp_path, backing):
     assert seen == len(dm.indices["train"])
 
 
-def test_error_names_the_first_missing_value(holey):
+@pytest.mark.parametrize("slab_bytes", [None, 1, 500])
+def test_error_names_the_first_missing_value(holey, slab_bytes, monkeypatch):
+    if slab_bytes is not None:  # scanned one step at a time, or a few
+        monkeypatch.setattr(windows, "SLAB_BYTES", slab_bytes)
+    holey["a"][30, 1, 1] = np.nan  # a later NaN of the same variable: the first is named
     dm = XarrayDataModule(holey, **CONFIG, nan_policy="error")
     with pytest.raises(
         ValueError,

@@ -24,7 +24,7 @@ from torch.utils.data import RandomSampler
 
 from tests.conftest import cpu_trainer, reference_windows
 from tests.ddp_script import Recorder, ids_dataset
-from xr_datamodule import XarrayDataModule
+from xr_datamodule import XarrayDataModule, windows
 from xr_datamodule.samplers import (
     EpochShuffleSampler,
     FixedLengthSampler,
@@ -135,7 +135,10 @@ def test_fixed_length_epochs_over_two_real_ddp_ranks(tmp_path):
 # ----------------------------------------------------------------------------- weights
 
 
-def test_window_statistics_equal_brute_force(small_ds, tmp_path):
+@pytest.mark.parametrize("slab_bytes", [None, 1, 40_000])
+def test_window_statistics_equal_brute_force(small_ds, tmp_path, slab_bytes, monkeypatch):
+    if slab_bytes is not None:  # the statistics in slabs of one window, or of a few
+        monkeypatch.setattr(windows, "SLAB_BYTES", slab_bytes)
     small_ds.chunk({"time": 8}).to_zarr(tmp_path / "s.zarr")
     for data in (small_ds, str(tmp_path / "s.zarr")):
         dm = XarrayDataModule(

@@ -125,14 +125,26 @@ def box_any(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
 def first_missing(
     ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]
 ) -> tuple[str, dict[str, object]] | None:
-    """The first variable with a NaN and the coordinates of its first NaN, or ``None``."""
+    """The first variable with a NaN and the coordinates of its first NaN, or ``None``.
+
+    Scanned in slabs along the first windowed dim (:data:`~xr_datamodule.windows.SLAB_BYTES`
+    of mask at most), so memory does not grow with the data.
+    """
+    from xr_datamodule import windows  # read at call time: tests shrink the slabs
+
+    first = window_dims[0]
+    per_step = int(np.prod([ds.sizes[dim] for dim in window_dims[1:]]))
+    step = max(1, windows.SLAB_BYTES // max(per_step, 1))
     for name in names:
-        mask = np.asarray(dask.compute(_is_missing(ds, name, window_dims))[0])
-        hits = np.argwhere(mask)
-        if len(hits):
+        for lo in range(0, ds.sizes[first], step):
+            slab = ds.isel({first: slice(lo, lo + step)})
+            hits = np.argwhere(np.asarray(dask.compute(_is_missing(slab, name, window_dims))[0]))
+            if not len(hits):
+                continue
             where = {}
-            for dim, position in zip(window_dims, hits[0], strict=True):
+            for axis, (dim, position) in enumerate(zip(window_dims, hits[0], strict=True)):
+                position = int(position) + (lo if axis == 0 else 0)
                 labels = ds.indexes[dim] if dim in ds.indexes else None
-                where[dim] = labels[position] if labels is not None else int(position)
+                where[dim] = labels[position] if labels is not None else position
             return name, where
     return None

@@ -65,7 +65,7 @@ from xr_datamodule.transforms import (
     window_to_channels,
 )
 from xr_datamodule.weights import WindowStatistics, box_reduce, point_field, weights_from
-from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
+from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index, reduce_windows
 
 __all__ = ["DataPipeline", "available_memory"]
 
@@ -258,22 +258,14 @@ class DataPipeline:
     def _drop_missing(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
         """Leave out every sample whose input or target window holds a NaN (vectorised)."""
         geometry, spec = self.geometry, self.spec
-        # X sees only the input variables, y only the target ones: one mask for each.
-        in_input = box_any(
-            missing_mask(self.source, self.dynamic(spec.input_vars), geometry.dims),
-            geometry.input_size,
-        )
-        in_target = box_any(
-            missing_mask(self.source, self.dynamic(spec.targets), geometry.dims),
-            geometry.target_size,
-        )
+        zero = (0,) * len(geometry.dims)
         kept = {}
         for name, index in indices.items():
-            at_input = np.ix_(*index.axis_starts)
-            at_target = np.ix_(
-                *(s + o for s, o in zip(index.axis_starts, geometry.target_offset, strict=True))
+            # X sees only the input variables, y only the target ones: a mask for each.
+            bad = self._windows_with_nan(spec.input_vars, index, zero, geometry.input_size)
+            bad |= self._windows_with_nan(
+                spec.targets, index, geometry.target_offset, geometry.target_size
             )
-            bad = (in_input[at_input] | in_target[at_target]).reshape(-1)[index.grid_ids()]
             kept[name] = index.keep(~bad)
             self.dropped_samples[name] = int(bad.sum())
             if len(kept[name]) == 0:
@@ -288,6 +280,23 @@ class DataPipeline:
                 name,
             )
         return kept
+
+    def _windows_with_nan(
+        self, names: Sequence[str], index: SampleIndex, offset: Sequence[int], size: Sequence[int]
+    ) -> np.ndarray:
+        """Per sample of ``index``: whether its window of ``names`` holds a NaN (in slabs)."""
+        names, dims = self.dynamic(names), self.geometry.dims
+
+        def mask_of(lo: int, hi: int) -> np.ndarray:
+            return missing_mask(self.source.isel({dims[0]: slice(lo, hi)}), names, dims)
+
+        step_bytes = self._points_per_step * (len(names) + 3)  # one byte per point and name
+        return reduce_windows(index, offset, size, mask_of, box_any, step_bytes).astype(bool)
+
+    @property
+    def _points_per_step(self) -> int:
+        """Grid points of the windowed dims at one position of the first."""
+        return int(np.prod([self.source.sizes[dim] for dim in self.geometry.dims[1:]]))
 
     @property
     def split_sizes(self) -> dict[str, int]:
@@ -772,10 +781,17 @@ class DataPipeline:
         names = self.dynamic(spec.input_vars if side == "input" else spec.targets)
         size = geometry.input_size if side == "input" else geometry.target_size
         offset = (0,) * len(size) if side == "input" else geometry.target_offset
-        field = point_field(self.source, names, geometry.dims, stat)
-        boxes = box_reduce(field, size, stat)
-        at = np.ix_(*(s + o for s, o in zip(index.axis_starts, offset, strict=True)))
-        return boxes[at].reshape(-1)[index.grid_ids()]
+        dims = geometry.dims
+
+        def field_of(lo: int, hi: int) -> np.ndarray:
+            return point_field(self.source.isel({dims[0]: slice(lo, hi)}), names, dims, stat)
+
+        def reduce(field: np.ndarray, box: Sequence[int]) -> np.ndarray:
+            return box_reduce(field, box, stat)
+
+        # float64 per point and variable, their counts for a mean, the box sums' arrays
+        step_bytes = self._points_per_step * 8 * (2 * len(names) + 4)
+        return reduce_windows(index, offset, size, field_of, reduce, step_bytes)
 
     @cached_property
     def sample_weights(self) -> np.ndarray | None:

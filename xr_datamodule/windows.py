@@ -17,12 +17,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SampleIndex", "WindowGeometry", "build_index"]
+__all__ = ["SLAB_BYTES", "SampleIndex", "WindowGeometry", "build_index", "reduce_windows"]
+
+# Fields of one value per grid point (a window statistic, a missing-value mask) are computed
+# in slabs along the first windowed dim of at most this many bytes (one window at least).
+SLAB_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -154,3 +158,65 @@ def build_index(
         geometry.starts_along(axis, *bounds[dim]) for axis, dim in enumerate(geometry.dims)
     )
     return SampleIndex(dims=geometry.dims, axis_starts=axis_starts)
+
+
+def reduce_windows(
+    index: SampleIndex,
+    offset: Sequence[int],
+    size: Sequence[int],
+    field_of: Callable[[int, int], np.ndarray],
+    reduce: Callable[[np.ndarray, Sequence[int]], np.ndarray],
+    step_bytes: int,
+    budget: int | None = None,
+) -> np.ndarray:
+    """One value per sample: a reduction of a per-point field over each sample's window.
+
+    The field is never built whole: ``field_of(lo, hi)`` gives it over positions
+    ``lo:hi`` of the first dim (all of the others) and is called slab by slab, each slab
+    holding at most ``budget`` bytes (:data:`SLAB_BYTES`) at ``step_bytes`` per position of
+    the first dim (or one window's length, if that is more); memory then does not grow with
+    the data.
+
+    Args:
+        index: The samples.
+        offset: Where the window starts relative to each sample's start, per dim (the
+            target's offset, or zeros for the input window).
+        size: The window's length per dim.
+        field_of: The field over a range of the first dim, shape ``(hi - lo, *others)``.
+        reduce: ``reduce(field, size)``: the reduction over the box of ``size`` at every
+            position of ``field`` (``field.shape[d] - size[d] + 1`` along each dim).
+        step_bytes: Bytes ``field_of`` holds per position of the first dim as it computes.
+        budget: Bytes per slab; default :data:`SLAB_BYTES`.
+
+    Returns:
+        An array with one value per sample, in sample order.
+
+    Example:
+        >>> index = SampleIndex(("time",), (np.arange(0, 8, 2),))
+        >>> field = np.array([0.0, 5.0, 1.0, 2.0, 9.0, 3.0, 4.0, 0.0, 7.0])
+        >>> def box_max(f, size):
+        ...     return np.lib.stride_tricks.sliding_window_view(f, size[0]).max(-1)
+        >>> reduce_windows(index, (1,), (2,), lambda lo, hi: field[lo:hi], box_max,
+        ...                step_bytes=8, budget=24).tolist()
+        [5.0, 9.0, 4.0, 7.0]
+    """
+    budget = SLAB_BYTES if budget is None else budget
+    firsts = np.asarray(index.axis_starts[0], dtype=np.int64) + int(offset[0])
+    others = [
+        np.asarray(starts, dtype=np.int64) + int(o)
+        for starts, o in zip(index.axis_starts[1:], offset[1:], strict=True)
+    ]
+    if np.any(np.diff(firsts) <= 0):
+        raise ValueError("internal error: window starts are not increasing")
+    span = max(int(size[0]), budget // max(1, int(step_bytes)))  # positions per slab
+    parts, begin = [], 0
+    while begin < len(firsts):
+        lo = int(firsts[begin])
+        end = max(begin + 1, int(np.searchsorted(firsts, lo + span - size[0], side="right")))
+        hi = int(firsts[end - 1]) + int(size[0])
+        boxes = reduce(field_of(lo, hi), size)
+        parts.append(boxes[np.ix_(firsts[begin:end] - lo, *others)])
+        begin = end
+    if not parts:
+        return np.empty(0)
+    return np.concatenate(parts, axis=0).reshape(-1)[index.grid_ids()]
