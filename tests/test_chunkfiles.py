@@ -12,7 +12,15 @@ import xarray as xr
 import zarr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, TransposeCodec, ZstdCodec
+from zarr.codecs import (
+    BloscCodec,
+    BytesCodec,
+    Crc32cCodec,
+    GzipCodec,
+    ShardingCodec,
+    TransposeCodec,
+    ZstdCodec,
+)
 
 from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule
@@ -33,8 +41,11 @@ LAYOUTS = [
 DTYPES = ["f4", "f8", "i2", "u1", "i4"]
 
 
-def make_array(path: Path, shape, chunks, dtype, layout) -> zarr.Array:
-    """A zarr array with ``layout`` (see LAYOUTS) holding distinct values per element."""
+def make_array(path: Path, shape, chunks, dtype, layout, sharding=None) -> zarr.Array:
+    """A zarr array with ``layout`` (see LAYOUTS) holding distinct values per element.
+
+    ``sharding`` (zarr v3): ``(chunks per shard along each dim, index location, checksum)``.
+    """
     zarr_format, compressor, order, separator = layout
     kwargs: dict = {}
     if zarr_format == 3:
@@ -42,6 +53,16 @@ def make_array(path: Path, shape, chunks, dtype, layout) -> zarr.Array:
         kwargs["serializer"] = BytesCodec(endian=order)
         if separator == ".":
             kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "."}
+        if sharding is not None:
+            per_shard, location, checksum = sharding
+            kwargs["serializer"] = ShardingCodec(
+                chunk_shape=chunks,
+                codecs=[BytesCodec(endian=order), *([compressors] if compressors else [])],
+                index_codecs=[BytesCodec(), *([Crc32cCodec()] if checksum else [])],
+                index_location=location,
+            )
+            chunks = tuple(c * n for c, n in zip(chunks, per_shard, strict=True))
+            compressors = None
     else:
         compressors = {"zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc(), None: None}
         compressors = compressors[compressor]
@@ -86,6 +107,12 @@ def cases(draw):
     for n in shape:
         start = draw(st.integers(0, n - 1))
         region.append(slice(start, draw(st.integers(start + 1, n))))
+    layout = draw(st.sampled_from(LAYOUTS))
+    sharding = None
+    if layout[0] == 3 and draw(st.booleans()):
+        per_shard = tuple(draw(st.integers(1, 3)) for _ in range(ndim))
+        location = draw(st.sampled_from(["start", "end"]))
+        sharding = (per_shard, location, draw(st.booleans()))
     channel_dim = draw(st.sampled_from([None, *range(1, ndim)]))
     if channel_dim is not None:  # a variable's channels are read whole
         region[channel_dim] = slice(0, shape[channel_dim])
@@ -95,7 +122,8 @@ def cases(draw):
         region=region,
         channel_dim=channel_dim,
         dtype=draw(st.sampled_from(DTYPES)),
-        layout=draw(st.sampled_from(LAYOUTS)),
+        layout=layout,
+        sharding=sharding,
         out_dtype=draw(st.sampled_from(["float32", "float64"])),
         lost=draw(st.integers(0, 3)),
         threads=draw(st.sampled_from([1, 2])),
@@ -103,19 +131,21 @@ def cases(draw):
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(case=cases())
 def test_any_region_of_any_layout_reads_as_zarr_reads_it(tmp_path_factory, case):
     folder = tmp_path_factory.mktemp("store") / "x"
-    array = make_array(folder, case["shape"], case["chunks"], case["dtype"], case["layout"])
+    array = make_array(
+        folder, case["shape"], case["chunks"], case["dtype"], case["layout"], case["sharding"]
+    )
     files = sorted(
         os.path.join(root, name)
         for root, _, names in os.walk(folder)
         for name in names
         if not name.startswith(".") and name != "zarr.json"
     )
-    for path in files[: case["lost"]]:  # chunks lost in a copy read as the fill value
+    for path in files[: case["lost"]]:  # chunks (shards) lost in a copy read as fill values
         os.unlink(path)
     decoder, dims, window_dims = decoder_for(array, folder, case["channel_dim"], case["threads"])
     region = dict(zip(dims, case["region"], strict=True))
@@ -149,7 +179,8 @@ def test_whole_chunks_are_decoded_in_place(tmp_path, monkeypatch):
         ({"compressors": GzipCodec()}, False),  # no size in its header: zarr-python reads it
         ({"compressors": [ZstdCodec(), Crc32cCodec()]}, False),
         ({"filters": [TransposeCodec(order=(1, 0))]}, False),
-        ({"shards": (4, 6)}, False),
+        ({"shards": (4, 6)}, True),
+        ({"shards": (4, 6), "compressors": GzipCodec()}, False),
     ],
 )
 def test_layouts_read_from_chunk_files_and_those_left_to_zarr(tmp_path, codecs, readable):
@@ -240,3 +271,55 @@ def test_workers_and_the_main_process_read_chunk_files_into_isel_batches(tmp_pat
     starts = dm.indices["train"].starts(order)
     expected = reference_windows(ds, ["u", "t"], dm.window_dims, starts, (2, 8, 12))
     np.testing.assert_array_equal(X, expected.astype(np.float32))
+
+
+def test_a_shard_whose_index_fails_its_checksum_is_reported(tmp_path):
+    array = make_array(tmp_path / "x", (8, 6), (2, 3), "f4", LAYOUTS[0], ((2, 2), "end", True))
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    shard = Path(chunk_files(array, str(tmp_path / "x")).path((0, 0)))
+    raw = bytearray(shard.read_bytes())
+    raw[-10] ^= 0xFF  # a bit flipped in the index
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="index fails its checksum") as raised:
+        decoder.decode([DecodeJob({"d0": slice(0, 8)}, np.empty((1, 8, 6), np.float32))])
+    assert str(shard) in str(raised.value)
+
+
+def test_sharded_stores_are_read_from_their_shards_through_the_datamodule(tmp_path):
+    rng = np.random.default_rng(1)
+    ds = xr.Dataset(
+        {"t": (("time", "lat", "lon"), rng.standard_normal((32, 8, 12)).astype(np.float32))},
+        coords={"time": np.arange(32)},
+    )
+    encoding = {"t": {"chunks": (2, 8, 12), "shards": (8, 8, 12)}}
+    ds.chunk({"time": 8}).to_zarr(
+        tmp_path / "s.zarr", zarr_format=3, consolidated=False, encoding=encoding
+    )
+    dm = XarrayDataModule(
+        str(tmp_path / "s.zarr"),
+        input_vars=["t"],
+        input_dims={"time": 3, "lat": 8, "lon": 12},
+        splits={"train": 1.0},
+        batch_size=4,
+        load=False,
+        num_workers=2,
+    )
+    dm.setup("fit")
+    assert isinstance(dm.datasets["train"].reader.decoder, ChunkFileDecoder)
+    X = np.concatenate([X.numpy() for X, _ in dm.train_dataloader()])
+    starts = dm.indices["train"].starts(np.concatenate(dm.train_batches(0)))
+    expected = reference_windows(ds, ["t"], dm.window_dims, starts, (3, 8, 12))
+    np.testing.assert_array_equal(X, expected)
+
+
+def test_a_chunk_left_out_of_its_shard_reads_as_the_fill_value(tmp_path):
+    array = make_array(tmp_path / "x", (8, 6), (2, 3), "f4", LAYOUTS[0], ((2, 2), "end", True))
+    array[2:4, 3:6] = 7  # the fill value: zarr leaves the chunk out of the shard's index
+    files = chunk_files(array, str(tmp_path / "x"))
+    shard = Path(files.path((1, 1)))
+    index = np.frombuffer(shard.read_bytes()[-68:-4], "<u8").reshape(2, 2, 2)
+    assert (index[1, 1] == 2**64 - 1).all()  # written as "no chunk"
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    out = np.empty((1, 8, 6), np.float32)
+    decoder.decode([DecodeJob({"d0": slice(0, 8)}, out)])
+    np.testing.assert_array_equal(out[0], array[...])

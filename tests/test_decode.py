@@ -1,8 +1,8 @@
 """Cell decoders: chunk files, TensorStore, zarr-python and xarray give what xarray decodes.
 
-Stores written plainly (a compressor per chunk) are read from their chunk files
-(:mod:`xr_datamodule.chunkfiles`); the TensorStore and zarr-python paths are exercised on
-sharded copies, which only they read.
+Stores written plainly (a compressor per chunk, or shards of such chunks) are read from
+their chunk files (:mod:`xr_datamodule.chunkfiles`); the TensorStore and zarr-python paths
+are exercised on copies whose chunks end with a CRC32C checksum, which only they read.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule, decode
@@ -35,10 +36,10 @@ def chunks_are_cells(monkeypatch):
     monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
 
 
-def encoded_store(path: Path, sharded: bool = False) -> tuple[Path, xr.Dataset]:
+def encoded_store(path: Path, checksummed: bool = False) -> tuple[Path, xr.Dataset]:
     """A store whose variables xarray decodes: packed ints, a float fill value, a lost chunk.
 
-    ``sharded``: chunks of 4 steps in shards of 8; the first shard is lost (two chunks).
+    ``checksummed``: each chunk's bytes end with their CRC32C (a codec chain).
     """
     rng = np.random.default_rng(0)
     shape = (24, 2, 5, 6)
@@ -58,15 +59,12 @@ def encoded_store(path: Path, sharded: bool = False) -> tuple[Path, xr.Dataset]:
         "packed": {"dtype": "int16", "scale_factor": 0.1, "add_offset": 2.0, "_FillValue": -32767},
         "filled": {"_FillValue": -9999.0},
     }
-    if sharded:
+    if checksummed:
         for name in ds.data_vars:
-            shape = ds[name].shape
-            encoding.setdefault(name, {}).update(chunks=(4, *shape[1:]), shards=(8, *shape[1:]))
-    ds.chunk({"time": 8 if sharded else 4}).to_zarr(
-        path, zarr_format=3, consolidated=False, encoding=encoding
-    )
+            encoding.setdefault(name, {})["compressors"] = (ZstdCodec(), Crc32cCodec())
+    ds.chunk({"time": 4}).to_zarr(path, zarr_format=3, consolidated=False, encoding=encoding)
     # A chunk lost in a copy: zarr reads its fill value, which xarray decodes to NaN.
-    lost = path / "plain" / "c" / ("0" if sharded else "2") / "0" / "0"
+    lost = path / "plain" / "c" / "2" / "0" / "0"
     assert lost.exists()
     lost.unlink()
     return path, xr.open_zarr(path, consolidated=False).load()
@@ -90,7 +88,7 @@ def test_encodings_are_read_as_xarray_decodes_them(tmp_path):
 
 @pytest.mark.parametrize("reader", ["chunk files", "tensorstore", "zarr", "xarray"])
 def test_each_decoder_gives_the_batches_of_isel(tmp_path, reader, monkeypatch):
-    path, decoded = encoded_store(tmp_path / "encoded.zarr", sharded=reader != "chunk files")
+    path, decoded = encoded_store(tmp_path / "encoded.zarr", checksummed=reader != "chunk files")
     if reader == "tensorstore" and not tensorstore_available():
         pytest.skip("TensorStore cannot run in this process")
     if reader == "zarr":  # as in a process forked after TensorStore ran
@@ -136,7 +134,7 @@ def _read_in_child(reader: ChunkedReader, queue) -> None:
 def test_a_process_forked_after_tensorstore_ran_reads_through_zarr(tmp_path):
     if not tensorstore_available():
         pytest.skip("TensorStore cannot run in this process")
-    path, _ = encoded_store(tmp_path / "encoded.zarr", sharded=True)
+    path, _ = encoded_store(tmp_path / "encoded.zarr", checksummed=True)
     dm = XarrayDataModule(
         str(path),
         input_vars=["packed", "plain"],
@@ -162,7 +160,7 @@ def test_a_process_forked_after_tensorstore_ran_reads_through_zarr(tmp_path):
 
 
 def test_workers_after_the_main_process_read_still_give_isel_batches(tmp_path, caplog):
-    path, decoded = encoded_store(tmp_path / "encoded.zarr", sharded=True)
+    path, decoded = encoded_store(tmp_path / "encoded.zarr", checksummed=True)
     settings = dict(
         input_vars=["packed", "plain"],
         input_dims={"time": 3, "lat": 5, "lon": 6},
@@ -189,7 +187,7 @@ def test_workers_after_the_main_process_read_still_give_isel_batches(tmp_path, c
 
 
 def test_a_store_without_tensorstore_support_reads_through_zarr(tmp_path, monkeypatch):
-    path, _ = encoded_store(tmp_path / "encoded.zarr", sharded=True)
+    path, _ = encoded_store(tmp_path / "encoded.zarr", checksummed=True)
     monkeypatch.setattr(decode, "tensorstore_available", lambda: False)
     from xr_datamodule import pipeline
 
@@ -205,8 +203,7 @@ def test_a_store_without_tensorstore_support_reads_through_zarr(tmp_path, monkey
     dm.setup("fit")
     assert isinstance(dm.datasets["train"].reader.decoder, ZarrDecoder)
     shutil.rmtree(path / "filled")  # a variable not asked for may go
-    # (a window past the lost shard)
-    assert dm.datasets["train"].__getitems__([3]).inputs.shape == (1, 1, 3, 5, 6)
+    assert dm.datasets["train"].__getitems__([0]).inputs.shape == (1, 1, 3, 5, 6)
 
 
 def test_a_store_without_consolidated_metadata_opens_without_a_warning(tmp_path):
@@ -232,7 +229,7 @@ def test_the_environment_can_turn_tensorstore_off(monkeypatch):
     ("chunk_steps", "expected"),
     [(2, "TensorStoreDecoder"), (64, "TensorStoreDecoder"), (128, "ZarrDecoder")],
 )
-def test_workers_read_sharded_stores_with_tensorstore_only_where_chunks_are_small(
+def test_workers_read_checksummed_stores_with_tensorstore_only_where_chunks_are_small(
     tmp_path, chunk_steps, expected
 ):
     if not tensorstore_available():
@@ -242,14 +239,13 @@ def test_workers_read_sharded_stores_with_tensorstore_only_where_chunks_are_smal
         coords={"time": np.arange(128)},
     )
     # 2 steps: 32 KB chunks (TensorStore saves zarr-python's per-chunk overhead); 128 steps:
-    # 2 MiB chunks, where it would cost each worker its own ~30 MB for little gain. Sharded
-    # (a shard per chunk): a plain store is read from its chunk files.
-    shape = (chunk_steps, 64, 64)
+    # 2 MiB chunks, where it would cost each worker its own ~30 MB for little gain.
+    # Checksummed chunks: a plain store is read from its chunk files.
     ds.chunk({"time": chunk_steps}).to_zarr(
         tmp_path / "s.zarr",
         consolidated=False,
         zarr_format=3,
-        encoding={"x": {"chunks": shape, "shards": shape}},
+        encoding={"x": {"compressors": (ZstdCodec(), Crc32cCodec())}},
     )
     settings = dict(input_vars=["x"], input_dims={"time": 1, "lat": 32, "lon": 32}, load=False)
     dm = XarrayDataModule(str(tmp_path / "s.zarr"), **settings, num_workers=2)

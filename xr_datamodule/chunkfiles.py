@@ -7,13 +7,15 @@ fault per 4 KiB page (570 per chunk) and twice the CPU time of the decompression
 zarr-python decoded 517 MB/s per core where numcodecs' zstd alone decodes 1150 MB/s.
 
 :class:`ChunkFileDecoder` does what zarr-python does for the common layouts (a regular chunk
-grid, no sharding, a ``bytes`` codec and at most one compressor; zarr v2 without filters),
-without the buffers: each chunk file is read into a buffer this thread reuses and
-decompressed by the same numcodecs codec zarr uses, straight into the block when the chunk's
-place there is contiguous (whole chunks of a variable with the windowed dims last), else into
-a reused scratch chunk that is then copied (a transposed view, a chunk cut by the array's
-edge, another byte order or dtype). Stores with other codecs are read by zarr-python
-(:class:`~xr_datamodule.decode.ZarrDecoder`); zarr provides the metadata either way.
+grid, a ``bytes`` codec and at most one zstd or blosc compressor, alone or as the inner
+codecs of zarr v3 shards; zarr v2 without filters), without the buffers: each chunk is read
+into a buffer this thread reuses (from its own file, or from its shard at the place the
+shard's index gives) and decompressed by the same numcodecs codec zarr uses, straight into
+the block when the chunk's place there is contiguous (whole chunks of a variable with the
+windowed dims last), else into a reused scratch chunk that is then copied (a transposed
+view, a chunk cut by the array's edge, another byte order or dtype). Other stores are read
+by TensorStore or zarr-python (:mod:`xr_datamodule.decode`); zarr provides the metadata
+either way.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc"}
 _V2_COMPRESSORS = {"zstd", "blosc"}  # numcodecs ids
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _POOL_LOCK = threading.Lock()
+_NO_CHUNK = 2**64 - 1  # a shard index's offset and length of a chunk that was not written
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,15 @@ class ChunkFiles:
     Attributes:
         folder: The array's folder.
         shape: The array's shape.
-        chunks: The chunk shape (a regular grid).
+        chunks: The chunk shape (a regular grid; the inner chunks of a sharded array).
         dtype: The stored dtype, byte order included.
-        compressor: The numcodecs codec that decompresses a chunk file, or None (raw bytes).
-        fill_value: What a chunk without a file reads as.
+        compressor: The numcodecs codec that decompresses a chunk, or None (raw bytes).
+        fill_value: What a chunk without a file (or without bytes in its shard) reads as.
         key_prefix: What precedes the chunk's grid position in its file name (``"c/"``).
         separator: What separates the grid positions (``"/"`` or ``"."``).
+        per_shard: Chunks per shard along each dim, or None (a file per chunk).
+        index_at_end: Whether a shard's index follows its chunks (else it precedes them).
+        index_checksum: Whether a shard's index ends with its CRC32C.
     """
 
     folder: str
@@ -65,19 +71,28 @@ class ChunkFiles:
     fill_value: Any
     key_prefix: str
     separator: str
+    per_shard: tuple[int, ...] | None = None
+    index_at_end: bool = True
+    index_checksum: bool = False
 
     def path(self, position: Sequence[int]) -> str:
-        """The file of the chunk at ``position`` on the chunk grid."""
+        """The file that holds the chunk at ``position`` on the chunk grid (or its shard)."""
+        if self.per_shard is not None:
+            position = [p // n for p, n in zip(position, self.per_shard, strict=True)]
         key = self.key_prefix + self.separator.join(map(str, position))
         return os.path.join(self.folder, key)
+
+    def index_bytes(self) -> int:
+        """Bytes of a shard's index: (offset, length) per chunk, and the checksum."""
+        return 16 * int(np.prod(self.per_shard or ())) + (4 if self.index_checksum else 0)
 
 
 def chunk_files(array: Any, folder: str) -> ChunkFiles | None:
     """How to read ``array`` (a zarr-python 3 array whose local folder is ``folder``), or None.
 
-    None when the array's layout is one zarr-python must read: sharding, storage
-    transformers, filters or array-to-array codecs, a compressor not listed here,
-    Fortran order, or a dtype that is not a plain number.
+    None when the array's layout is one zarr-python must read: storage transformers,
+    filters or array-to-array codecs, a compressor not listed here, nested sharding or a
+    shard index with other codecs, Fortran order, or a dtype that is not a plain number.
     """
     import numcodecs
 
@@ -94,26 +109,57 @@ def chunk_files(array: Any, folder: str) -> ChunkFiles | None:
         described = _v2_layout(metadata, dtype, numcodecs)
     if described is None:
         return None
-    dtype, compressor, prefix, separator = described
     fill = metadata.fill_value
     return ChunkFiles(
         folder=folder,
         shape=tuple(int(n) for n in array.shape),
         chunks=tuple(int(n) for n in array.chunks),
-        dtype=dtype,
-        compressor=compressor,
         fill_value=0 if fill is None else fill,
-        key_prefix=prefix,
-        separator=separator,
+        **described,
     )
 
 
-def _v3_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> tuple | None:
+def _v3_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> dict | None:
     if metadata.storage_transformers or type(metadata.chunk_grid).__name__ != "RegularChunkGrid":
         return None
+    encoding = metadata.chunk_key_encoding
+    if encoding.name not in ("default", "v2"):
+        return None
+    separator = str(encoding.separator)
+    layout: dict[str, Any] = {
+        "key_prefix": "c" + separator if encoding.name == "default" else "",
+        "separator": separator,
+    }
     codecs = [codec.to_dict() for codec in metadata.codecs]
+    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
+        config = codecs[0]["configuration"]
+        shard = metadata.chunk_grid.chunk_shape
+        index_codecs = [codec["name"] for codec in _as_dicts(config["index_codecs"])]
+        endian = (_as_dicts(config["index_codecs"])[0].get("configuration") or {}).get("endian")
+        if index_codecs not in (["bytes"], ["bytes", "crc32c"]) or endian == "big":
+            return None
+        layout.update(
+            per_shard=tuple(
+                int(s) // int(c) for s, c in zip(shard, config["chunk_shape"], strict=True)
+            ),
+            index_at_end=config.get("index_location", "end") == "end",
+            index_checksum=index_codecs[-1] == "crc32c",
+        )
+        codecs = _as_dicts(config["codecs"])
+    described = _v3_chunk_codecs(codecs, dtype, numcodecs)
+    if described is None:
+        return None
+    return {**layout, **described}
+
+
+def _as_dicts(codecs: Sequence[Any]) -> list[dict]:
+    return [codec if isinstance(codec, dict) else codec.to_dict() for codec in codecs]
+
+
+def _v3_chunk_codecs(codecs: list[dict], dtype: np.dtype, numcodecs: Any) -> dict | None:
+    """The stored dtype and compressor of a chunk's codecs: ``bytes`` and one compressor."""
     if not codecs or codecs[0]["name"] != "bytes" or len(codecs) > 2:
-        return None  # array-to-array codecs (transpose), sharding, or a codec chain
+        return None  # array-to-array codecs (transpose), nested sharding, or a codec chain
     endian = (codecs[0].get("configuration") or {}).get("endian", "little")
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder("<" if endian == "little" else ">")
@@ -123,21 +169,21 @@ def _v3_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> tuple | None:
         if name is None:
             return None
         compressor = getattr(numcodecs, name)()  # decoding needs no settings
-    encoding = metadata.chunk_key_encoding
-    separator = str(encoding.separator)
-    prefix = "c" + separator if encoding.name == "default" else ""
-    if encoding.name not in ("default", "v2"):
-        return None
-    return dtype, compressor, prefix, separator
+    return {"dtype": dtype, "compressor": compressor}
 
 
-def _v2_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> tuple | None:
+def _v2_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> dict | None:
     if metadata.filters or metadata.order != "C":
         return None
     compressor = metadata.compressor
     if compressor is not None and compressor.codec_id not in _V2_COMPRESSORS:
         return None
-    return dtype, compressor, "", str(metadata.dimension_separator or ".")
+    return {
+        "dtype": dtype,
+        "compressor": compressor,
+        "key_prefix": "",
+        "separator": str(metadata.dimension_separator or "."),
+    }
 
 
 def decoded_size(codec_id: str, raw: memoryview) -> int | None:
@@ -272,8 +318,8 @@ class ChunkFileDecoder:
     def _decode_chunk(self, task: tuple) -> None:
         files, position, inside, target = task
         path = files.path(position)
-        raw = self._read(path)
-        if raw is None:  # no file: the chunk holds only the fill value
+        raw = self._read(path) if files.per_shard is None else self._read_inner(files, position)
+        if raw is None:  # no file (or no bytes in its shard): only the fill value
             target[...] = files.fill_value
             return
         whole = all(
@@ -317,6 +363,54 @@ class ChunkFileDecoder:
         if read != size:
             raise OSError(f"short read of {path!r}: {read} of {size} bytes")
         return view
+
+    def _read_inner(self, files: ChunkFiles, position: Sequence[int]) -> memoryview | None:
+        """A sharded chunk's bytes, found through its shard's index (None: not written)."""
+        path = files.path(position)
+        try:
+            with open(path, "rb", buffering=0) as file:
+                size = os.fstat(file.fileno()).st_size
+                index = self._shard_index(files, path, file, size)
+                within = [p % n for p, n in zip(position, files.per_shard or (), strict=True)]
+                offset, length = (int(v) for v in index[tuple(within)])
+                if offset == length == _NO_CHUNK:
+                    return None
+                if offset + length > size:
+                    raise OSError(
+                        f"the shard file {path!r} is damaged: its index points past its end"
+                    )
+                view = memoryview(self._buffer(length))[:length]
+                file.seek(offset)
+                read = file.readinto(view)
+        except FileNotFoundError:
+            return None
+        if read != length:
+            raise OSError(f"short read of {path!r}: {read} of {length} bytes")
+        return view
+
+    def _shard_index(self, files: ChunkFiles, path: str, file: Any, size: int) -> np.ndarray:
+        """(offset, length) of each chunk of the shard, ``per_shard + (2,)``; kept per thread.
+
+        A batch's cells are read chunk by chunk in grid order, so consecutive chunks mostly
+        share a shard: this thread's last index is reused while the file stays the same.
+        """
+        last = getattr(self._local, "shard", None)
+        if last is not None and last[0] == (path, size):
+            return last[1]
+        nbytes = files.index_bytes()
+        if size < nbytes:
+            raise OSError(f"the shard file {path!r} is damaged: shorter than its index")
+        file.seek(size - nbytes if files.index_at_end else 0)
+        raw = file.read(nbytes)
+        if files.index_checksum:
+            import google_crc32c  # what zarr checks shard indexes with
+
+            raw, stored = raw[:-4], int.from_bytes(raw[-4:], "little")
+            if google_crc32c.value(raw) != stored:
+                raise OSError(f"the shard file {path!r} is damaged: its index fails its checksum")
+        index = np.frombuffer(raw, dtype="<u8").reshape(*(files.per_shard or ()), 2)
+        self._local.shard = ((path, size), index)
+        return index
 
     def _buffer(self, size: int) -> bytearray:
         buffer = getattr(self._local, "buffer", None)

@@ -536,8 +536,8 @@ class DataPipeline:
         """The fastest exact reader of a zarr store, or None (read through xarray).
 
         A local store is read from its chunk files (:class:`ChunkFileDecoder`) when zarr
-        describes every variable's chunks as plain compressed arrays, else with TensorStore
-        where it pays (sharding, codec chains); a remote store, or one TensorStore cannot
+        describes every variable's chunks as plain compressed arrays (sharded or not), else
+        with TensorStore where it pays (codec chains); a remote store, or one TensorStore cannot
         read here, through zarr-python's asynchronous API.
         """
         spec, names = self.spec, self.reader_vars
