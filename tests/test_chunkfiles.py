@@ -323,3 +323,11 @@ def test_a_chunk_left_out_of_its_shard_reads_as_the_fill_value(tmp_path):
     out = np.empty((1, 8, 6), np.float32)
     decoder.decode([DecodeJob({"d0": slice(0, 8)}, out)])
     np.testing.assert_array_equal(out[0], array[...])
+
+
+def test_the_environment_can_turn_chunk_files_off(tmp_path, monkeypatch):
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[0])
+    monkeypatch.setenv("XR_DATAMODULE_CHUNK_FILES", "0")
+    assert chunk_files(array, str(tmp_path / "x")) is None
+    monkeypatch.setenv("XR_DATAMODULE_CHUNK_FILES", "1")
+    assert chunk_files(array, str(tmp_path / "x")) is not None

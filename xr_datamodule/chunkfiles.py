@@ -30,10 +30,12 @@ from typing import Any
 
 import numpy as np
 
-from xr_datamodule.decode import CfDecoding, DecodeJob, variable_view
+from xr_datamodule.decode import CfDecoding, DecodeJob, switched_off, variable_view
 from xr_datamodule.sources import VariableLayout
 
-__all__ = ["ChunkFileDecoder", "ChunkFiles", "chunk_files"]
+__all__ = ["CHUNK_FILES_SWITCH", "ChunkFileDecoder", "ChunkFiles", "chunk_files", "decoded_size"]
+
+CHUNK_FILES_SWITCH = "XR_DATAMODULE_CHUNK_FILES"  # "0": leave local zarr to the other readers
 
 # zarr v3 compressors (codec name) read here and the numcodecs codec that decodes each: those
 # whose chunk files say how many bytes they hold decoded, checked before decoding into place
@@ -92,9 +94,13 @@ def chunk_files(array: Any, folder: str) -> ChunkFiles | None:
 
     None when the array's layout is one zarr-python must read: storage transformers,
     filters or array-to-array codecs, a compressor not listed here, nested sharding or a
-    shard index with other codecs, Fortran order, or a dtype that is not a plain number.
+    shard index with other codecs, Fortran order, or a dtype that is not a plain number;
+    and for every array when ``XR_DATAMODULE_CHUNK_FILES=0`` is in the environment.
     """
     import numcodecs
+
+    if switched_off(CHUNK_FILES_SWITCH):
+        return None
 
     metadata = array.metadata
     try:

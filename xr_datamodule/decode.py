@@ -455,6 +455,11 @@ def forked_workers_may_use_tensorstore() -> bool:
 TENSORSTORE_SWITCH = "XR_DATAMODULE_TENSORSTORE"  # "0": read local zarr with zarr-python
 
 
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable says ``0``/``false``/``no``/``off``."""
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def tensorstore_available() -> bool:
     """Whether TensorStore is installed and may be used in this process (not imported here).
 
@@ -465,7 +470,7 @@ def tensorstore_available() -> bool:
     """
     if _tensorstore_pid not in (None, os.getpid()):
         return False
-    if os.environ.get(TENSORSTORE_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off(TENSORSTORE_SWITCH):
         return False
     return importlib.util.find_spec("tensorstore") is not None
 
