@@ -23,14 +23,20 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from xr_datamodule.decode import CfDecoding, DecodeJob, switched_off, variable_view
+from xr_datamodule.decode import (
+    CfDecoding,
+    DecodeJob,
+    channel_slices,
+    switched_off,
+    variable_view,
+)
 from xr_datamodule.sources import VariableLayout
 
 __all__ = ["CHUNK_FILES_SWITCH", "ChunkFileDecoder", "ChunkFiles", "chunk_files", "decoded_size"]
@@ -263,11 +269,7 @@ class ChunkFileDecoder:
         self.variable_dims = dict(variable_dims)
         self.decodings = dict(decodings)
         self.threads = max(1, int(threads))
-        ends = np.cumsum([layout.n_channels for layout in self.layouts])
-        self._channels = [
-            slice(int(end - layout.n_channels), int(end))
-            for layout, end in zip(self.layouts, ends, strict=True)
-        ]
+        self._channels = channel_slices(self.layouts)
         self._local = threading.local()
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
 
@@ -356,35 +358,18 @@ class ChunkFileDecoder:
             raise OSError(f"it holds {size} bytes decoded, not {flat.size}: the file is damaged")
         flat[:] = np.frombuffer(raw, dtype=np.uint8)
 
-    def _read(self, path: str) -> memoryview | None:
-        """The file's bytes in this thread's reused buffer (no fresh allocation per chunk)."""
-        try:
-            with open(path, "rb", buffering=0) as file:
-                size = os.fstat(file.fileno()).st_size
-                buffer = self._buffer(size)
-                view = memoryview(buffer)[:size]
-                read = file.readinto(view)
-        except FileNotFoundError:
-            return None
-        if read != size:
-            raise OSError(f"short read of {path!r}: {read} of {size} bytes")
-        return view
+    def _read(self, path: str, locate: Callable | None = None) -> memoryview | None:
+        """The file's bytes in this thread's reused buffer (no fresh allocation per chunk).
 
-    def _read_inner(self, files: ChunkFiles, position: Sequence[int]) -> memoryview | None:
-        """A sharded chunk's bytes, found through its shard's index (None: not written)."""
-        path = files.path(position)
+        ``locate(file, size)`` picks a part, ``(offset, length)``, or None (not written).
+        """
         try:
             with open(path, "rb", buffering=0) as file:
                 size = os.fstat(file.fileno()).st_size
-                index = self._shard_index(files, path, file, size)
-                within = [p % n for p, n in zip(position, files.per_shard or (), strict=True)]
-                offset, length = (int(v) for v in index[tuple(within)])
-                if offset == length == _NO_CHUNK:
+                part = (0, size) if locate is None else locate(file, size)
+                if part is None:
                     return None
-                if offset + length > size:
-                    raise OSError(
-                        f"the shard file {path!r} is damaged: its index points past its end"
-                    )
+                offset, length = part
                 view = memoryview(self._buffer(length))[:length]
                 file.seek(offset)
                 read = file.readinto(view)
@@ -393,6 +378,22 @@ class ChunkFileDecoder:
         if read != length:
             raise OSError(f"short read of {path!r}: {read} of {length} bytes")
         return view
+
+    def _read_inner(self, files: ChunkFiles, position: Sequence[int]) -> memoryview | None:
+        """A sharded chunk's bytes, found through its shard's index (None: not written)."""
+        path = files.path(position)
+        within = tuple(p % n for p, n in zip(position, files.per_shard or (), strict=True))
+
+        def locate(file: Any, size: int) -> tuple[int, int] | None:
+            index = self._shard_index(files, path, file, size)
+            offset, length = (int(v) for v in index[within])
+            if offset == length == _NO_CHUNK:
+                return None
+            if offset + length > size:
+                raise OSError(f"the shard file {path!r} is damaged: its index points past its end")
+            return offset, length
+
+        return self._read(path, locate)
 
     def _shard_index(self, files: ChunkFiles, path: str, file: Any, size: int) -> np.ndarray:
         """(offset, length) of each chunk of the shard, ``per_shard + (2,)``; kept per thread.

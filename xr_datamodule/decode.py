@@ -58,6 +58,7 @@ __all__ = [
     "XarrayDecoder",
     "ZarrDecoder",
     "cell_edges",
+    "channel_slices",
     "decode_with_retries",
     "variable_view",
     "zarr_decoding",
@@ -169,6 +170,15 @@ def variable_view(
     return shaped.transpose([current.index(dim) for dim in variable_dims])
 
 
+def channel_slices(layouts: Sequence[VariableLayout]) -> list[slice]:
+    """Where each variable's channels lie in a block, in layout order."""
+    ends = np.cumsum([layout.n_channels for layout in layouts])
+    return [
+        slice(int(end - layout.n_channels), int(end))
+        for layout, end in zip(layouts, ends, strict=True)
+    ]
+
+
 @dataclass(frozen=True)
 class DecodeJob:
     """One cell to decode: its region per windowed dim and the block to fill."""
@@ -206,11 +216,7 @@ class XarrayDecoder:
         self.window_dims = tuple(window_dims)
         self.threads = max(1, int(threads))
         self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
-        ends = np.cumsum([layout.n_channels for layout in self.layouts])
-        self._channels = [
-            slice(int(end - layout.n_channels), int(end))
-            for layout, end in zip(self.layouts, ends, strict=True)
-        ]
+        self._channels = channel_slices(self.layouts)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None}
@@ -392,11 +398,7 @@ class ZarrDecoder:
         self.window_dims = tuple(window_dims)
         self.variable_dims = dict(variable_dims)
         self.decodings = dict(decodings)
-        ends = np.cumsum([layout.n_channels for layout in self.layouts])
-        self._channels = [
-            slice(int(end - layout.n_channels), int(end))
-            for layout, end in zip(self.layouts, ends, strict=True)
-        ]
+        self._channels = channel_slices(self.layouts)
         self._arrays: tuple[int, Mapping[str, Any]] | None = None  # (owner pid, arrays)
 
     def __getstate__(self) -> dict:
@@ -510,11 +512,7 @@ class TensorStoreDecoder:
         self.decodings = dict(decodings)
         self.threads = max(1, int(threads))
         self.fallback = fallback
-        ends = np.cumsum([layout.n_channels for layout in self.layouts])
-        self._channels = [
-            slice(int(end - layout.n_channels), int(end))
-            for layout, end in zip(self.layouts, ends, strict=True)
-        ]
+        self._channels = channel_slices(self.layouts)
         self._arrays: tuple[int, Mapping[str, Any]] | None = None  # (owner pid, arrays)
 
     def __getstate__(self) -> dict:
