@@ -5,8 +5,8 @@ Two scenarios, each with 0 and 2 DataLoader workers:
 * **patch** (``../shared/NOTES.md`` §1): four float32 variables on ``(time=2048, lat=128,
   lon=128)`` (inputs t2m, u10, v10; target t2m_next), random normal, seed 0; samples are
   32x32 lat/lon patches at one time step (32,768 samples), batches of 64, fully shuffled;
-  in memory, a zarr v3 store and a netCDF file; against a vectorised numpy gather, xbatcher
-  and a naive ``isel`` loader.
+  in memory, a zarr v3 store (and a sharded copy: 8 chunks per file) and a netCDF file;
+  against a vectorised numpy gather, xbatcher and a naive ``isel`` loader.
 * **global** (``global_fields.py``): full-field samples of 82 channels at 2 input steps ->
   the next, from zarr v3 stores of one (and four) time steps per chunk, batches of 8; against
   a hand-written per-sample zarr Dataset and the decode-once limit, with both of our orders.
@@ -323,7 +323,8 @@ def run_store(
     return summary
 
 
-PATCH_STORES = ["memory", "zarr", "netcdf"]
+PATCH_STORES = ["memory", "zarr", "zarr-sharded", "netcdf"]
+SHARD_STEPS = 512  # the sharded store: 8 chunks of 64 steps per shard file
 GLOBAL_STORES = {"global": 1, "global4": 4}  # chunk length in time steps
 
 
@@ -334,8 +335,8 @@ def main() -> None:
         nargs="+",
         default=[*PATCH_STORES, *GLOBAL_STORES],
         choices=[*PATCH_STORES, *GLOBAL_STORES],
-        help="patch scenario: memory, zarr, netcdf; global scenario: global (chunks of one "
-        "step), global4 (chunks of 4 steps)",
+        help="patch scenario: memory, zarr, zarr-sharded, netcdf; global scenario: global "
+        "(chunks of one step), global4 (chunks of 4 steps)",
     )
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--n-time", type=int, default=2048, help="patch scenario: time steps")
@@ -422,6 +423,20 @@ def run_patch(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], int]
             summary += run_store(
                 "zarr v3 (time 64 x full space)", lazy, str(path), args, memory_limit, order
             )
+        elif store == "zarr-sharded":
+            path = workdir / "bench_sharded.zarr"
+            if not path.exists():
+                shape = (SHARD_STEPS, args.size, args.size)
+                encoding = {
+                    name: {"chunks": (64, args.size, args.size), "shards": shape}
+                    for name in ds.data_vars
+                }
+                ds.chunk({"time": SHARD_STEPS}).to_zarr(
+                    path, zarr_format=3, consolidated=False, encoding=encoding
+                )
+            lazy = xr.open_zarr(path, consolidated=False)
+            name = f"zarr v3 sharded (time 64 chunks in {SHARD_STEPS}-step shards)"
+            summary += run_store(name, lazy, str(path), args, memory_limit, order)
         elif store == "netcdf":
             path = workdir / "bench.nc"
             if not path.exists():
