@@ -195,3 +195,32 @@ def test_area_weights_for_global_targets():
     )
     with pytest.raises(ValueError, match=r"area_weights: the target window spans 16 of the 32"):
         patches.area_weights  # noqa: B018
+
+
+@pytest.mark.parametrize("load", [True, False])
+def test_extras_sit_between_the_variables_and_the_missing_value_mask(small_ds, load):
+    ds = with_statics(small_ds)
+    ds["a"][10:14, 2, 3] = np.nan
+    dm = XarrayDataModule(
+        ds,
+        input_vars=["a", "orog"],
+        forcings=["cos_latitude"],
+        nan_policy="fill",
+        fill_value=-5.0,
+        nan_mask=True,
+        load=load,
+        **WINDOWS,
+    )
+    dm.setup("fit")
+    assert dm.input_channel_names == ["a", "orog", "cos_latitude", "nan_mask"]
+    ids = np.arange(len(dm.datasets["train"]))
+    X = dm.datasets["train"].__getitems__(ids).inputs
+    starts = dm.indices["train"].starts(ids)
+    orog = ds.orog.broadcast_like(ds.a.isel(lat=0, lon=0))
+    raw = reference_windows(ds.assign(orog=orog), ["a", "orog"], dm.window_dims, starts, (3, 4, 5))
+    cos_lat = np.cos(np.radians(ds.lat.values))[starts[:, 1, None] + np.arange(4)]
+    np.testing.assert_array_equal(X[:, 0], np.where(np.isnan(raw[:, 0]), -5.0, raw[:, 0]))
+    np.testing.assert_array_equal(X[:, 1], raw[:, 1])
+    np.testing.assert_allclose(X[:, 2], np.broadcast_to(cos_lat[:, None, :, None], X[:, 2].shape))
+    np.testing.assert_array_equal(X[:, 3], np.isnan(raw[:, 0]).astype(float))
+    assert X[:, 3].any()

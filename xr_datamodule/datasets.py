@@ -48,6 +48,27 @@ class Batch(NamedTuple):
     meta: dict[str, np.ndarray] | None = None
 
 
+def _with_room(channels: np.ndarray, extras: ExtraChannels | None, masked: bool) -> np.ndarray:
+    """A cut's channels with a stand-in for each extra channel, before the mask if any.
+
+    The stand-in (the cut's first channel) is read like any other and then overwritten by
+    :func:`_fill_extras`: gathering the batch straight into its final layout costs those
+    channels' copy instead of a second copy of the whole batch.
+    """
+    if extras is None:
+        return channels
+    channels = np.asarray(channels, dtype=np.int64)
+    data = len(channels) - masked
+    stand_in = np.full(extras.n_channels, channels[0] if len(channels) else 0, dtype=np.int64)
+    return np.concatenate([channels[:data], stand_in, channels[data:]])
+
+
+def _fill_extras(out: np.ndarray, extras: ExtraChannels, starts: np.ndarray, masked: bool) -> None:
+    """Write the extra channels into their place in ``out`` (before the mask, if any)."""
+    end = out.shape[1] - masked
+    extras.fill(out[:, end - extras.n_channels : end], starts)
+
+
 class XarrayWindowDataset(Dataset):
     """The samples of one split: input and target windows cut from a :class:`WindowReader`.
 
@@ -145,20 +166,20 @@ class XarrayWindowDataset(Dataset):
         geometry = self.geometry
         batched = self.transform_on == "batch"
         target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
+        # Extra channels are gathered in place: the cut reads a stand-in channel where they
+        # go, which they then overwrite (no second copy of the batch). A transform cannot be
+        # combined with them (the spec refuses it), so the reader's cut is the output.
+        masked = self.reader.mask_channel is not None
         cuts = []
         if self.transform is None or batched:  # the raw input variables, for the transform
             channels = self.input_channels if self.transform is None else self._raw_inputs
+            channels = _with_room(channels, self.input_extras, masked)
             cuts.append(Cut(channels, geometry.reach_below, geometry.input_size))
         if self.target_transform is None or batched:
-            cuts.append(Cut(self.target_channels, target_at, geometry.target_size))
-        extras = self.input_extras is not None or self.target_extras is not None
+            channels = _with_room(self.target_channels, self.target_extras, False)
+            cuts.append(Cut(channels, target_at, geometry.target_size))
         shapes = [(len(starts), len(cut.channels), *cut.size) for cut in cuts]
-        # With extra channels the reader's part is copied next to them: gather it apart.
-        outs = (
-            [np.empty(shape, self.reader.dtype) for shape in shapes]
-            if extras
-            else self._outputs(shapes)
-        )
+        outs = self._outputs(shapes)
         gathered = iter(
             self.reader.gather(
                 starts - self._reach_below, geometry.extent, cuts, outs, upcoming=ahead
@@ -181,8 +202,10 @@ class XarrayWindowDataset(Dataset):
                 targets,
             )
         assert inputs is not None and targets is not None
-        if extras:
-            inputs, targets = self._with_extras(starts, inputs, targets)
+        if self.input_extras is not None:
+            _fill_extras(inputs, self.input_extras, starts, masked)
+        if self.target_extras is not None:
+            _fill_extras(targets, self.target_extras, starts + self._target_offset, False)
         meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
         return Batch(inputs, targets, meta)
 
@@ -209,31 +232,6 @@ class XarrayWindowDataset(Dataset):
                 positions = starts[:, axis, None] + offset + np.arange(size)
                 meta[f"{side}_{dim}"] = labels[positions]
         return meta
-
-    def _with_extras(
-        self, starts: np.ndarray, inputs: np.ndarray, targets: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The reader's channels, then the static fields and forcings, then the mask."""
-        sides = (
-            (inputs, self.input_extras, starts, self.reader.mask_channel is not None),
-            (targets, self.target_extras, starts + self._target_offset, False),
-        )
-        shapes = [
-            (len(starts), part.shape[1] + (extra.n_channels if extra else 0), *part.shape[2:])
-            for part, extra, _, _ in sides
-        ]
-        results = []
-        for (part, extra, at, masked), out in zip(sides, self._outputs(shapes), strict=True):
-            if extra is None:
-                out[...] = part
-            else:
-                data = part.shape[1] - masked  # the mask, if any, stays last
-                out[:, :data] = part[:, :data]
-                extra.fill(out[:, data : data + extra.n_channels], at)
-                if masked:
-                    out[:, -1] = part[:, -1]
-            results.append(out)
-        return results[0], results[1]
 
     def _outputs(self, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
         """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`)."""
