@@ -16,14 +16,13 @@ channels are 15 % more bytes per batch).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 from bench_common import in_child
-from global_fields import BATCH, INPUT_STEPS, N_LAT, N_LON, VARIABLES, write_store
+from global_fields import BATCH, INPUT_STEPS, N_LAT, N_LON, VARIABLES, alternating_cli
 
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.extras import FORCINGS
@@ -79,15 +78,7 @@ def batch_rates(path: Path, workers: int, extras: bool, epochs: int) -> list[tup
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/xr_datamodule_extras"))
-    args = parser.parse_args()
-    path = args.dir / "global_t1.zarr"
-    if not path.exists():
-        args.dir.mkdir(parents=True, exist_ok=True)
-        write_store(path, 730, 1)
+    args, path = alternating_cli(__doc__, "/tmp/xr_datamodule_extras")
     add_statics(path)
     print("| workers | variables batches/s | + statics, forcings batches/s | ratio | MB/s | MB/s |")
     print("|---|---|---|---|---|---|")

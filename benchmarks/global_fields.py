@@ -23,6 +23,7 @@ Whole epochs are timed: a chunk-aware order looks faster than it is over a short
 
 from __future__ import annotations
 
+import argparse
 import gc
 import multiprocessing
 import time
@@ -76,6 +77,21 @@ def make_global(n_time: int = 730, seed: int = 0) -> xr.Dataset:
     data |= {name: (("time", "lat", "lon"), field(0)) for name in SURFACE}
     time_ = pd.date_range("2020-01-01", periods=n_time, freq="12h")
     return xr.Dataset(data, coords={"time": time_, "level": level, "lat": lat, "lon": lon})
+
+
+def alternating_cli(doc: str, default_dir: str) -> tuple[argparse.Namespace, Path]:
+    """Arguments of a script that alternates two settings on the global store of one step per
+    chunk (``--epochs``, ``--rounds``, ``--dir``), and that store, written if missing."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dir", type=Path, default=Path(default_dir))
+    args = parser.parse_args()
+    path = args.dir / "global_t1.zarr"
+    if not path.exists():
+        args.dir.mkdir(parents=True, exist_ok=True)
+        write_store(path, 730, 1)
+    return args, path
 
 
 def write_store(path: Path, n_time: int, chunk_steps: int) -> None:

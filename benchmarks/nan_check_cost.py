@@ -14,12 +14,11 @@ Prints MB/s of both and their ratio (target: the check costs at most 5 %).
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 from bench_common import in_child
-from global_fields import ours_module, write_store
+from global_fields import alternating_cli, ours_module
 
 
 def epoch_rates(path: Path, workers: int, policy: str, epochs: int) -> list[float]:
@@ -37,15 +36,7 @@ def epoch_rates(path: Path, workers: int, policy: str, epochs: int) -> list[floa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/xr_datamodule_nancheck"))
-    args = parser.parse_args()
-    path = args.dir / "global_t1.zarr"
-    if not path.exists():
-        args.dir.mkdir(parents=True, exist_ok=True)
-        write_store(path, 730, 1)
+    args, path = alternating_cli(__doc__, "/tmp/xr_datamodule_nancheck")
     print("| workers | keep MB/s | check MB/s | check/keep |")
     print("|---|---|---|---|")
     for workers in (0, 2):
