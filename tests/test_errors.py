@@ -196,6 +196,10 @@ def test_only_static_variables(small_ds):
     ds = small_ds.assign(orography=(("lat", "lon"), np.zeros((12, 10))))
     with pytest.raises(ValueError, match=r"every selected variable lacks 'time'"):
         build(ds, input_vars=["orography"], target_vars=["orography"])
+    with pytest.raises(ValueError, match=r"input_vars: \['orography'\] are all static fields"):
+        build(ds, input_vars=["orography"], target_vars=["a"])
+    with pytest.raises(ValueError, match=r"target_vars: \['orography'\] are all static"):
+        build(ds, input_vars=["a"], target_vars=["orography"])
 
 
 @pytest.mark.parametrize(

@@ -153,6 +153,13 @@ class DataPipeline:
             self.source, spec.all_vars, tuple(spec.input_dims), static_dim=self.static_dim
         )
         check_forcings(spec.forcings or [], self.source, dims)
+        for role, names in (("input_vars", spec.input_vars), ("target_vars", spec.targets)):
+            if names and not self.dynamic(names):
+                raise ValueError(
+                    f"{role}: {list(names)} are all static fields (they lack "
+                    f"{self.static_dim!r}); at least one must vary along it, the static "
+                    "fields are broadcast beside it"
+                )
         if self.statics(spec.all_vars) and (spec.transform or spec.target_transform):
             raise ValueError(
                 f"static variables {self.statics(spec.all_vars)} cannot be combined with a "
