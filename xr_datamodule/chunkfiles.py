@@ -326,7 +326,9 @@ class ChunkFileDecoder:
     def _decode_chunk(self, task: tuple) -> None:
         files, position, inside, target = task
         path = files.path(position)
-        raw = self._read(path) if files.per_shard is None else self._read_inner(files, position)
+        raw = (
+            self._read(path) if files.per_shard is None else self._read_inner(files, position, path)
+        )
         if raw is None:  # no file (or no bytes in its shard): only the fill value
             target[...] = files.fill_value
             return
@@ -379,9 +381,10 @@ class ChunkFileDecoder:
             raise OSError(f"short read of {path!r}: {read} of {length} bytes")
         return view
 
-    def _read_inner(self, files: ChunkFiles, position: Sequence[int]) -> memoryview | None:
-        """A sharded chunk's bytes, found through its shard's index (None: not written)."""
-        path = files.path(position)
+    def _read_inner(
+        self, files: ChunkFiles, position: Sequence[int], path: str
+    ) -> memoryview | None:
+        """A sharded chunk's bytes in its shard ``path``, found through the shard's index."""
         within = tuple(p % n for p, n in zip(position, files.per_shard or (), strict=True))
 
         def locate(file: Any, size: int) -> tuple[int, int] | None:

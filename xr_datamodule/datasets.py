@@ -59,7 +59,7 @@ def _with_room(channels: np.ndarray, extras: ExtraChannels | None, masked: bool)
         return channels
     channels = np.asarray(channels, dtype=np.int64)
     data = len(channels) - masked
-    stand_in = np.full(extras.n_channels, channels[0] if len(channels) else 0, dtype=np.int64)
+    stand_in = np.full(extras.n_channels, channels[0], dtype=np.int64)  # setup refuses no channels
     return np.concatenate([channels[:data], stand_in, channels[data:]])
 
 
