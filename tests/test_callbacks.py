@@ -78,15 +78,15 @@ def test_a_writer_refuses_an_unknown_format():
         GridPredictionWriter("predictions.csv")
 
 
-def test_the_report_compares_the_fitted_model_with_the_baselines(small_ds, capsys):
+def test_the_report_verifies_the_fitted_model_beside_the_baselines(small_ds, capsys):
     dm = XarrayDataModule(small_ds, **CONFIG)
     model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=2).double()
     report = BaselineReport()
     trainer = cpu_trainer(callbacks=[report], max_epochs=1)
     trainer.fit(model, datamodule=dm)
     out = capsys.readouterr().out
-    val_loss = float(trainer.callback_metrics["val_loss"])
-    assert f"val loss of the model: {val_loss:.4f}" in out
-    persistence = baseline_losses(dm, "val")["persistence"]
-    assert f"persistence  baseline: {persistence:.4f}" in out
-    assert report.lines[0].startswith("val loss of the model")
+    assert report.lines[0].startswith("val: latitude-weighted RMSE per lead time")
+    assert "of the model at the end of fit" in report.lines[0]  # no checkpoint kept
+    assert set(report.scores) == {"model", "persistence", "climatology"}
+    assert "+2D" not in out and "    persistence" in out  # lead 2 days: "+2d"
+    assert list(report.scores["model"]["a"]) == ["+2d"]

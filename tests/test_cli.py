@@ -116,18 +116,21 @@ def test_the_main_job_leaves_a_checkpoint_metrics_and_predictions_on_the_grid(tm
     fitted = run("fit", "--config", SYNTHETIC, *short, "--trainer.enable_progress_bar=false")
     assert fitted.returncode == 0, fitted.stderr[-3000:]
     out = fitted.stdout
-    assert "val loss of the model:" in out
-    assert "persistence  baseline:" in out and "climatology  baseline:" in out
+    assert "val: latitude-weighted RMSE per lead time" in out and "of the best checkpoint" in out
+    assert "    persistence" in out and "    climatology" in out and "t2m (K)" in out
     best = Path(out.split("best checkpoint: ")[1].split()[0])
     assert best.exists() and best.name == "best.ckpt"
     metrics = Path(out.split("metrics: ")[1].split()[0])
-    assert "val_loss" in metrics.read_text().splitlines()[0]
+    header = metrics.read_text().splitlines()[0].split(",")
+    assert "val_loss" in header
+    for who in ("model", "persistence", "climatology"):
+        assert f"val_rmse_{who}/t2m/+1h" in header
     assert f"next: xr-datamodule predict --config {SYNTHETIC} --ckpt_path {best}" in out
 
     tested = run("test", "--config", SYNTHETIC, "--ckpt_path", str(best))
     assert tested.returncode == 0, tested.stderr[-3000:]
-    assert "test loss of the model:" in tested.stdout
-    assert "persistence  baseline:" in tested.stdout
+    assert "test: latitude-weighted RMSE per lead time" in tested.stdout
+    assert "    persistence" in tested.stdout
 
     predicted = run("predict", "--config", SYNTHETIC, "--ckpt_path", str(best))
     assert predicted.returncode == 0, predicted.stderr[-3000:]

@@ -30,14 +30,18 @@ class _WithMeta:
 
 
 def _as_dict(tensors: tuple[torch.Tensor, ...], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    inputs, targets = tensors
-    return {"x": inputs, "y": targets, **{k: torch.from_numpy(v) for k, v in meta.items()}}
+    inputs, targets, *mask = tensors
+    out = {"x": inputs, "y": targets}
+    if mask:
+        out["target_mask"] = mask[0]
+    return {**out, **{k: torch.from_numpy(v) for k, v in meta.items()}}
 
 
 def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
     """Turn a :class:`~xr_datamodule.datasets.Batch` into ``(X, y)`` CPU tensors.
 
-    A batch with metadata (``batch_format="dict"``) becomes a dict: ``x``, ``y`` and the
+    A batch with metadata (``batch_format="dict"``) becomes a dict: ``x``, ``y``,
+    ``target_mask`` (bool like ``y``, False where a target value was missing) and the
     metadata (``sample``, ``input_<dim>``, ``target_<dim>``) as tensors.
 
     Use it as ``collate_fn`` of a DataLoader over an
@@ -58,9 +62,12 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
         >>> tuple(X.shape), X.dtype
         ((2, 1, 3), torch.float32)
     """
+    arrays = [batch.inputs, batch.targets]
+    if batch.meta is not None and batch.target_mask is not None:
+        arrays.append(batch.target_mask)
     if get_worker_info() is not None:
-        ticket = handoff.send([batch.inputs, batch.targets], ring_slots)
+        ticket = handoff.send(arrays, ring_slots)
         if ticket is not None:
             return ticket if batch.meta is None else _WithMeta(ticket, batch.meta)
-    tensors = torch.from_numpy(batch.inputs), torch.from_numpy(batch.targets)
+    tensors = tuple(torch.from_numpy(array) for array in arrays)
     return tensors if batch.meta is None else _as_dict(tensors, batch.meta)

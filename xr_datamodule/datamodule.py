@@ -185,6 +185,15 @@ class XarrayDataModule(pl.LightningDataModule):
             on the stride grid): within one stride of their grid start, never past the
             split's end, reproducible from ``(seed, epoch)``; validation and test stay on
             the grid. Out of core a moved window may reach one more cell.
+        gaps: Irregular steps along a windowed dim (a missing day, an outage), found in
+            ``setup`` from the labels (see :mod:`xr_datamodule.timeaxis`; a time axis that
+            repeats a step or runs backwards is always an error). ``"drop"`` (default):
+            samples whose input and target span crosses one are left out, counted per split
+            in the summary and logged once. ``"error"``: raise, naming the first gap.
+            ``"allow"``: keep them (windows then span whatever the labels say).
+        time_step: The regular step of the time axis (``"1h"``, ``"6h"``, ``"1D"``, ``"1M"``
+            for monthly data, a number for numeric labels), or ``{dim: step}``; default: the
+            most common step of each windowed dim.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -242,6 +251,8 @@ class XarrayDataModule(pl.LightningDataModule):
         replacement: bool = True,
         samples_per_epoch: int | None = None,
         random_offsets: bool = False,
+        gaps: str = "drop",
+        time_step: str | float | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -477,12 +488,28 @@ class XarrayDataModule(pl.LightningDataModule):
         """
         return self.pipeline.scale(values, names or self.pipeline.target_order, inverse=True)
 
-    def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
+    def to_xarray(
+        self, predictions: Sequence[Any], split: str = "predict", layout: str = "auto"
+    ) -> xr.Dataset:
         """Put what ``trainer.predict`` returned back on the grid, as the target variables.
 
-        Windows are averaged where they overlap; positions no window covers are NaN. The
-        predictions must be the target windows of every sample of ``split`` in order (the
-        predict loader's order), e.g. ``trainer.predict(model, datamodule=dm)``.
+        The predictions must be the target windows of every sample of ``split`` in order (the
+        predict loader's order), e.g. ``trainer.predict(model, datamodule=dm)``; values come
+        back in physical units, NaN where the target itself was missing (``nan_policy``
+        ``"fill"`` or ``"keep"``).
+
+        Layouts (``layout``):
+
+        - ``"grid"``: on the source grid, windows averaged where they overlap, NaN where
+          none landed; the default for one target step along time.
+        - ``"forecast"``: the layout of forecast verification (WeatherBench 2), the default
+          for several target steps along time: dims ``time`` (the init time: the label of
+          the last input step) and ``prediction_timedelta`` (lead times from it), a 2-D
+          ``valid_time`` coordinate; windows averaged in space at one init time, leads
+          never. ``"auto"`` picks it when the target window has several steps after the
+          last input step (a target that overlaps the inputs stays on the grid). Verify
+          per lead with xarray alone:
+          ``truth = dm.source[v].sel(time=forecast.valid_time)`` (the source's time dim).
 
         Example:
             >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
@@ -493,7 +520,7 @@ class XarrayDataModule(pl.LightningDataModule):
             >>> bool((grid.t2m == dm.source.t2m.sel(time=grid.time)).all())
             True
         """
-        return self.pipeline.to_xarray(predictions, split)
+        return self.pipeline.to_xarray(predictions, split, layout)
 
     def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
         """Sample numbers of every training batch of a data epoch on this rank, in order.

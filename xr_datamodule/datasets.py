@@ -40,12 +40,16 @@ __all__ = ["Batch", "XarrayIterableDataset", "XarrayWindowDataset"]
 class Batch(NamedTuple):
     """Gathered windows: ``inputs`` ``(batch, channel, *window)`` and ``targets`` likewise.
 
+    With metadata (dict batches), ``target_mask`` says where each target value was present
+    (False where it was missing, so filled or NaN).
+
     :func:`~xr_datamodule.collate.collate_batch` turns it into tensors without copying.
     """
 
     inputs: np.ndarray
     targets: np.ndarray
     meta: dict[str, np.ndarray] | None = None
+    target_mask: np.ndarray | None = None  # bool like targets: True where the value was there
 
 
 def _with_room(channels: np.ndarray, extras: ExtraChannels | None, masked: bool) -> np.ndarray:
@@ -61,6 +65,22 @@ def _with_room(channels: np.ndarray, extras: ExtraChannels | None, masked: bool)
     data = len(channels) - masked
     stand_in = np.full(extras.n_channels, channels[0], dtype=np.int64)  # setup refuses no channels
     return np.concatenate([channels[:data], stand_in, channels[data:]])
+
+
+def _mark_present(mask: np.ndarray, targets: np.ndarray, missing: np.ndarray | None) -> None:
+    """Fill ``mask`` (bool like ``targets``): True where a target value was present.
+
+    ``missing`` is the reader's mask of the targets' read channels (1.0 where they were NaN
+    before filling), when it keeps one; otherwise NaN in ``targets`` marks what is missing.
+    Extra channels after the read ones (static fields) count as present.
+    """
+    if missing is None:
+        np.isnan(targets, out=mask)
+        np.logical_not(mask, out=mask)
+        return
+    read = missing.shape[1]
+    np.equal(missing, 0, out=mask[:, :read])
+    mask[:, read:] = True
 
 
 def _fill_extras(out: np.ndarray, extras: ExtraChannels, starts: np.ndarray, masked: bool) -> None:
@@ -179,7 +199,17 @@ class XarrayWindowDataset(Dataset):
             channels = _with_room(self.target_channels, self.target_extras, False)
             cuts.append(Cut(channels, target_at, geometry.target_size))
         shapes = [(len(starts), len(cut.channels), *cut.size) for cut in cuts]
-        outs = self._outputs(shapes)
+        mask_shape = (len(starts), self.n_target_channels, *geometry.target_size)
+        with_mask = self.labels is not None
+        outs = self._outputs(shapes, mask_shape if with_mask else None)
+        target_mask = outs.pop() if with_mask else None
+        missing = self.reader.missing_channels(self.target_channels)
+        if with_mask and missing is not None and self.target_transform is None:
+            # The targets' own missing-value masks, kept by the reader before filling.
+            cuts.append(Cut(missing, target_at, geometry.target_size))
+            outs.append(
+                np.empty((len(starts), len(missing), *geometry.target_size), self.reader.dtype)
+            )
         gathered = iter(
             self.reader.gather(
                 starts - self._reach_below, geometry.extent, cuts, outs, upcoming=ahead
@@ -207,7 +237,9 @@ class XarrayWindowDataset(Dataset):
         if self.target_extras is not None:
             _fill_extras(targets, self.target_extras, starts + self._target_offset, False)
         meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
-        return Batch(inputs, targets, meta)
+        if target_mask is not None:
+            _mark_present(target_mask, targets, next(gathered, None))
+        return Batch(inputs, targets, meta, target_mask)
 
     def _starts(
         self, ids: Sequence[int] | np.ndarray, epoch: int | None, seed: int | None = None
@@ -233,16 +265,45 @@ class XarrayWindowDataset(Dataset):
                 meta[f"{side}_{dim}"] = labels[positions]
         return meta
 
-    def _outputs(self, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-        """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`)."""
-        dtype = self.reader.dtype
-        sizes = [int(np.prod(shape)) * dtype.itemsize for shape in shapes]
+    def _outputs(
+        self, shapes: Sequence[tuple[int, ...]], mask_shape: tuple[int, ...] | None = None
+    ) -> list[np.ndarray]:
+        """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`).
+
+        With ``mask_shape``, a last bool array of that shape (the target mask) too.
+        """
+        dtypes = [self.reader.dtype] * len(shapes)
+        shapes = list(shapes)
+        if mask_shape is not None:
+            shapes.append(mask_shape)
+            dtypes.append(np.dtype(bool))
+        sizes = [
+            int(np.prod(shape)) * dtype.itemsize
+            for shape, dtype in zip(shapes, dtypes, strict=True)
+        ]
         offsets = np.cumsum([0] + [handoff.aligned(size) for size in sizes])
         buffer = handoff.allocate(int(offsets[-1]), self.ring_slots)
         return [
             buffer[offset : offset + size].view(dtype).reshape(shape)
-            for offset, size, shape in zip(offsets, sizes, shapes, strict=False)
+            for offset, size, shape, dtype in zip(offsets, sizes, shapes, dtypes, strict=False)
         ]
+
+    @property
+    def n_target_channels(self) -> int:
+        """Channels of ``y`` (a target transform's own, found on first use)."""
+        if self.target_transform is None:
+            extras = 0 if self.target_extras is None else self.target_extras.n_channels
+            return len(self.target_channels) + extras
+        if not hasattr(self, "_n_transformed_targets"):
+            probe = self._transformed(
+                self.index.starts([0]) + self._target_offset,
+                self.target_vars,
+                self.geometry.target_size,
+                self.target_transform,
+                None,
+            )
+            self._n_transformed_targets = int(probe.shape[1])
+        return self._n_transformed_targets
 
     def __getitem__(self, index: int | np.ndarray | BatchPlan) -> Batch:
         """One sample, without the batch axis; an index array or a plan reads a whole batch.
@@ -257,7 +318,8 @@ class XarrayWindowDataset(Dataset):
             return self.__getitems__(index)
         batch = self.__getitems__([int(index)])
         meta = None if batch.meta is None else {k: v[0] for k, v in batch.meta.items()}
-        return Batch(batch.inputs[0], batch.targets[0], meta)
+        mask = None if batch.target_mask is None else batch.target_mask[0]
+        return Batch(batch.inputs[0], batch.targets[0], meta, mask)
 
     def _transformed(
         self,

@@ -28,7 +28,13 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
                 first = labels[lo] if labels is not None else lo
                 last = labels[hi - 1] if labels is not None else hi - 1
                 ranges.append(f"{dim} {first} … {last}")
-        splits[name] = (", ".join(ranges) or "all", len(pipeline.indices[name]))
+        count = len(pipeline.indices[name])
+        left_out = pipeline.gap_samples.get(name, 0)
+        where = ", ".join(ranges) or "all"
+        splits[name] = (
+            f"{where}; {left_out:,} left out at time gaps" if left_out else where,
+            count,
+        )
     data = spec.data
     return {
         "source": "xr.Dataset" if isinstance(data, xr.Dataset) else os.fspath(data),
@@ -45,6 +51,12 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
                 geometry.target_offset,
                 strict=True,
             )
+        ),
+        "axes": "; ".join(
+            f"{dim} step {axis.step_text}"
+            + (f", {axis.gap_after.size} irregular step(s)" if axis.gap_after.size else "")
+            for dim, axis in pipeline.axes.items()
+            if axis.unit in ("ns", "months")
         ),
         "splits": splits,
         "loader": (
@@ -67,6 +79,8 @@ def summary_text(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str
     lines.append(f"  X: {info['inputs'][0]} -> {info['inputs'][1]}")
     lines.append(f"  y: {info['targets'][0]} -> {info['targets'][1]}")
     lines.append(f"  windows: {info['windows']}")
+    if info["axes"]:
+        lines.append(f"  time axis: {info['axes']}")
     for name, (where, count) in info["splits"].items():
         lines.append(f"  {name}: {where} ({count:,} samples)")
     lines.append(f"  loader: {info['loader']}")
@@ -84,6 +98,7 @@ def summary_html(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str
         ("X", f"{info['inputs'][0]} → {info['inputs'][1]}"),
         ("y", f"{info['targets'][0]} → {info['targets'][1]}"),
         ("windows", info["windows"]),
+        *((("time axis", info["axes"]),) if info["axes"] else ()),
         *((f"split {n}", f"{w} ({c:,} samples)") for n, (w, c) in info["splits"].items()),
         ("loader", info["loader"]),
     ]

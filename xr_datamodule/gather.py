@@ -239,11 +239,14 @@ class Preparation:
         affine: ``(offset, scale)`` per data channel: values become
             ``(value - offset) / scale`` (z-score normalisation).
         fill_value: Replaces NaN in the data channels (after ``affine``).
+        missing_of: Channels whose own missing-value masks are kept (one channel each, 1.0
+            where NaN, after the mask): the targets' masks under ``nan_policy="fill"``.
         find_nan: Look for NaN in every block read (the default ``nan_policy="check"``): a
             batch that holds one raises :class:`~xr_datamodule.missing.MissingValueError`.
     """
 
     mask_of: np.ndarray | None = None
+    missing_of: np.ndarray | None = None
     affine: tuple[np.ndarray, np.ndarray] | None = None
     fill_value: float | None = None
     find_nan: bool = False
@@ -290,7 +293,12 @@ class WindowReader(ABC):
         self.mask_of = None if mask_of is None else np.asarray(mask_of, dtype=np.int64)
         # With a missing-value mask, one more channel follows the data: 1.0 where any of the
         # ``mask_of`` channels is NaN (computed before filling).
-        self.n_channels = self.n_data_channels + (self.mask_of is not None)
+        missing_of = prepare.missing_of
+        self.missing_of = None if missing_of is None else np.asarray(missing_of, dtype=np.int64)
+        # Then one channel per ``missing_of`` channel: 1.0 where it is NaN (before filling).
+        self._first_missing = self.n_data_channels + (self.mask_of is not None)
+        n_missing = 0 if self.missing_of is None else len(self.missing_of)
+        self.n_channels = self._first_missing + n_missing
         self.shape = tuple(ds.sizes[dim] for dim in self.window_dims)
         self.affine = None
         if prepare.affine is not None:
@@ -328,6 +336,9 @@ class WindowReader(ABC):
         data = block[: self.n_data_channels]
         if self.mask_of is not None:
             block[self.n_data_channels] = np.isnan(block[self.mask_of]).any(axis=0)
+        if self.missing_of is not None:
+            end = self._first_missing + len(self.missing_of)
+            block[self._first_missing : end] = np.isnan(block[self.missing_of])
         if self.affine is not None:
             data -= self.affine[0]
             data /= self.affine[1]
@@ -361,6 +372,13 @@ class WindowReader(ABC):
                 variable, _, labels = name.partition("[")
                 return f"variable {variable!r}" + (f" ({labels[:-1]})" if labels else "")
         return "the missing-value mask"
+
+    def missing_channels(self, channels: Sequence[int]) -> np.ndarray | None:
+        """Channel numbers of the missing-value masks of data ``channels`` (None if not kept)."""
+        if self.missing_of is None:
+            return None
+        position = {int(c): self._first_missing + i for i, c in enumerate(self.missing_of)}
+        return np.asarray([position[int(c)] for c in channels], dtype=np.int64)
 
     @property
     def mask_channel(self) -> int | None:

@@ -198,19 +198,22 @@ def train_loader(
     )
 
 
-def eval_loader(pipeline: DataPipeline, stage: str, pin_memory: bool = False) -> DataLoader:
+def eval_loader(
+    pipeline: DataPipeline, stage: str, pin_memory: bool = False, in_order: bool = False
+) -> DataLoader:
     """Batches of ``stage``'s split (``val``, ``test`` or ``predict``) in sample order.
 
     Out of core with workers, validation and test deal one contiguous run of batches to
     each worker, so that each cell is decoded once, not once per worker (2 workers on the
-    benchmark's store: 389 MB/s in order, 615-622 dealt). Prediction stays in order:
-    ``to_xarray`` and prediction writers expect it.
+    benchmark's store: 389 MB/s in order, 615-622 dealt). Prediction (and ``in_order``)
+    stays in order: ``to_xarray`` and prediction writers expect it.
     """
     dataset = pipeline.dataset(stage)
     _warn_if_workers_lose_tensorstore(pipeline, dataset)
     workers, batch_size = pipeline.num_workers, pipeline.spec.batch_size
     order: Any = SequentialSampler(dataset)
-    if stage in ("val", "test") and workers > 1 and isinstance(dataset.reader, ChunkedReader):
+    dealt = stage in ("val", "test") and not in_order
+    if dealt and workers > 1 and isinstance(dataset.reader, ChunkedReader):
         order = BlockInterleavedSampler(len(dataset), batch_size, workers)
     return XarrayDataLoader(
         dataset,

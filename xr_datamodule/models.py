@@ -16,6 +16,8 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from xr_datamodule.losses import masked_mse
+
 __all__ = ["DemoForecaster"]
 
 # ``(X, y)``, or with ``batch_format="dict"`` a dict with ``"x"`` and ``"y"`` (and metadata).
@@ -24,6 +26,10 @@ Batch = tuple[torch.Tensor, torch.Tensor] | dict[str, torch.Tensor]
 
 class DemoForecaster(pl.LightningModule):
     """A few 2-D convolutions from ``X`` to ``y``, trained with mean squared error.
+
+    The loss leaves out missing targets (:func:`~xr_datamodule.losses.masked_mse`): NaN in
+    ``y``, or where a dict batch's ``target_mask`` is False (values filled under
+    ``nan_policy="fill"``).
 
     Window axes other than the last two (e.g. ``time``) are folded into channels, so any
     ``(channel, ..., height, width)`` sample works as long as input and target windows share
@@ -72,7 +78,8 @@ class DemoForecaster(pl.LightningModule):
 
     def _loss(self, batch: Batch, name: str) -> torch.Tensor:
         inputs, targets = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
-        loss = nn.functional.mse_loss(self(inputs), targets)
+        mask = batch.get("target_mask") if isinstance(batch, dict) else None
+        loss = masked_mse(self(inputs), targets, mask)
         self.log(name, loss, prog_bar=True, batch_size=inputs.shape[0])
         return loss
 

@@ -56,7 +56,15 @@ from xr_datamodule.sources import (
 )
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.splits import resolve_splits
-from xr_datamodule.stitch import stitch_windows
+from xr_datamodule.stitch import VALID_TIME, stitch_forecasts, stitch_windows
+from xr_datamodule.timeaxis import (
+    AxisCheck,
+    TimeAxisError,
+    check_axis,
+    gap_report,
+    is_datetime_labels,
+    spans_with_gaps,
+)
 from xr_datamodule.transforms import (
     Transform,
     batch_dataset,
@@ -69,6 +77,7 @@ from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index, redu
 
 __all__ = ["DataPipeline", "available_memory"]
 
+LAYOUTS = ("auto", "grid", "forecast")  # of predictions put back by to_xarray
 TENSORSTORE_MAX_CHUNK_BYTES_IN_WORKERS = 2 * 2**20  # see DataPipeline._tensorstore_pays
 
 logger = logging.getLogger(__name__)
@@ -126,6 +135,7 @@ class DataPipeline:
         )
         self.world = world
         self.dropped_samples: dict[str, int] = {}
+        self.gap_samples: dict[str, int] = {}  # samples left out for crossing a time gap
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._window_statistics: dict[str, WindowStatistics] = {}
 
@@ -233,6 +243,7 @@ class DataPipeline:
     def indices(self) -> dict[str, SampleIndex]:
         """Sample index of every split (integer start grids; cheap, built once)."""
         geometry = self.geometry
+        self.axes  # noqa: B018  (a disordered time axis is the first thing to report)
         indices = {}
         for name, split_bounds in self.split_bounds.items():
             index = build_index(geometry, split_bounds)
@@ -247,11 +258,68 @@ class DataPipeline:
                     f"at offset {geometry.target_offset[axis]})"
                 )
             indices[name] = index
+        indices = self._without_gaps(indices)
         if self.spec.nan_policy == "error":
             self._fail_on_missing()
         if self.spec.nan_policy == "drop":
             indices = self._drop_missing(indices)
         return indices
+
+    @cached_property
+    def axes(self) -> dict[str, AxisCheck]:
+        """The checked labels of every windowed dim with a coordinate: order, step, gaps.
+
+        Raises:
+            TimeAxisError: A time axis that repeats a label or runs backwards; a numeric
+                axis that is not monotonic.
+        """
+        source, given = self.source, self.spec.time_step
+        if given is not None and not isinstance(given, Mapping):
+            timelike = [
+                dim
+                for dim in self.window_dims
+                if dim in source.indexes and is_datetime_labels(source[dim].values)
+            ]
+            given = dict.fromkeys(timelike or [self.split_dim], given)
+        steps = dict(given or {})
+        unknown = [dim for dim in steps if dim not in self.window_dims]
+        if unknown:
+            raise KeyError(f"time_step: {unknown} are not windowed dims. Valid: {self.window_dims}")
+        return {
+            dim: check_axis(dim, source[dim].values, steps.get(dim))
+            for dim in self.window_dims
+            if dim in source.indexes
+        }
+
+    def _without_gaps(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
+        """Apply ``gaps``: leave out (or refuse) samples whose span crosses an irregular step."""
+        report = gap_report(self.axes, self.window_dims)
+        policy = self.spec.gaps
+        if not report or policy == "allow":
+            return indices
+        if policy == "error":
+            raise TimeAxisError(
+                f"{report}; windows would span it. gaps='drop' leaves out the samples that "
+                "cross an irregular step, gaps='allow' keeps them, time_step= sets the step"
+            )
+        kept = {}
+        for name, index in indices.items():
+            bad = spans_with_gaps(index, self.geometry, self.axes)
+            kept[name] = index.keep(~bad)
+            self.gap_samples[name] = int(bad.sum())
+            if len(kept[name]) == 0:
+                raise TimeAxisError(
+                    f"split {name!r}: every one of its {len(index)} samples crosses an "
+                    f"irregular step ({report}); check the time axis or set time_step="
+                )
+        if self.spec.random_offsets and any(self.gap_samples.values()):
+            raise ValueError(
+                "random_offsets=True cannot be combined with samples left out at time gaps "
+                f"({report}): a moved window may cross one; use gaps='allow' or no offsets"
+            )
+        counts = ", ".join(f"{name} {n}" for name, n in self.gap_samples.items() if n)
+        logger.warning("gaps='drop': %s; samples left out per split: %s", report, counts)
+        return kept
 
     def _fail_on_missing(self) -> None:
         found = first_missing(self.source, self.dynamic(self.spec.all_vars), self.geometry.dims)
@@ -492,6 +560,7 @@ class DataPipeline:
         spec = self.spec
         prepare = Preparation(
             mask_of=self._input_channel_range() if spec.nan_mask else None,
+            missing_of=self._target_channels() if self.keeps_target_mask else None,
             affine=(
                 self.affine(self.reader_vars)
                 if spec.normalize is not None and spec.normalize_on == "gather"
@@ -657,6 +726,21 @@ class DataPipeline:
         if spec.nan_policy in ("check", "error"):
             extras.fail_on_nan(self.source)
         return extras
+
+    @property
+    def keeps_target_mask(self) -> bool:
+        """Whether the reader keeps the targets' missing-value masks (dict batches, filled)."""
+        spec = self.spec
+        return spec.batch_format == "dict" and spec.nan_policy == "fill"
+
+    def _target_channels(self) -> np.ndarray:
+        """The reader's channels of the (time-varying) target variables, in their order."""
+        layouts = channel_layouts(self.source, self.reader_vars, self.window_dims)
+        ends = np.cumsum([layout.n_channels for layout in layouts])
+        where = {layout.name: end for layout, end in zip(layouts, ends, strict=True)}
+        sizes = {layout.name: layout.n_channels for layout in layouts}
+        names = self.dynamic(self.spec.targets)
+        return np.concatenate([np.arange(where[n] - sizes[n], where[n]) for n in names])
 
     def _input_channel_range(self) -> np.ndarray:
         # The input variables come first among the reader's channels.
@@ -844,20 +928,87 @@ class DataPipeline:
             labels[dim] = values
         return labels
 
-    def to_xarray(self, predictions: Sequence[Any], split: str = "predict") -> xr.Dataset:
-        """Predictions of every sample of ``split`` in order, on the grid, in physical units."""
+    @property
+    def time_dim(self) -> str | None:
+        """The windowed dim of time: the first with datetime labels, else ``time``, else None."""
+        source = self.source
+        for dim in self.window_dims:
+            if dim in source.indexes and is_datetime_labels(source[dim].values):
+                return dim
+        return "time" if "time" in self.window_dims else None
+
+    def forecast_layout(self, layout: str = "auto") -> bool:
+        """Whether :meth:`to_xarray` gives the forecast layout (init x lead) for ``layout``."""
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        time_dim = self.time_dim
+        if layout == "grid":
+            return False
+        if time_dim is None:
+            if layout == "forecast":
+                raise ValueError(
+                    f"layout='forecast' needs a time dim among the windowed dims {self.window_dims}"
+                )
+            return False
+        geometry, axis = self.geometry, self.window_dims.index(time_dim)
+        ahead = geometry.target_offset[axis] >= geometry.input_size[axis]  # a forecast
+        return layout == "forecast" or (ahead and geometry.target_size[axis] > 1)
+
+    def to_xarray(
+        self, predictions: Sequence[Any], split: str = "predict", layout: str = "auto"
+    ) -> xr.Dataset:
+        """Predictions of every sample of ``split`` in order, in physical units.
+
+        On the grid (windows averaged where they overlap) or, with several target steps after
+        the last input step or ``layout="forecast"``, per init and lead time (see
+        :mod:`xr_datamodule.stitch`). NaN where the target itself was missing, under
+        ``nan_policy`` ``"fill"`` or ``"keep"``.
+        """
         split = self.split_for(split)
         if split not in self.indices:
             raise ValueError(f"unknown split {split!r}. Valid: {tuple(self.indices)}")
         physical = [self.scale(part, self.target_order, inverse=True) for part in predictions]
-        return stitch_windows(
+        arguments = (
             physical,
             self.indices[split],
             self.geometry,
             self.source,
             self.target_order,
-            bounds=self.split_bounds[split],
         )
+        bounds = self.split_bounds[split]
+        if self.forecast_layout(layout):
+            time_dim = self.time_dim
+            assert time_dim is not None
+            out = stitch_forecasts(*arguments, time_dim=time_dim, bounds=bounds)
+        else:
+            out = stitch_windows(*arguments, bounds=bounds)
+        if self.spec.nan_policy in ("fill", "keep"):
+            out = self._masked_like_truth(out)
+        return out
+
+    def _masked_like_truth(self, predicted: xr.Dataset) -> xr.Dataset:
+        """NaN wherever the target itself is missing in the source."""
+        for name in predicted.data_vars:
+            truth = self.truth_for(predicted[name])
+            predicted[name] = predicted[name].where(truth.notnull().values)
+        return predicted
+
+    def truth_for(self, predicted: xr.DataArray) -> xr.DataArray:
+        """The source's values where ``predicted`` (from :meth:`to_xarray`) lies, same shape.
+
+        For the forecast layout, the values at each ``valid_time``.
+        """
+        name = str(predicted.name)
+        truth = self.source[name]
+        time_dim = self.time_dim
+        if VALID_TIME in predicted.coords and time_dim is not None:
+            picked = truth.sel({time_dim: predicted[VALID_TIME]})
+            others = {dim: predicted[dim] for dim in predicted.dims if dim in truth.dims}
+            others.pop(time_dim, None)
+            picked = picked.sel({d: v for d, v in others.items() if d in picked.indexes})
+            return picked.transpose(*predicted.dims).drop_vars(time_dim, errors="ignore")
+        where = {dim: predicted[dim] for dim in predicted.dims if dim in truth.indexes}
+        return truth.sel(where).transpose(*predicted.dims)
 
     # ------------------------------------------------------------------ training order
 

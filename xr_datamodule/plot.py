@@ -47,6 +47,18 @@ def _image(window: np.ndarray) -> np.ndarray:
     return window
 
 
+def _origin(source: xr.Dataset, window_dims: tuple[str, ...]) -> str:
+    """``imshow``'s origin that puts north (larger row labels) up for raw window rows."""
+    if len(window_dims) < 2:
+        return "lower"
+    rows = window_dims[-2]
+    if rows in source.indexes and source.sizes[rows] > 1:
+        labels = np.asarray(source[rows].values)
+        if np.issubdtype(labels.dtype, np.number) and labels[0] > labels[-1]:
+            return "upper"  # stored north to south: the first row is the northernmost
+    return "lower"
+
+
 def plot_windows(
     dm: XarrayDataModule, split: str = "train", n: int = 4, channel: int = 0
 ) -> Figure:
@@ -63,6 +75,7 @@ def plot_windows(
     batch = dataset.__getitems__(ids)
     starts = dm.indices[split].starts(ids)
     names = dm.input_channel_names
+    origin = _origin(dm.source, dm.window_dims)
     figure, axes = plt.subplots(2, len(ids), figsize=(2.6 * len(ids), 5.2), squeeze=False)
     for column, (sample, start) in enumerate(zip(ids, starts, strict=True)):
         where = ", ".join(f"{d}={s}" for d, s in zip(dm.window_dims, start, strict=True))
@@ -73,7 +86,7 @@ def plot_windows(
             )
         ):
             axis = axes[row, column]
-            image = axis.imshow(_image(values), origin="lower", cmap="RdBu_r")
+            image = axis.imshow(_image(values), origin=origin, cmap="viridis")
             axis.set_title(f"{label}\nsample {sample} ({where})" if row == 0 else label, fontsize=8)
             axis.set_xticks([])
             axis.set_yticks([])
@@ -122,43 +135,81 @@ def plot_splits(dm: XarrayDataModule, dim: str | None = None) -> Figure:
     return figure
 
 
+def _readable(value: Any) -> str:
+    """A coordinate value for a title: dates to the minute, leads as +6h."""
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.datetime64):
+        return str(np.datetime_as_string(value, unit="m")).replace("T", " ")
+    if np.issubdtype(value.dtype, np.timedelta64):
+        from xr_datamodule.verification import lead_label
+
+        return lead_label(value)
+    return str(value.item() if value.ndim == 0 else value)
+
+
+def _units(field: xr.DataArray) -> str:
+    units = field.attrs.get("units")
+    return f"{field.name} ({units})" if units else str(field.name)
+
+
 def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: Any) -> Figure:
-    """A 2-D field of a prediction beside the truth and their difference.
+    """A 2-D field of a prediction beside the truth and their difference, on coordinates.
+
+    Drawn with the data's coordinates (xarray's ``pcolormesh``): north up whatever the
+    storage order, degree axes; a sequential colour map shared by prediction and truth, a
+    diverging one centred on 0 with its own scale for the error; units from the attributes.
 
     Args:
-        prediction: E.g. ``dm.to_xarray(trainer.predict(...))["t2m"]``.
+        prediction: E.g. ``dm.to_xarray(trainer.predict(...))["t2m"]``, on the grid or in
+            the forecast layout (``time`` the init time, ``prediction_timedelta``).
         truth: The same variable from the source.
         **selection: Labels that pick one 2-D field, e.g. ``time="2019-03-28T12"``; without
-            them the first step of every leading dim is shown.
+            them the first step of every leading dim is shown (the first lead).
     """
     plt = _pyplot()
     predicted = prediction.sel(**selection) if selection else prediction
     while predicted.ndim > 2:
         predicted = predicted.isel({predicted.dims[0]: 0})
-    # The same field of the truth: the fixed labels (e.g. time) and the 2-D coordinates.
-    fixed = {
+    if "valid_time" in predicted.coords:  # the forecast layout: the truth at the valid time
+        time_dim = next(d for d in truth.dims if d not in predicted.dims and d != "level")
+        actual = truth.sel({time_dim: predicted["valid_time"].values})
+    else:
+        fixed = {
+            name: coord.values
+            for name, coord in predicted.coords.items()
+            if coord.ndim == 0 and name in truth.dims
+        }
+        actual = truth.sel(fixed)
+    others = {
         name: coord.values
         for name, coord in predicted.coords.items()
-        if coord.ndim == 0 and name in truth.dims
+        if coord.ndim == 0 and name in actual.dims
     }
-    actual = truth.sel(fixed).sel({dim: predicted[dim] for dim in predicted.dims})
-    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    limit = float(np.nanmax(np.abs(actual.values)))
-    for axis, field, title in (
-        (axes[0], predicted, "prediction"),
-        (axes[1], actual, "truth"),
-        (axes[2], predicted - actual.values, "prediction - truth"),
-    ):
-        image = axis.imshow(
-            np.asarray(field), origin="lower", cmap="RdBu_r", vmin=-limit, vmax=limit
+    actual = actual.sel(others).sel({dim: predicted[dim] for dim in predicted.dims})
+    actual = actual.transpose(*predicted.dims).compute()
+    error = (predicted - actual.values).rename(f"{prediction.name} error")
+    error.attrs = dict(truth.attrs)
+    y, x = predicted.dims
+    low, high = np.nanpercentile(actual.values, [1, 99])
+    spread = float(np.nanpercentile(np.abs(error.values), 99)) or 1.0
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
+    panels = (
+        (predicted, "prediction", dict(cmap="viridis", vmin=low, vmax=high)),
+        (actual, "truth", dict(cmap="viridis", vmin=low, vmax=high)),
+        (error, "prediction - truth", dict(cmap="RdBu_r", vmin=-spread, vmax=spread)),
+    )
+    for axis, (field, title, style) in zip(axes, panels, strict=True):
+        field = field.copy()
+        field.attrs = dict(truth.attrs)
+        field.name = prediction.name
+        field.plot.pcolormesh(
+            ax=axis, x=x, y=y, add_colorbar=True, cbar_kwargs={"label": _units(field)}, **style
         )
         axis.set_title(title)
-        figure.colorbar(image, ax=axis, shrink=0.8)
-    figure.suptitle(
-        f"{prediction.name}: "
-        + ", ".join(
-            f"{k}={np.asarray(v.values)}" for k, v in predicted.coords.items() if v.ndim == 0
-        )
+    when = ", ".join(
+        f"{name} {_readable(coord.values)}"
+        for name, coord in predicted.coords.items()
+        if coord.ndim == 0
     )
-    figure.tight_layout()
+    figure.suptitle(f"{prediction.name}: {when}")
     return figure

@@ -20,6 +20,7 @@ from xr_datamodule.missing import NAN_POLICIES
 from xr_datamodule.normalize import METHODS
 from xr_datamodule.sources import check_source_exists
 from xr_datamodule.splits import DEFAULT_SPLITS, check_splits
+from xr_datamodule.timeaxis import GAP_POLICIES
 from xr_datamodule.transforms import TRANSFORM_ON
 
 __all__ = ["DataSpec"]
@@ -216,6 +217,24 @@ def _sampler_setting(value: Any) -> Any:
     )
 
 
+def _time_step(value: Any) -> Any:
+    """``None``, one step (``"6h"``, ``"1D"``, ``"1M"``, a number) or ``{dim: step}``."""
+    scalar = isinstance(value, (str, int, float, np.number)) and not isinstance(value, bool)
+    if value is None or scalar:
+        return value
+    if isinstance(value, Mapping):
+        for dim, step in value.items():
+            if isinstance(step, bool) or not isinstance(step, (str, int, float, np.number)):
+                raise TypeError(
+                    f"time_step[{dim!r}] must be a duration such as '6h' or a number, got {step!r}"
+                )
+        return {str(dim): step for dim, step in value.items()}
+    raise TypeError(
+        "time_step must be a duration such as '6h', '1D' or '1M', a number, or a mapping of "
+        f"dim to step, got {value!r}"
+    )
+
+
 def _choice(value: Any, choices: tuple, what: str) -> None:
     if value not in choices:
         raise ValueError(f"{what} must be one of {choices}, got {value!r}")
@@ -281,6 +300,8 @@ class DataSpec:
     replacement: bool = True
     samples_per_epoch: int | None = None
     random_offsets: bool = False
+    gaps: str = "drop"
+    time_step: Any = None
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -361,6 +382,8 @@ class DataSpec:
             self.samples_per_epoch = _positive_int(self.samples_per_epoch, "samples_per_epoch")
         self.sample_weights = _weights_setting(self.sample_weights)
         self.sampler = _sampler_setting(self.sampler)
+        _choice(self.gaps, GAP_POLICIES, "gaps")
+        self.time_step = _time_step(self.time_step)
         if self.random_offsets and self.nan_policy == "drop":
             raise ValueError(
                 "random_offsets=True cannot be combined with nan_policy='drop': windows with "

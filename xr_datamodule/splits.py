@@ -18,6 +18,7 @@ each box (see :mod:`xr_datamodule.windows`), so no window crosses a split bounda
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from numbers import Real
 from typing import Any
@@ -28,6 +29,8 @@ import xarray as xr
 from xr_datamodule.sources import label_range
 
 __all__ = ["DEFAULT_SPLITS", "SPLIT_NAMES", "check_splits", "resolve_splits"]
+
+logger = logging.getLogger(__name__)
 
 SPLIT_NAMES = ("train", "val", "test", "predict")
 DEFAULT_SPLITS: dict[str, Any] = {"train": 0.7, "val": 0.15, "test": 0.15}
@@ -107,7 +110,31 @@ def _label_bounds(ds: xr.Dataset, name: str, dim: str, labels: Sequence[Any]) ->
             f"{dim!r} (coordinate runs from {index[0]} to {index[-1]}): {err}"
         ) from err
     lo, hi, _ = positions.indices(length)
+    if hi > lo and _outside(index, start, stop):
+        logger.warning(
+            "splits[%r][%r]: %r to %r reaches beyond the data; used %s to %s (%d steps)",
+            name,
+            dim,
+            start,
+            stop,
+            index[lo],
+            index[hi - 1],
+            hi - lo,
+        )
     return lo, hi
+
+
+def _outside(index: Any, start: Any, stop: Any) -> bool:
+    """Whether a label range starts before or ends after the labels (in their direction)."""
+    try:
+        ascending = bool(index.is_monotonic_increasing)
+        first, last = index[0], index[-1]
+        cast = (lambda x: x) if not hasattr(index, "tz") else (lambda x: type(first)(x))
+        before = start is not None and (cast(start) < first if ascending else cast(start) > first)
+        after = stop is not None and (cast(stop) > last if ascending else cast(stop) < last)
+    except (TypeError, ValueError):  # labels that do not compare with the index (cftime)
+        return False
+    return bool(before or after)
 
 
 def resolve_splits(

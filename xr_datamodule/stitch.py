@@ -1,15 +1,24 @@
 """Predictions back on the grid: batched window predictions → an ``xr.Dataset``.
 
-Each prediction is a target window ``(channel, *target_size)`` of one sample. The windows of a
-split are laid back at their positions (input start + ``target_offset``) and averaged where
-they overlap; positions no window covers stay NaN. Channels unfold into the target variables
-with the same rule that folded them (see :mod:`xr_datamodule.sources`). The accumulation is
-vectorised: one ``np.bincount`` per channel over the flat positions of all windows.
+Each prediction is a target window ``(channel, *target_size)`` of one sample. Two layouts:
+
+* **grid** (:func:`stitch_windows`): the windows of a split are laid back at their positions
+  (input start + ``target_offset``) and averaged where they overlap; positions no window
+  covers stay NaN. For window-at-a-time predictions (one target step).
+* **forecast** (:func:`stitch_forecasts`), the layout of forecast verification (WeatherBench
+  2): ``time`` is the initialisation time (the label of the last *input* step), a
+  ``prediction_timedelta`` dim holds the lead times (timedelta64 for datetime axes), and a
+  2-D ``valid_time`` coordinate gives init + lead. Overlapping windows are averaged in space
+  at one init time, leads are never mixed.
+
+Channels unfold into the target variables with the same rule that folded them (see
+:mod:`xr_datamodule.sources`). The accumulation is vectorised: one ``np.bincount`` per
+channel (and lead) over the flat positions of all windows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,13 +27,100 @@ import xarray as xr
 from xr_datamodule.sources import channel_layouts
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
-__all__ = ["stitch_windows"]
+__all__ = ["LEAD_DIM", "VALID_TIME", "stitch_forecasts", "stitch_windows"]
+
+LEAD_DIM = "prediction_timedelta"
+VALID_TIME = "valid_time"
 
 
 def _as_array(part: Any) -> np.ndarray:
     if hasattr(part, "detach"):  # a torch tensor: predictions may come back from a GPU
         part = part.detach().cpu().numpy()
     return np.asarray(part)
+
+
+def _window_means(
+    values: np.ndarray, starts: np.ndarray, size: Sequence[int], shape: Sequence[int]
+) -> np.ndarray:
+    """Average windows ``(n, channel, *size)`` laid at ``starts`` into a region of ``shape``.
+
+    Returns ``(channel, prod(shape))``: the mean of the windows over each point, NaN where
+    none landed.
+    """
+    shape = tuple(int(n) for n in shape)
+    strides = np.cumprod((1, *shape[::-1]))[-2::-1]
+    flat = np.zeros((len(starts), *size), dtype=np.int64)
+    for axis, length in enumerate(size):
+        along = [1] * (len(shape) + 1)
+        along[1 + axis] = length
+        position = starts[:, axis].reshape(-1, *[1] * len(shape))
+        flat = flat + (position + np.arange(length).reshape(along)) * strides[axis]
+    flat = flat.reshape(-1)
+    points = int(np.prod(shape))
+    counts = np.bincount(flat, minlength=points).astype(np.float64)
+    covered = counts > 0
+    means = np.full((values.shape[1], points), np.nan)
+    for channel in range(values.shape[1]):
+        sums = np.bincount(flat, weights=values[:, channel].reshape(-1), minlength=points)
+        means[channel, covered] = sums[covered] / counts[covered]
+    return means
+
+
+def _checked_values(
+    predictions: Sequence[Any], index: SampleIndex, geometry: WindowGeometry, layouts: list
+) -> np.ndarray:
+    if not len(predictions):
+        raise ValueError("no predictions to stitch")
+    values = np.concatenate([_as_array(part) for part in predictions])
+    n_channels = sum(layout.n_channels for layout in layouts)
+    expected = (len(index), n_channels, *geometry.target_size)
+    if values.shape != expected:
+        raise ValueError(
+            f"predictions have shape {values.shape} but the split's targets are {expected} "
+            f"(samples, channels {[layout.name for layout in layouts]}, target window); pass "
+            "every batch that trainer.predict returned, in order"
+        )
+    return values
+
+
+def _region(
+    starts: np.ndarray,
+    geometry: WindowGeometry,
+    bounds: Mapping[str, tuple[int, int]] | None,
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Lower corner and shape of the region returned: the split's, or what windows cover."""
+    if bounds is None:
+        lower = starts.min(axis=0)
+        return lower, tuple(int(n) for n in starts.max(axis=0) + geometry.target_size - lower)
+    lower = np.array([bounds[dim][0] for dim in geometry.dims])
+    return lower, tuple(int(bounds[dim][1] - bounds[dim][0]) for dim in geometry.dims)
+
+
+def _variables(
+    means: np.ndarray,
+    layouts: list,
+    dims: Sequence[str],
+    shape: Sequence[int],
+    source: xr.Dataset,
+    dtype: np.dtype,
+    order: Callable[[tuple[str, ...]], tuple[str, ...]],
+) -> dict[str, xr.Variable]:
+    """Channels ``(channel, *shape)`` unfolded into the target variables over ``dims``."""
+    variables, begin = {}, 0
+    for layout in layouts:
+        block = means[begin : begin + layout.n_channels].reshape(*layout.extra_shape, *shape)
+        begin += layout.n_channels
+        original = source[layout.name]
+        variables[layout.name] = xr.Variable(
+            (*layout.extra_dims, *dims), block.astype(dtype), original.attrs
+        ).transpose(*order(tuple(map(str, original.dims))))
+    return variables
+
+
+def _coords_of(region: xr.Dataset, variables: Mapping[str, xr.Variable]) -> dict[str, Any]:
+    # Only the coordinates of the target variables' dims (not, e.g., an input's levels).
+    used = {dim for variable in variables.values() for dim in variable.dims}
+    return {name: coord for name, coord in region.coords.items() if set(coord.dims) <= used}
 
 
 def stitch_windows(
@@ -54,60 +150,144 @@ def stitch_windows(
     Raises:
         ValueError: If the number of predictions or their shape does not match the split.
     """
-    if not len(predictions):
-        raise ValueError("no predictions to stitch")
-    values = np.concatenate([_as_array(part) for part in predictions])
     layouts = channel_layouts(source, target_vars, geometry.dims)
-    n_channels = sum(layout.n_channels for layout in layouts)
-    expected = (len(index), n_channels, *geometry.target_size)
-    if values.shape != expected:
-        raise ValueError(
-            f"predictions have shape {values.shape} but the split's targets are {expected} "
-            f"(samples, channels {[layout.name for layout in layouts]}, target window); pass "
-            "every batch that trainer.predict returned, in order"
-        )
+    values = _checked_values(predictions, index, geometry, layouts)
     starts = index.starts(np.arange(len(index))) + np.asarray(geometry.target_offset)
-    if bounds is None:
-        lower = starts.min(axis=0)
-        shape = tuple(int(n) for n in starts.max(axis=0) + geometry.target_size - lower)
-    else:
-        lower = np.array([bounds[dim][0] for dim in geometry.dims])
-        shape = tuple(int(bounds[dim][1] - bounds[dim][0]) for dim in geometry.dims)
-    # Flat position, in the covered region, of every element of every window.
-    strides = np.cumprod((1, *shape[::-1]))[-2::-1]
-    flat = np.zeros((len(starts), *geometry.target_size), dtype=np.int64)
-    for axis, size in enumerate(geometry.target_size):
-        along = [1] * (len(shape) + 1)
-        along[1 + axis] = size
-        position = (starts[:, axis] - lower[axis]).reshape(-1, *[1] * len(shape))
-        flat = flat + (position + np.arange(size).reshape(along)) * strides[axis]
-    flat = flat.reshape(-1)
-    size = int(np.prod(shape))
-    counts = np.bincount(flat, minlength=size).astype(np.float64)
-    covered = counts > 0
-    means = np.full((n_channels, size), np.nan)
-    for channel in range(n_channels):
-        sums = np.bincount(flat, weights=values[:, channel].reshape(-1), minlength=size)
-        means[channel, covered] = sums[covered] / counts[covered]
-    region = {
-        dim: slice(int(lo), int(lo) + length)
-        for dim, lo, length in zip(geometry.dims, lower, shape, strict=True)
-    }
-    coords_source = source.isel(region)
-    variables = {}
-    begin = 0
-    for layout in layouts:
-        block = means[begin : begin + layout.n_channels].reshape(*layout.extra_shape, *shape)
-        begin += layout.n_channels
-        original = source[layout.name]
-        variables[layout.name] = xr.Variable(
-            (*layout.extra_dims, *geometry.dims),
-            block.astype(np.result_type(values.dtype, np.float32)),
-            original.attrs,
-        ).transpose(*original.dims)
-    # Only the coordinates of the target variables' dims (not, e.g., an input's levels).
-    used = {dim for variable in variables.values() for dim in variable.dims}
+    lower, shape = _region(starts, geometry, bounds)
+    means = _window_means(values, starts - lower, geometry.target_size, shape)
+    region = source.isel(
+        {
+            dim: slice(int(lo), int(lo) + length)
+            for dim, lo, length in zip(geometry.dims, lower, shape, strict=True)
+        }
+    )
+    dtype = np.result_type(values.dtype, np.float32)
+    variables = _variables(
+        means, layouts, geometry.dims, shape, source, dtype, order=lambda dims: dims
+    )
+    return xr.Dataset(variables, coords=_coords_of(region, variables), attrs=source.attrs)
+
+
+def stitch_forecasts(
+    predictions: Sequence[Any],
+    index: SampleIndex,
+    geometry: WindowGeometry,
+    source: xr.Dataset,
+    target_vars: Sequence[str],
+    time_dim: str,
+    bounds: Mapping[str, tuple[int, int]] | None = None,
+) -> xr.Dataset:
+    """Predicted target windows in the forecast layout: init time x lead time x space.
+
+    Args:
+        predictions: As for :func:`stitch_windows`.
+        index: The sample index the predictions follow.
+        geometry: Window sizes and target offsets.
+        source: The source dataset.
+        target_vars: The target variables, in channel order.
+        time_dim: The windowed dim of the forecast's time (its labels give init and valid
+            times).
+        bounds: As for :func:`stitch_windows` (the other dims' region).
+
+    Returns:
+        Per target variable, dims ``(time, prediction_timedelta, *other dims)`` (``time`` the
+        init time, the label of the last input step), a 2-D ``valid_time`` coordinate. Leads
+        are counted from the last input step: ``lead = label[init + target_offset -
+        input_size + 1 + j] - label[init]`` for the target's step ``j``.
+
+    Example:
+        >>> import pandas as pd
+        >>> from xr_datamodule.windows import build_index
+        >>> times = pd.date_range("2020-01-01", periods=8, freq="6h")
+        >>> ds = xr.Dataset({"t": ("time", np.arange(8.0))}, coords={"time": times})
+        >>> geometry = WindowGeometry(("time",), (2,), (1,), (3,), (2,))
+        >>> index = build_index(geometry, {"time": (0, 8)})
+        >>> truth = [np.stack([ds.t.values[s + 2 : s + 5] for s in range(len(index))])[:, None]]
+        >>> forecast = stitch_forecasts(truth, index, geometry, ds, ["t"], "time")
+        >>> forecast.t.dims, forecast.prediction_timedelta.values.astype("timedelta64[h]")
+        (('time', 'prediction_timedelta'), array([ 6, 12, 18], dtype='timedelta64[h]'))
+        >>> bool((forecast.t == ds.t.sel(time=forecast.valid_time)).all())
+        True
+    """
+    layouts = channel_layouts(source, target_vars, geometry.dims)
+    values = _checked_values(predictions, index, geometry, layouts)
+    axis = geometry.dims.index(time_dim)
+    starts = index.starts(np.arange(len(index)))
+    init_positions = starts[:, axis] + geometry.input_size[axis] - 1
+    inits, init_of_sample = np.unique(init_positions, return_inverse=True)
+    lead_steps = (
+        geometry.target_offset[axis]
+        - geometry.input_size[axis]
+        + 1
+        + np.arange(geometry.target_size[axis])
+    )
+    # Space: the other dims as in the grid layout; time: one row per init, window size 1.
+    placed = starts + np.asarray(geometry.target_offset)
+    lower, shape = _region(placed, geometry, bounds)
+    placed = placed - lower
+    placed[:, axis] = init_of_sample.reshape(-1)
+    shape = (*shape[:axis], len(inits), *shape[axis + 1 :])
+    size = (*geometry.target_size[:axis], 1, *geometry.target_size[axis + 1 :])
+    per_lead = [
+        _window_means(np.take(values, [j], axis=2 + axis), placed, size, shape)
+        for j in range(len(lead_steps))
+    ]
+    means = np.stack(per_lead, axis=1)  # (channel, lead, *shape)
+    init_name = "time"  # WeatherBench 2's name for the init time (a source's may be valid_time)
+    dims = [*geometry.dims]
+    dims[axis] = init_name
+    region = source.isel(
+        {
+            dim: slice(int(lo), int(lo) + length)
+            for i, (dim, lo, length) in enumerate(zip(geometry.dims, lower, shape, strict=True))
+            if i != axis
+        }
+    )
+    dtype = np.result_type(values.dtype, np.float32)
+
+    def order(original: tuple[str, ...]) -> tuple[str, ...]:
+        renamed = tuple(init_name if dim == time_dim else dim for dim in original)
+        return (init_name, LEAD_DIM, *(dim for dim in renamed if dim != init_name))
+
+    variables = _variables(
+        means.reshape(means.shape[0], len(lead_steps), -1),
+        layouts,
+        (LEAD_DIM, *dims),
+        (len(lead_steps), *shape),
+        source,
+        dtype,
+        order,
+    )
+    labels = source[time_dim].values
+    valid_positions = inits[:, None] + lead_steps[None, :]
     coords = {
-        name: coord for name, coord in coords_source.coords.items() if set(coord.dims) <= used
+        name: coord
+        for name, coord in _coords_of(region, variables).items()
+        if time_dim not in coord.dims
     }
+    coords[init_name] = (init_name, labels[inits], source[time_dim].attrs)
+    coords[LEAD_DIM] = (LEAD_DIM, _lead_times(labels, inits, lead_steps))
+    coords[VALID_TIME] = ((init_name, LEAD_DIM), labels[valid_positions])
     return xr.Dataset(variables, coords=coords, attrs=source.attrs)
+
+
+def _lead_times(labels: np.ndarray, inits: np.ndarray, lead_steps: np.ndarray) -> np.ndarray:
+    """Lead time of each target step: timedelta64 for datetimes, steps otherwise.
+
+    The most common difference from init to valid time over the inits (a time axis with
+    gaps left in, ``gaps="allow"``, has others; ``valid_time`` holds the exact ones).
+    """
+    if np.issubdtype(labels.dtype, np.datetime64):
+        valid = labels[inits[:, None] + lead_steps[None, :]]
+        deltas = (valid - labels[inits][:, None]).astype("timedelta64[ns]")
+        leads = []
+        for column in deltas.T:
+            found, counts = np.unique(column, return_counts=True)
+            leads.append(found[np.argmax(counts)])
+        return np.asarray(leads, dtype="timedelta64[ns]")
+    if labels.dtype == object and len(labels) and hasattr(labels[0], "calendar"):
+        valid = labels[inits[0] + lead_steps]
+        return np.asarray([np.timedelta64(v - labels[inits[0]]) for v in valid]).astype(
+            "timedelta64[ns]"
+        )
+    return lead_steps.astype(np.int64)
