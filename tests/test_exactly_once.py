@@ -83,7 +83,7 @@ def test_ranks_see_each_sample_once_and_resume_completes_the_epoch(
     # Resuming mid-epoch yields exactly the batches that remained.
     for rank in range(world):
         resumed = ShardedBatchSampler(
-            order(), batch, drop_last, world, rank, resume=(epoch, resume_at)
+            order(), batch, drop_last, world, rank, resume=(epoch, resume_at * batch)
         )
         resumed.set_epoch(epoch)
         remaining = list(resumed)
@@ -166,6 +166,10 @@ def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_pa
             "seed": 11,
             "epoch": step // 12,
             "batches_done": step % 12,
+            "samples_done": 8 * (step % 12),
+            "batch_size": 8,
+            "world_size": 1,
+            "order": "EpochShuffleSampler",
             "epoch_offset": 0,
         }
         rest = fit_ids(
@@ -175,6 +179,67 @@ def test_mid_epoch_resume_through_a_checkpoint_sees_exactly_what_remained(tmp_pa
             enable_checkpointing=False,
         )
         assert rest == full[step:]  # exactly the batches that remained, in the same order
+
+
+def ids_module_of(batch_size: int, workers: int = 0, **settings) -> XarrayDataModule:
+    return XarrayDataModule(
+        ids_dataset(120),
+        input_vars=["x"],
+        input_dims={"time": 1},
+        splits={"train": 1.0},
+        batch_size=batch_size,
+        dtype="float64",
+        num_workers=workers,
+        seed=5,
+        **settings,
+    )
+
+
+@pytest.mark.parametrize(("before", "after", "workers"), [(6, 12, 0), (6, 4, 0), (6, 9, 2)])
+def test_a_resume_with_another_batch_size_continues_exactly_by_samples(
+    tmp_path, before, after, workers
+):
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=1, filename="x")
+    first = fit_ids(ids_module_of(before, workers), callbacks=[every], max_steps=5)
+    rest = fit_ids(
+        ids_module_of(after, workers),
+        ckpt_path=str(tmp_path / "x.ckpt"),
+        max_epochs=1,
+        enable_checkpointing=False,
+    )
+    seen = [i for batch in first + rest for i in batch]
+    assert sorted(seen) == list(range(120))  # none lost, none twice
+    assert all(len(batch) == after for batch in rest[:-1])
+    uninterrupted = [i for b in fit_ids(ids_module_of(before), max_epochs=1) for i in b]
+    assert seen == uninterrupted  # the same order of samples, in other batches
+
+
+def test_a_resume_that_would_change_the_order_is_refused(tmp_path, small_ds):
+    every = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=5, save_top_k=1, filename="x")
+    fit_ids(ids_module_of(6), callbacks=[every], max_steps=5)
+    checkpoint = str(tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match=r"world size 2 then, 1 now"):
+        dm = ids_module_of(6)
+        state = torch.load(checkpoint, weights_only=False)["XarrayDataModule"]
+        dm.load_state_dict({**state, "world_size": 2})
+    with pytest.raises(ValueError, match=r"order EpochShuffleSampler then, FixedLengthSampler"):
+        fit_ids(ids_module_of(6, samples_per_epoch=60), ckpt_path=checkpoint, max_epochs=1)
+    # Out of core, chunk-aware: the order mixes its streams by batch.
+    path = tmp_path / "ids.zarr"
+    ids_dataset(120).chunk({"time": 10}).to_zarr(path)
+    chunked = {"load": False, "shuffle": "chunks"}
+    out_of_core = XarrayDataModule(
+        str(path), ["x"], {"time": 1}, splits={"train": 1.0}, batch_size=6, seed=5, **chunked
+    )
+    chunked_every = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=5, save_top_k=1, filename="chunked"
+    )
+    fit_ids(out_of_core, callbacks=[chunked_every], max_steps=5)
+    other = XarrayDataModule(
+        str(path), ["x"], {"time": 1}, splits={"train": 1.0}, batch_size=12, seed=5, **chunked
+    )
+    with pytest.raises(ValueError, match=r"batch_size 6 then, 12 now \(the chunk-aware order"):
+        fit_ids(other, ckpt_path=str(tmp_path / "chunked.ckpt"), max_epochs=1)
 
 
 @pytest.mark.parametrize(("workers", "style"), [(0, "map"), (2, "iterable")])
@@ -189,7 +254,13 @@ def test_resume_after_fit_stopped_by_max_steps_continues_the_cut_epoch(tmp_path,
     stored = torch.load(checkpoint, weights_only=False)["XarrayDataModule"]
     # Lightning counts the cut epoch as finished (it resumes in its epoch 1); the data
     # continue epoch 0 there, one epoch behind the trainer's count.
-    assert stored == {"seed": 11, "epoch": 0, "batches_done": 5, "epoch_offset": 1}
+    assert {k: stored[k] for k in ("seed", "epoch", "batches_done", "epoch_offset")} == {
+        "seed": 11,
+        "epoch": 0,
+        "batches_done": 5,
+        "epoch_offset": 1,
+    }
+    assert stored["samples_done"] == 40
     rest = fit_ids(
         ids_module(workers, style),
         ckpt_path=str(checkpoint),
@@ -334,4 +405,4 @@ def test_iterable_streams_over_ranks_and_workers_exactly_once(
     seen = [i for batches in per_rank for b in batches for i in b]
     assert len(seen) == len(set(seen)) == n - n % world
     for rank in range(world):
-        assert stream(rank, resume=(epoch, resume_at)) == per_rank[rank][resume_at:]
+        assert stream(rank, resume=(epoch, resume_at * batch)) == per_rank[rank][resume_at:]

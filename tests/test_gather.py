@@ -463,3 +463,77 @@ def test_the_copy_runs_single_threaded_while_a_prefetch_decodes(small_ds, tmp_pa
         assert set(seen) == {2}
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prefetch_never_evicts_the_cells_a_read_holds(small_ds, tmp_path, monkeypatch):
+    """Stress: waves through a tiny arena while background prefetches start late.
+
+    The prefetch thread's choice of slots is delayed a little (as the scheduler may delay
+    it), and the read's own decoding is slowed, so that the two meet inside the read: every
+    batch must still come out whole and right (before: "a batch's cells did not fit in the
+    arena", or cells overwritten under the copy).
+    """
+    import time
+
+    dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a", "b"], input_overlap={"time": 2})
+    dataset = dm.datasets["train"]
+    reader = dataset.reader
+    reader.decode_threads = 2
+    reader.resize_cache(5)  # a batch of 6 samples needs up to 12 cells: read in waves
+    rng = np.random.default_rng(0)
+    slots_for, decode_now = reader._slots_for, reader.decoder.decode
+
+    def late_prefetch(keys, wait=True):
+        if threading.current_thread() is not threading.main_thread():
+            time.sleep(float(rng.uniform(0, 0.004)))
+        return slots_for(keys, wait)
+
+    def slow_decode(jobs):
+        time.sleep(0.002)
+        decode_now(jobs)
+
+    monkeypatch.setattr(reader, "_slots_for", late_prefetch)
+    monkeypatch.setattr(reader.decoder, "decode", slow_decode)
+    n = len(dataset)
+    batches = [rng.choice(n, size=6, replace=False) for _ in range(120)]
+    for ids, upcoming in zip(batches, [*batches[1:], None], strict=True):
+        batch = dataset.__getitems__(ids, upcoming=upcoming)
+        starts = dm.indices["train"].starts(ids)
+        expected = reference_windows(small_ds, ["a", "b"], dm.window_dims, starts, (3, 12, 10))
+        np.testing.assert_array_equal(batch.inputs, expected.astype(np.float32))
+    assert not reader._pinned  # every read let go of its cells
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_full_shuffle_epochs_through_a_tiny_arena_are_exact(
+    small_ds, tmp_path, monkeypatch, workers
+):
+    from xr_datamodule import order
+
+    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(order, "FULL_SHUFFLE_CACHE_BYTES", 1)  # the smallest arena there is
+    path = tmp_path / "cells.zarr"
+    small_ds.chunk({"time": 2}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 12, "lon": 10},
+        input_overlap={"time": 2},
+        splits={"train": 1.0},
+        load=False,
+        num_workers=workers,
+        shuffle="full",
+        batch_size=5,
+        batch_format="dict",
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    for _ in range(3):
+        seen = []
+        for batch in loader:
+            ids = batch["sample"].numpy()
+            starts = dm.indices["train"].starts(ids)
+            expected = reference_windows(small_ds, ["a"], dm.window_dims, starts, (3, 12, 10))
+            np.testing.assert_array_equal(batch["x"].numpy(), expected.astype(np.float32))
+            seen += ids.tolist()
+        assert sorted(seen) == list(range(len(dm.indices["train"])))

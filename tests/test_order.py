@@ -33,7 +33,7 @@ def test_a_checkpoint_keeps_its_chunk_layout_and_resume_point():
     layout_now = resumed.chunk_layout(chunked(workers=0))
     assert layout_now == (1, 4)
     assert resumed.load_state_dict(state, layout_now)  # changed: a reader must resize
-    assert resumed.seed == 1 and resumed.resume == (0, 5)
+    assert resumed.seed == 1 and resumed.resume == (0, 40, 5)  # 40 samples, 5 batches
     assert resumed.chunk_layout(chunked(workers=0)) == (2, 2)
     # The resumed order skips exactly the batches done, in the same order.
     rest = resumed.batch_sampler(chunked(workers=0), world=(1, 0), epoch=0)

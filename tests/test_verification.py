@@ -286,3 +286,56 @@ def test_the_prediction_plot_is_drawn_north_up_on_coordinates(tmp_path):
     field_low, field_high = field_axis.collections[0].get_clim()
     assert 250 < field_low < field_high < 310  # a sequential scale over the field, not +-max
     assert "prediction_timedelta +1h" in figure.get_suptitle()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_missing_value_first_seen_late_marks_every_batch_right(tmp_path, workers):
+    ds = hourly(seed=2)
+    values = ds.t.values.copy()
+    values[30:33, 2:5, 1:3] = np.nan  # only in late cells: early cells never kept masks
+    ds = ds.assign(t=(("time", "lat", "lon"), values, ds.t.attrs))
+    ds.chunk({"time": 4}).to_zarr(tmp_path / "late.zarr")
+    dm = masked_dm(str(tmp_path / "late.zarr"), load=False, num_workers=workers)
+    dm.spec.splits = {"train": 1.0}
+    seen_missing = 0
+    for epoch in range(2):  # the second pass reads cells decoded before the first NaN
+        for batch in eval_loader(dm.pipeline, "train", in_order=True):
+            starts = dm.indices["train"].starts(batch["sample"].numpy())
+            for row, (time, lat, lon) in enumerate(starts):
+                reference = ds.t.values[time + 1, lat : lat + 3, lon : lon + 4]
+                np.testing.assert_array_equal(
+                    batch["target_mask"][row, 0, 0].numpy(), ~np.isnan(reference)
+                )
+                seen_missing += int(np.isnan(reference).sum()) * (epoch == 0)
+    assert seen_missing > 0
+
+
+def test_a_static_mask_marks_batches_predictions_and_metrics(tmp_path):
+    ds = hourly(n_time=60)
+    ocean = np.ones((6, 8), dtype=bool)
+    ocean[1:3, 2:5] = False  # land
+    ds = ds.assign(ocean=(("lat", "lon"), ocean))
+    dm = XarrayDataModule(
+        ds,
+        ["t", "u"],
+        target_vars=["t"],
+        input_dims={"time": 1, "lat": 3, "lon": 4},
+        target_dims={"time": 2, "lat": 3, "lon": 4},
+        target_offset={"time": 1},
+        batch_size=5,
+        batch_format="dict",
+        mask="ocean",
+    )
+    predictions = []
+    for batch in eval_loader(dm.pipeline, "predict"):
+        starts = dm.indices["test"].starts(batch["sample"].numpy())
+        for row, (_, lat, lon) in enumerate(starts):
+            expected = np.broadcast_to(ocean[lat : lat + 3, lon : lon + 4], (1, 2, 3, 4))
+            np.testing.assert_array_equal(batch["target_mask"][row].numpy(), expected)
+        predictions.append(batch["y"].clone())
+    forecast = dm.to_xarray(predictions)
+    land = ~np.broadcast_to(ocean, forecast.t.shape)
+    assert np.isnan(forecast.t.values[land]).all()
+    assert not np.isnan(forecast.t.values[~land]).any()
+    with pytest.raises(ValueError, match="a static mask spans windowed dims other than time"):
+        XarrayDataModule(ds, ["t"], {"time": 1, "lat": 3, "lon": 4}, mask="u").setup()

@@ -194,6 +194,10 @@ class XarrayDataModule(pl.LightningDataModule):
         time_step: The regular step of the time axis (``"1h"``, ``"6h"``, ``"1D"``, ``"1M"``
             for monthly data, a number for numeric labels), or ``{dim: step}``; default: the
             most common step of each windowed dim.
+        mask: A static variable of the data (no time dim) that is true (nonzero) where
+            targets count, e.g. ``ds.assign(ocean=ds.lsm < 0.5)`` for an ocean model: dict
+            batches' ``target_mask`` is False elsewhere, :meth:`to_xarray` writes NaN there
+            and the verification skips those points.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -253,6 +257,7 @@ class XarrayDataModule(pl.LightningDataModule):
         random_offsets: bool = False,
         gaps: str = "drop",
         time_step: str | float | dict[str, Any] | None = None,
+        mask: str | None = None,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]
@@ -659,7 +664,12 @@ class XarrayDataModule(pl.LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the seed and, mid-epoch, the batches to skip (Lightning calls it on resume).
+        """Restore the seed and, mid-epoch, the samples to skip (Lightning calls it on resume).
+
+        A mid-epoch checkpoint continues exactly by samples, also with another
+        ``batch_size``; settings that would change the order of samples (another world
+        size, another kind of order, a chunk-aware order with another batch size) are
+        refused with an error that says why.
 
         Example:
             >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
@@ -673,7 +683,17 @@ class XarrayDataModule(pl.LightningDataModule):
             self.pipeline.restore_statistics(Statistics.from_dict(stored))
         chunked = "chunk_layout" in state_dict and self.train_shuffle == "chunks"
         layout_now = self.chunk_layout() if chunked else None
-        if self.order.load_state_dict(state_dict, layout_now):
+        order_now = None
+        if "order" in state_dict and "train" in self.pipeline.split_bounds:
+            world_size = self._world()[0]
+            order_now = type(self.order.epoch_sampler(self.pipeline.train_split(), world_size))
+        restored = self.order.load_state_dict(
+            state_dict,
+            layout_now,
+            self._world()[0],
+            None if order_now is None else order_now.__name__,
+        )
+        if restored:
             self.pipeline.resize_cache()
 
     # ------------------------------------------------------------------ the trainer

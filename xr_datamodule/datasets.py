@@ -23,7 +23,13 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from xr_datamodule import handoff
 from xr_datamodule.extras import ExtraChannels
 from xr_datamodule.gather import Cut, WindowReader
-from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, first_nan, holds_nan
+from xr_datamodule.missing import (
+    MISSING_ADVICE,
+    MissingValueError,
+    StaticMask,
+    first_nan,
+    holds_nan,
+)
 from xr_datamodule.samplers import BatchPlan, RandomOffsets, ShardedBatchSampler
 from xr_datamodule.sources import label_at
 from xr_datamodule.transforms import (
@@ -67,22 +73,6 @@ def _with_room(channels: np.ndarray, extras: ExtraChannels | None, masked: bool)
     return np.concatenate([channels[:data], stand_in, channels[data:]])
 
 
-def _mark_present(mask: np.ndarray, targets: np.ndarray, missing: np.ndarray | None) -> None:
-    """Fill ``mask`` (bool like ``targets``): True where a target value was present.
-
-    ``missing`` is the reader's mask of the targets' read channels (1.0 where they were NaN
-    before filling), when it keeps one; otherwise NaN in ``targets`` marks what is missing.
-    Extra channels after the read ones (static fields) count as present.
-    """
-    if missing is None:
-        np.isnan(targets, out=mask)
-        np.logical_not(mask, out=mask)
-        return
-    read = missing.shape[1]
-    np.equal(missing, 0, out=mask[:, :read])
-    mask[:, read:] = True
-
-
 def _fill_extras(out: np.ndarray, extras: ExtraChannels, starts: np.ndarray, masked: bool) -> None:
     """Write the extra channels into their place in ``out`` (before the mask, if any)."""
     end = out.shape[1] - masked
@@ -120,7 +110,12 @@ class XarrayWindowDataset(Dataset):
         labels: With them, each batch carries its metadata (``Batch.meta``): the sample
             numbers and, per windowed dim, the labels of every input and target window
             position (``input_<dim>``, ``target_<dim>``), from these label arrays (times as
-            int64 nanoseconds).
+            int64 nanoseconds), and a ``target_mask`` (see :class:`Batch`).
+        offsets: Random window offsets of the training split, if any.
+        targets_may_hold_nan: Whether NaN can reach the targets (``nan_policy="keep"``):
+            the target mask then looks for them; otherwise it is all True unless the reader
+            keeps the targets' missing-value masks (``nan_policy="fill"``).
+        valid: Where targets count at all (the ``mask`` option), or None.
     """
 
     def __init__(
@@ -138,8 +133,12 @@ class XarrayWindowDataset(Dataset):
         target_extras: ExtraChannels | None = None,
         labels: dict[str, np.ndarray] | None = None,
         offsets: RandomOffsets | None = None,
+        targets_may_hold_nan: bool = True,
+        valid: StaticMask | None = None,
     ) -> None:
         self.reader = reader
+        self.targets_may_hold_nan = targets_may_hold_nan
+        self.valid = valid
         self.offsets = offsets
         self.index = index
         self.geometry = geometry
@@ -203,13 +202,6 @@ class XarrayWindowDataset(Dataset):
         with_mask = self.labels is not None
         outs = self._outputs(shapes, mask_shape if with_mask else None)
         target_mask = outs.pop() if with_mask else None
-        missing = self.reader.missing_channels(self.target_channels)
-        if with_mask and missing is not None and self.target_transform is None:
-            # The targets' own missing-value masks, kept by the reader before filling.
-            cuts.append(Cut(missing, target_at, geometry.target_size))
-            outs.append(
-                np.empty((len(starts), len(missing), *geometry.target_size), self.reader.dtype)
-            )
         gathered = iter(
             self.reader.gather(
                 starts - self._reach_below, geometry.extent, cuts, outs, upcoming=ahead
@@ -238,8 +230,43 @@ class XarrayWindowDataset(Dataset):
             _fill_extras(targets, self.target_extras, starts + self._target_offset, False)
         meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
         if target_mask is not None:
-            _mark_present(target_mask, targets, next(gathered, None))
+            self._mark_present(target_mask, targets, starts)
+            if self.valid is not None:
+                target_mask &= self.valid.window(starts + self._target_offset, geometry.target_size)
         return Batch(inputs, targets, meta, target_mask)
+
+    def _mark_present(
+        self,
+        mask: np.ndarray,
+        targets: np.ndarray,
+        starts: np.ndarray,
+    ) -> None:
+        """Fill ``mask`` (bool like ``targets``): True where a target value was present.
+
+        Under ``nan_policy="fill"`` the reader keeps the read target channels' masks from
+        before filling; they are cut only once the reader has seen a missing value (until
+        then every value is present). Under ``"keep"`` NaN in ``targets`` marks what is
+        missing. Under the other policies no NaN reaches a target: all True (likewise under
+        ``"fill"`` with a target transform, whose output is not the read channels). Extra
+        channels after the read ones (static fields) count as present.
+        """
+        reader, geometry = self.reader, self.geometry
+        missing = reader.missing_channels(self.target_channels)
+        if self.target_transform is None and missing is not None:
+            if not reader.missing_seen:
+                mask[...] = True
+                return
+            # Checked after this batch's read: a cell it decoded may have been the first.
+            target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
+            cut = Cut(missing, target_at, geometry.target_size)
+            (kept,) = reader.gather(starts - self._reach_below, geometry.extent, [cut])
+            np.equal(kept, 0, out=mask[:, : kept.shape[1]])
+            mask[:, kept.shape[1] :] = True
+        elif self.targets_may_hold_nan:
+            np.isnan(targets, out=mask)
+            np.logical_not(mask, out=mask)
+        else:
+            mask[...] = True
 
     def _starts(
         self, ids: Sequence[int] | np.ndarray, epoch: int | None, seed: int | None = None

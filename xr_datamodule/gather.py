@@ -21,6 +21,20 @@ Two readers provide the blocks:
   With the chunk-aware sampler (:class:`~xr_datamodule.samplers.ChunkShuffleSampler`) each
   cell is decoded about once per epoch.
 
+The arena's protocol (:class:`ChunkedReader`), shared by the consumer (the thread that reads
+a batch) and one background prefetch thread, all under one lock:
+
+* a cell is *busy* while a thread decodes it into its slot, *pinned* while a consumer
+  holds it (from the moment :meth:`ChunkedReader._slots_for` finds or assigns its slot,
+  inside that same critical section, until the consumer has copied out of it), and *ready*
+  otherwise;
+* **a busy or pinned cell is never evicted**: only ready cells (least recently used first)
+  and free slots are given to other cells. A consumer that waits for a cell another thread
+  decodes releases the lock while waiting, so it pins what it asked for *before* waiting;
+  nothing it was given can be taken while it waits;
+* a prefetch never waits and never pins: it decodes what fits beside busy and pinned cells
+  and skips the rest.
+
 Nothing here knows about Lightning; torch serves only as a copy kernel (see
 :func:`_take_runs`), arrays in and out are numpy.
 """
@@ -299,6 +313,11 @@ class WindowReader(ABC):
         self._first_missing = self.n_data_channels + (self.mask_of is not None)
         n_missing = 0 if self.missing_of is None else len(self.missing_of)
         self.n_channels = self._first_missing + n_missing
+        # The watched channels as a slice where they are consecutive (a view, not a copy).
+        self._missing_source: slice | np.ndarray | None = self.missing_of
+        if n_missing and (np.diff(self.missing_of) == 1).all():
+            first = int(self.missing_of[0])
+            self._missing_source = slice(first, first + n_missing)
         self.shape = tuple(ds.sizes[dim] for dim in self.window_dims)
         self.affine = None
         if prepare.affine is not None:
@@ -309,6 +328,19 @@ class WindowReader(ABC):
         # Set once a block read held a NaN: from then on every batch is searched for one
         # (a store without NaN never pays for more than one look at each decoded block).
         self.nan_seen = False
+        # Likewise, set once a block held a missing value in a ``missing_of`` channel: until
+        # then every target mask is all True and its channels need not be cut per batch.
+        self.missing_seen = False
+        self._missing_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_missing_lock"] = None  # a lock does not pickle; each process has its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._missing_lock = threading.Lock()
 
     def reopen_source(self) -> None:
         """Open the source anew in this process (a DataLoader worker), if it can be.
@@ -337,8 +369,7 @@ class WindowReader(ABC):
         if self.mask_of is not None:
             block[self.n_data_channels] = np.isnan(block[self.mask_of]).any(axis=0)
         if self.missing_of is not None:
-            end = self._first_missing + len(self.missing_of)
-            block[self._first_missing : end] = np.isnan(block[self.missing_of])
+            self._keep_missing(block)
         if self.affine is not None:
             data -= self.affine[0]
             data /= self.affine[1]
@@ -346,6 +377,30 @@ class WindowReader(ABC):
             np.copyto(data, self.fill_value, where=np.isnan(data))
         if self.find_nan and not self.nan_seen and holds_nan(data):
             self.nan_seen = True
+
+    def _keep_missing(self, block: np.ndarray) -> None:
+        """Write the ``missing_of`` channels' masks of a block, once a value was missing.
+
+        One look first (``max`` propagates NaN). Until some block holds a missing value no
+        mask is read (:attr:`missing_seen`), so none is written; the first such block zeroes
+        the masks of every block held (under a lock: decoding threads prepare blocks at
+        once), and from then on each block writes its own.
+        """
+        kept = block[self._first_missing : self._first_missing + len(self.missing_of)]
+        watched = block[self._missing_source]
+        if holds_nan(watched):
+            with self._missing_lock:
+                if not self.missing_seen:
+                    for held in self._held_blocks():
+                        held[:, self._first_missing : self.n_channels] = 0
+                    self.missing_seen = True
+            kept[...] = np.isnan(watched)
+        elif self.missing_seen:
+            kept[...] = 0
+
+    def _held_blocks(self) -> list[np.ndarray]:
+        """Every ``(channel, ...)`` block this reader holds (for :meth:`_keep_missing`)."""
+        return []
 
     def _fail_on_nan(
         self, base: np.ndarray, cuts: Sequence[Cut], outs: Sequence[np.ndarray]
@@ -442,6 +497,9 @@ class InMemoryReader(WindowReader):
         except Exception as error:
             raise read_error(error, self.dataset, [{}], self.origin) from error
         self._prepare(self.block)
+
+    def _held_blocks(self) -> list[np.ndarray]:
+        return [self.block] if hasattr(self, "block") else []
 
     def _read(
         self,
@@ -585,6 +643,7 @@ class ChunkedReader(WindowReader):
             _pinned=Counter(),
             _lock=None,
             _ready=None,
+            _missing_lock=None,
             cells_read=0,
             _prefetcher=None,
             _pending=None,
@@ -595,6 +654,7 @@ class ChunkedReader(WindowReader):
         self.__dict__.update(state)
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
+        self._missing_lock = threading.Lock()
 
     def resize_cache(self, cache_cells: int) -> None:
         """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
@@ -604,14 +664,20 @@ class ChunkedReader(WindowReader):
 
     # ------------------------------------------------------------------ the arena
 
+    def _held_blocks(self) -> list[np.ndarray]:
+        # The arena's slots are (channel, *cell) blocks along its first axis.
+        return [] if self._arena is None else list(self._arena)
+
     def _slots_for(self, keys: Sequence[int], wait: bool = True) -> list[int]:
         """Arena slots holding the cells ``keys``, decoding the missing ones.
 
         The cached ones are marked recent first, so that the missing ones replace other
         cells; cells being decoded (by another thread) or copied from are never replaced.
-        A cell another thread is decoding is waited for (unless ``wait`` is false: a
-        prefetch). When no slot can be replaced the remaining keys are skipped (their slot
-        is -1): a read always fits (see :meth:`_gather_cells`), a prefetch may not.
+        A consumer (``wait``) pins ``keys`` (see the module docstring: the caller unpins
+        them with :meth:`_unpin` once it has copied) and waits for the cells another thread
+        is decoding; a prefetch (not ``wait``) does neither. When no slot can be replaced the
+        remaining keys are skipped (their slot is -1): a read always fits (see
+        :meth:`_gather_cells`), a prefetch may not.
         """
         with self._lock:
             if self._arena is None:
@@ -623,6 +689,8 @@ class ChunkedReader(WindowReader):
             # that does not come next: a validation batch in between, a resume): wait for it.
             while wait and self._busy and not self._fits(keys):
                 self._ready.wait()
+            if wait:  # pinned before the lock is ever released below (see the docstring)
+                self._pinned.update(keys)
             for key in keys:
                 if key in self._slots:
                     self._slots.move_to_end(key)
@@ -650,6 +718,8 @@ class ChunkedReader(WindowReader):
                     del self._slots[key]
                     self._free.append(slot)
                     self._busy.discard(key)
+                if wait:
+                    self._unpin_locked(keys)
                 self._ready.notify_all()
             if isinstance(error, Exception) and not isinstance(error, ReadError):
                 regions = [job.region for job in jobs]
@@ -659,12 +729,21 @@ class ChunkedReader(WindowReader):
             self._busy.difference_update(key for key, _ in missing)
             self.cells_read += len(missing)
             self._ready.notify_all()
-            if wait:
-                while any(key in self._busy for key in others):
-                    self._ready.wait()
-                if any(key not in self._slots for key in others):  # its decoding failed
-                    return self._slots_for(keys)
-            return [self._slots.get(key, -1) for key in keys]
+            while wait and any(key in self._busy for key in others):
+                self._ready.wait()
+            if not wait or all(key in self._slots for key in others):
+                return [self._slots.get(key, -1) for key in keys]
+            self._unpin_locked(keys)  # another thread's decoding of one failed: again
+        return self._slots_for(keys)
+
+    def _unpin(self, keys: Sequence[int]) -> None:
+        """A consumer is done with the cells ``keys`` (pinned by :meth:`_slots_for`)."""
+        with self._lock:
+            self._unpin_locked(keys)
+
+    def _unpin_locked(self, keys: Sequence[int]) -> None:
+        self._pinned.subtract(keys)
+        self._pinned += Counter()  # drop the cells no consumer holds any more
 
     def _fits(self, keys: Sequence[int]) -> bool:
         """Whether the cells ``keys`` lack fit in slots no other thread is using."""
@@ -812,12 +891,10 @@ class ChunkedReader(WindowReader):
                 self._prefetch(upcoming)
             return
         keys = needed.tolist()
-        slots = np.asarray(self._slots_for(keys), dtype=np.int64)
-        if (slots < 0).any():
-            raise RuntimeError("internal error: a batch's cells did not fit in the arena")
-        with self._lock:
-            self._pinned.update(keys)
+        slots = np.asarray(self._slots_for(keys), dtype=np.int64)  # pinned: see _unpin below
         try:
+            if (slots < 0).any():
+                raise RuntimeError("internal error: a batch's cells did not fit in the arena")
             if upcoming is not None:
                 self._prefetch(upcoming)
             assert self._arena is not None
@@ -830,9 +907,7 @@ class ChunkedReader(WindowReader):
                     within = r.within + slot * self._memory.slot_items
                     _take_runs(self._arena, r.width, within, out)
         finally:
-            with self._lock:
-                self._pinned.subtract(keys)
-                self._pinned += Counter()  # drop the cells no copy uses any more
+            self._unpin(keys)
 
     def _gather_in_waves(
         self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray], runs: list[_Runs]
@@ -885,5 +960,8 @@ class ChunkedReader(WindowReader):
             inside_cell = (slice(None), *(piece[1] for piece in combination))
             inside_span = (slice(None), *(piece[2] for piece in combination))
             (slot,) = self._slots_for([key])
-            span[inside_span] = self._cell_view(slot, key)[inside_cell]
+            try:
+                span[inside_span] = self._cell_view(slot, key)[inside_cell]
+            finally:
+                self._unpin([key])
         return span

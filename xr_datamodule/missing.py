@@ -27,6 +27,7 @@ __all__ = [
     "MISSING_ADVICE",
     "NAN_POLICIES",
     "MissingValueError",
+    "StaticMask",
     "absent_chunks",
     "box_any",
     "first_missing",
@@ -148,3 +149,65 @@ def first_missing(
                 where[dim] = labels[position] if labels is not None else position
             return name, where
     return None
+
+
+class StaticMask:
+    """Where targets are valid, from a static variable of the data (e.g. an ocean mask).
+
+    True (or nonzero) where a target value counts, False (zero, NaN) where it does not: the
+    land points under an ocean model, outside a radar's range. Dict batches' ``target_mask``
+    is False there, predictions put back on the grid are NaN there, and metrics skip them.
+
+    Args:
+        source: The source dataset.
+        name: The mask variable: its dims are windowed dims other than time.
+        window_dims: The windowed dims, in window axis order.
+        time_dim: The time dim (a static mask must not vary along it), if any.
+
+    Example:
+        >>> ds = xr.Dataset({"ocean": (("lat", "lon"), [[1, 0, 1], [1, 1, 0]])})
+        >>> mask = StaticMask(ds, "ocean", ("time", "lat", "lon"), "time")
+        >>> starts = np.array([[5, 0, 1]])  # (time, lat, lon) of one window's first point
+        >>> mask.window(starts, (1, 2, 2)).astype(int).tolist()
+        [[[[[0, 1], [1, 0]]]]]
+    """
+
+    def __init__(
+        self, source: xr.Dataset, name: str, window_dims: Sequence[str], time_dim: str | None
+    ) -> None:
+        if name not in source.data_vars:
+            raise KeyError(f"mask: {name!r} is not a variable of the data. Valid: {list(source)}")
+        variable = source[name]
+        dims = tuple(map(str, variable.dims))
+        wrong = [dim for dim in dims if dim not in window_dims or dim == time_dim]
+        if wrong or not dims:
+            raise ValueError(
+                f"mask: variable {name!r} has dims {dims}; a static mask spans windowed dims "
+                f"other than time only (here {tuple(d for d in window_dims if d != time_dim)})"
+            )
+        self.name = name
+        self.axes = [list(window_dims).index(dim) for dim in dims]
+        order = [dim for dim in window_dims if dim in dims]
+        values = np.asarray(variable.transpose(*order).values)
+        if values.dtype.kind == "f":
+            values = np.nan_to_num(values, nan=0.0)
+        self.values = values.astype(bool)
+        self.ndim = len(window_dims)
+        self.field = variable.transpose(*order).notnull() & (variable.transpose(*order) != 0)
+
+    def window(self, starts: np.ndarray, size: Sequence[int]) -> np.ndarray:
+        """The mask over windows of ``size`` at ``starts`` ``(batch, ndim)``.
+
+        Shape ``(batch, 1, *window)``, with length 1 along the dims the mask lacks.
+        """
+        axes = sorted(self.axes)
+        index = []
+        for k, axis in enumerate(axes):
+            shape = [1] * (len(axes) + 1)
+            shape[0] = -1
+            shape[1 + k] = size[axis]
+            positions = np.asarray(starts)[:, axis, None] + np.arange(size[axis])
+            index.append(positions.reshape(shape))
+        picked = self.values[tuple(index)]  # (batch, *mask dims' window)
+        shape = [len(starts), 1] + [size[a] if a in axes else 1 for a in range(self.ndim)]
+        return picked.reshape(shape)

@@ -109,7 +109,8 @@ class TrainingOrder:
         self.drop_last = drop_last
         self.shuffle_chunks = shuffle_chunks
         self.epoch_offset = 0  # data epoch = trainer epoch - offset (a resume after max_steps)
-        self.resume: tuple[int, int] | None = None  # (epoch, batches done) to skip once
+        # (epoch, samples done, batches the trainer counts as done) to skip once
+        self.resume: tuple[int, int, int] | None = None
         self.resumed_layout: tuple[int, int] | None = None  # a checkpoint's (parts, streams)
         self._sampler: EpochSampler | None = None
         self._sampler_of = -1  # the split size the sampler was made for
@@ -261,6 +262,31 @@ class TrainingOrder:
 
     # ------------------------------------------------------------------ resume state
 
+    def _check_resumable(
+        self, state: dict[str, Any], batch_size: int, world_size: int, order_now: str | None
+    ) -> None:
+        """Refuse a mid-epoch resume whose remaining samples would not be the same ones."""
+        saved_world = int(state.get("world_size", world_size))
+        saved_order = state.get("order", order_now)
+        reasons = []
+        if saved_world != world_size:
+            reasons.append(f"world size {saved_world} then, {world_size} now")
+        if order_now is not None and saved_order != order_now:
+            reasons.append(f"order {saved_order} then, {order_now} now")
+        chunk_aware = "chunk_layout" in state or saved_order == ChunkShuffleSampler.__name__
+        if batch_size != self.batch_size and chunk_aware:
+            reasons.append(
+                f"batch_size {batch_size} then, {self.batch_size} now (the chunk-aware order "
+                "mixes its streams by batch)"
+            )
+        if reasons:
+            raise ValueError(
+                f"this checkpoint was written in the middle of data epoch {state['epoch']} "
+                f"({state['batches_done']} batches done) and the current settings would "
+                f"give another order of samples: {'; '.join(reasons)}. Resume with the "
+                "checkpoint's settings, or from a checkpoint written at the end of an epoch"
+            )
+
     def state_dict(self, batches_done: int | None, trainer_epoch: int | None) -> dict[str, Any]:
         """The order's part of a checkpoint.
 
@@ -278,6 +304,11 @@ class TrainingOrder:
         if batches_done is not None and trainer_epoch is not None and sampler is not None:
             state["epoch"] = sampler.serving
             state["batches_done"] = batches_done
+            # What decides which samples those batches held (checked on resume).
+            state["samples_done"] = min(batches_done * self.batch_size, sampler.num_samples)
+            state["batch_size"] = self.batch_size
+            state["world_size"] = sampler.num_replicas
+            state["order"] = type(sampler.order).__name__
             if 0 < batches_done < len(sampler):
                 # Lightning may already count this epoch as finished (fit stopped by
                 # max_steps); it will then resume in its next epoch, which must continue
@@ -285,22 +316,43 @@ class TrainingOrder:
                 state["epoch_offset"] = trainer_epoch - sampler.serving
         return state
 
-    def load_state_dict(self, state: dict[str, Any], layout_now: tuple[int, int] | None) -> bool:
+    def load_state_dict(
+        self,
+        state: dict[str, Any],
+        layout_now: tuple[int, int] | None,
+        world_size: int = 1,
+        order_now: str | None = None,
+    ) -> bool:
         """Restore the seed, the resume point and the chunk layout of a checkpoint.
+
+        A checkpoint written mid-epoch continues exactly by samples: the samples its
+        batches held are skipped, the rest are batched with the current ``batch_size``.
+        Where the current settings would give another order of samples (a chunk-aware order
+        with another batch size, another world size, another kind of order) it is refused:
+        resume with the checkpoint's settings, or from an end-of-epoch checkpoint.
 
         Args:
             state: What :meth:`state_dict` returned.
             layout_now: The chunk layout the current settings give (None: not chunk-aware).
+            world_size: The world size now.
+            order_now: The class name of the epoch order the current settings give.
 
         Returns:
             Whether the chunk layout changed (a reader's cache must then be resized).
+
+        Raises:
+            ValueError: A mid-epoch checkpoint whose remaining samples the current settings
+                cannot continue exactly.
         """
         if int(state.get("seed", self.seed)) != self.seed:
             self.seed = int(state["seed"])
             self._sampler = None
         self.epoch_offset = int(state.get("epoch_offset", 0))
         if "epoch" in state and state.get("batches_done"):
-            self.resume = (int(state["epoch"]), int(state["batches_done"]))
+            batch_size = int(state.get("batch_size", self.batch_size))
+            self._check_resumable(state, batch_size, world_size, order_now)
+            done = state.get("samples_done", int(state["batches_done"]) * batch_size)
+            self.resume = (int(state["epoch"]), int(done), int(state["batches_done"]))
         layout = state.get("chunk_layout")
         if layout is None or layout_now is None:
             return False

@@ -35,6 +35,7 @@ from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, Win
 from xr_datamodule.missing import (
     MISSING_ADVICE,
     MissingValueError,
+    StaticMask,
     absent_chunks,
     box_any,
     first_missing,
@@ -836,6 +837,8 @@ class DataPipeline:
                 target_extras=self._extras(spec.targets, []),
                 labels=self.window_labels if spec.batch_format == "dict" else None,
                 offsets=self.random_offsets if split == "train" else None,
+                targets_may_hold_nan=spec.nan_policy == "keep",
+                valid=self.static_mask,
             )
         return self.datasets[split]
 
@@ -928,6 +931,14 @@ class DataPipeline:
             labels[dim] = values
         return labels
 
+    @cached_property
+    def static_mask(self) -> StaticMask | None:
+        """Where targets count (``mask``), or None."""
+        name = self.spec.mask
+        return (
+            None if name is None else StaticMask(self.source, name, self.window_dims, self.time_dim)
+        )
+
     @property
     def time_dim(self) -> str | None:
         """The windowed dim of time: the first with datetime labels, else ``time``, else None."""
@@ -984,6 +995,11 @@ class DataPipeline:
             out = stitch_windows(*arguments, bounds=bounds)
         if self.spec.nan_policy in ("fill", "keep"):
             out = self._masked_like_truth(out)
+        if self.static_mask is not None:
+            field = self.static_mask.field
+            for name in out.data_vars:
+                where = field.sel({dim: out[dim] for dim in field.dims if dim in field.indexes})
+                out[name] = out[name].where(where)
         return out
 
     def _masked_like_truth(self, predicted: xr.Dataset) -> xr.Dataset:

@@ -427,8 +427,12 @@ class ShardedBatchSampler(DistributedSampler):
         drop_last: Drop the rank's last batch when it is smaller than ``batch_size``.
         num_replicas: World size (number of DDP ranks).
         rank: This process's global rank.
-        resume: ``(epoch, batches)``: in that data epoch, skip the first ``batches`` batches
-            (they were trained on before the checkpoint); other epochs are whole.
+        resume: ``(epoch, samples)`` or ``(epoch, samples, counted)``: in that data epoch,
+            skip the first ``samples`` samples of this rank's block (they were trained on
+            before the checkpoint, possibly in batches of another size) and batch the rest;
+            other epochs are whole. ``counted`` is how many batches the trainer counts as
+            done in that epoch: while the resume is pending, the length is those plus the
+            batches that remain (Lightning ends an epoch at the length it was given).
         epoch_offset: Trainer epoch minus data epoch. Lightning counts an epoch cut short by
             ``max_steps`` as finished; after resuming such a run the data epochs lag the
             trainer's by one, so that the data continue exactly where they stopped.
@@ -454,7 +458,7 @@ class ShardedBatchSampler(DistributedSampler):
         drop_last: bool = False,
         num_replicas: int = 1,
         rank: int = 0,
-        resume: tuple[int, int] | None = None,
+        resume: tuple[int, ...] | None = None,
         epoch_offset: int = 0,
         lookahead: int = 0,
         plans: bool = False,
@@ -471,6 +475,7 @@ class ShardedBatchSampler(DistributedSampler):
         self.seed = order.seed
         self.shuffle = True
         self.resume = resume
+        self._resumed: tuple[int, ...] | None = None  # the resume of the epoch being served
         self.epoch_offset = int(epoch_offset)
         self.lookahead = max(0, int(lookahead))
         self.plans = bool(plans)
@@ -493,12 +498,24 @@ class ShardedBatchSampler(DistributedSampler):
         self.serving = self.order.epoch
 
     def __len__(self) -> int:
-        whole, part = divmod(self.num_samples, self.batch_size)
-        return whole + (1 if part and not self.drop_last else 0)
+        # A resumed epoch keeps its length while it is served (torch and Lightning may ask
+        # again once iteration has begun and the resume is used up).
+        resume = self.resume if self.resume is not None else self._resumed
+        skip = counted = 0
+        if resume is not None and resume[0] == (
+            self.order.epoch if resume is self.resume else self.serving
+        ):
+            skip, counted = resume[1], (resume[2] if len(resume) > 2 else 0)
+        whole, part = divmod(max(0, self.num_samples - skip), self.batch_size)
+        return counted + whole + (1 if part and not self.drop_last else 0)
 
-    def epoch_batches(self) -> list[np.ndarray]:
-        """This rank's batches of the current epoch (the epoch is not advanced)."""
-        block = self.order.rank_order(self.rank, self.num_replicas)
+    def epoch_batches(self, skip: int = 0) -> list[np.ndarray]:
+        """This rank's batches of the current epoch (the epoch is not advanced).
+
+        Args:
+            skip: Samples at the start of the rank's block left out (a resume).
+        """
+        block = self.order.rank_order(self.rank, self.num_replicas)[skip:]
         stop = len(block) - len(block) % self.batch_size if self.drop_last else len(block)
         return [block[begin : begin + self.batch_size] for begin in range(0, stop, self.batch_size)]
 
@@ -506,11 +523,11 @@ class ShardedBatchSampler(DistributedSampler):
         # A generator: the epoch is taken when iteration starts, not when iter() is called
         # (torch's worker iterator calls iter() on its sampler twice before using it).
         epoch = self.serving = self.order.epoch
-        batches = self.epoch_batches()
-        self.order.epoch += 1
+        skip = 0
         if self.resume is not None and self.resume[0] == epoch:
-            batches = batches[self.resume[1] :]
-            self.resume = None
+            skip, self._resumed, self.resume = self.resume[1], self.resume, None
+        batches = self.epoch_batches(skip)
+        self.order.epoch += 1
         if not self.lookahead and not self.plans:
             yield from batches
             return

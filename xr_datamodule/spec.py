@@ -302,6 +302,7 @@ class DataSpec:
     random_offsets: bool = False
     gaps: str = "drop"
     time_step: Any = None
+    mask: str | None = None
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -415,6 +416,8 @@ class DataSpec:
             )
         if self.stats is not None and self.normalize is None:
             self.normalize = "zscore"  # explicit statistics mean: normalise with them
+        if self.mask is not None and not isinstance(self.mask, str):
+            raise TypeError(f"mask must be the name of a variable or None, got {self.mask!r}")
         _choice(self.nan_policy, NAN_POLICIES, "nan_policy")
         self.nan_policy = self.nan_policy or "check"  # None: the default
         if isinstance(self.fill_value, bool) or not isinstance(
