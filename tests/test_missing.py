@@ -93,7 +93,7 @@ def test_error_names_the_first_missing_value(holey, slab_bytes, monkeypatch):
     dm = XarrayDataModule(holey, **CONFIG, nan_policy="error")
     with pytest.raises(
         ValueError,
-        match=r"variable 'a' has a missing value \(NaN\) at "
+        match=r"variable 'a' has a missing or non-finite value \(NaN or ±Inf\) at "
         r"time=2020-01-06.*lat=.*lon=4\.0; use nan_policy='drop'",
     ):
         dm.setup()
@@ -227,3 +227,61 @@ def test_drop_refuses_a_split_left_without_windows(holey):
         r"missing value",
     ):
         dm.setup()
+
+
+# ----------------------------------------------------------------------------- ±Inf
+
+
+@pytest.fixture
+def infinite():
+    ds = make_dataset()
+    ds["a"][5, 3, 4] = np.inf
+    ds["b"][12, 0, 0] = -np.inf
+    return ds
+
+
+@pytest.mark.parametrize("where", ["memory", "zarr"])
+def test_an_infinity_is_named_like_a_nan(infinite, tmp_path, where):
+    data = infinite
+    if where == "zarr":
+        infinite.chunk({"time": 8}).to_zarr(tmp_path / "inf.zarr")
+        data = str(tmp_path / "inf.zarr")
+    dm = XarrayDataModule(data, **CONFIG, load=where == "memory", num_workers=0)
+    with pytest.raises(
+        MissingValueError, match=r"variable '.' has a non-finite value \(-?inf\) at time="
+    ):
+        for _ in dm.train_dataloader():
+            pass
+
+
+def test_infinities_are_dropped_filled_and_skipped_by_statistics(infinite, caplog):
+    dropped = XarrayDataModule(infinite, **CONFIG, nan_policy="drop")
+    as_nan = infinite.where(np.isfinite(infinite))
+    reference = XarrayDataModule(as_nan, **CONFIG, nan_policy="drop")
+    assert dropped.split_sizes == reference.split_sizes
+    assert sum(dropped.dropped_samples.values()) > 0
+    filled = XarrayDataModule(infinite, **CONFIG, nan_policy="fill", fill_value=-7.0)
+    for X, y in filled.train_dataloader():
+        assert np.isfinite(X.numpy()).all() and np.isfinite(y.numpy()).all()
+    normalised = XarrayDataModule(infinite, **CONFIG, nan_policy="fill", normalize="zscore")
+    stats = normalised.statistics
+    train = as_nan.isel(time=slice(0, normalised.split_bounds["train"]["time"][1]))
+    assert np.isclose(stats.mean["a"][0], float(train.a.mean()))
+    assert np.isclose(stats.std["b"][0], float(train.b.std()))
+
+
+def test_a_constant_channel_is_reported_and_bad_checkpoint_statistics_refused(caplog):
+    ds = make_dataset()
+    ds["b"][:] = 3.0
+    dm = XarrayDataModule(ds, **CONFIG, normalize="zscore")
+    with caplog.at_level(logging.WARNING, logger="xr_datamodule.normalize"):
+        assert dm.statistics.std["b"] == [1.0]
+    assert "['b'] are constant over the training split (std 0)" in caplog.text
+    state = {"seed": 0, "statistics": {"mean": {"a": [0.0]}, "std": {"a": [0.0]}}}
+    with pytest.raises(
+        ValueError, match=r"std of 'a' is \[0.0\] \(a std must be finite and positive"
+    ):
+        XarrayDataModule(ds, **CONFIG).load_state_dict(state)
+    state["statistics"] = {"mean": {"a": [float("nan")]}, "std": {"a": [1.0]}}
+    with pytest.raises(ValueError, match="mean of 'a' is"):
+        XarrayDataModule(ds, **CONFIG).load_state_dict(state)

@@ -10,12 +10,14 @@ summaries. Lightning's Trainer owns devices and the loop.
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import pandas as pd
 import torch
 import xarray as xr
 from torch.utils.data import DataLoader
@@ -29,7 +31,36 @@ from xr_datamodule.samplers import ShardedBatchSampler
 from xr_datamodule.spec import STAGE_SPLITS, DataSpec
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
-__all__ = ["XarrayDataModule"]
+__all__ = ["XarrayDataModule", "plain"]
+
+
+def plain(value: Any) -> Any:
+    """A value as the plain types a ``weights_only`` checkpoint holds.
+
+    Paths become strings, dates ISO strings, numpy scalars and arrays Python numbers and
+    lists, tuples lists; mappings and lists are converted item by item.
+
+    Example:
+        >>> import pandas as pd
+        >>> from pathlib import Path
+        >>> plain({"data": Path("era5.zarr"), "train": [pd.Timestamp("2020-01-01"), None]})
+        {'data': 'era5.zarr', 'train': ['2020-01-01T00:00:00', None]}
+    """
+    if isinstance(value, Mapping):
+        return {str(k) if not isinstance(k, (int, str)) else k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.datetime64, datetime.datetime, datetime.date)):
+        return pd.Timestamp(value).isoformat()
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, slice):
+        return {"start": plain(value.start), "stop": plain(value.stop)}
+    return value
 
 
 class XarrayDataModule(pl.LightningDataModule):
@@ -268,8 +299,9 @@ class XarrayDataModule(pl.LightningDataModule):
         ]
         if isinstance(data, xr.Dataset):
             unsaved.append("data")
-        self.save_hyperparameters(ignore=unsaved)
         arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}
+        # Plain types only, so that checkpoints load under torch's weights_only=True.
+        self.save_hyperparameters({k: plain(v) for k, v in arguments.items() if k not in unsaved})
         self.spec = DataSpec(**arguments)
         spec = self.spec
         self.order = TrainingOrder(

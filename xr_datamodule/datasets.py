@@ -27,6 +27,7 @@ from xr_datamodule.missing import (
     MISSING_ADVICE,
     MissingValueError,
     StaticMask,
+    describe_missing,
     first_nan,
     holds_nan,
 )
@@ -362,11 +363,11 @@ class XarrayWindowDataset(Dataset):
             # The windows are read for the transform, not by the reader: look at its output.
             out = transformed_windows(source[names], starts, dims, size, transform, dtype)
             if self.reader.find_nan and holds_nan(out):
-                row = first_nan(out)[0]
+                first = first_nan(out)
                 raise MissingValueError(
                     f"the transform's output for the window of {names} starting at "
-                    f"{label_at(source, dims, starts[row])} has a missing value (NaN); "
-                    f"{MISSING_ADVICE}"
+                    f"{label_at(source, dims, starts[first[0]])} has a "
+                    f"{describe_missing(out[tuple(first)])}; {MISSING_ADVICE}"
                 )
             return out
         batch = batch_dataset(source, names, dims, starts, gathered)

@@ -29,7 +29,13 @@ import numpy as np
 import xarray as xr
 
 from xr_datamodule.gather import gather_windows
-from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, first_nan, holds_nan
+from xr_datamodule.missing import (
+    MISSING_ADVICE,
+    MissingValueError,
+    describe_missing,
+    first_nan,
+    holds_nan,
+)
 from xr_datamodule.sources import channel_layouts, label_at
 
 __all__ = ["FORCINGS", "ExtraChannels", "cos_solar_zenith", "insolation"]
@@ -204,13 +210,14 @@ class ExtraChannels:
         return np.ascontiguousarray(block.astype(self.dtype))
 
     def fail_on_nan(self, source: xr.Dataset) -> None:
-        """Raise :class:`MissingValueError` if a static field holds a NaN (checked once)."""
+        """Raise :class:`MissingValueError` if a static field holds a NaN or ±Inf (once)."""
         if self._block is None or not holds_nan(self._block):
             return
         channel, *at = first_nan(self._block)
+        value = self._block[(channel, *at)]
         dims = [self.window_dims[axis] for axis in self._present]
         raise MissingValueError(
-            f"static field {self.channel_names[channel]!r} has a missing value (NaN) at "
+            f"static field {self.channel_names[channel]!r} has a {describe_missing(value)} at "
             f"{label_at(source, dims, at)}; {MISSING_ADVICE}"
         )
 

@@ -65,7 +65,14 @@ from xr_datamodule.decode import (
     decode_with_retries,
     read_error,
 )
-from xr_datamodule.missing import MISSING_ADVICE, MissingValueError, first_nan, holds_nan
+from xr_datamodule.missing import (
+    MISSING_ADVICE,
+    MissingValueError,
+    describe_missing,
+    first_nan,
+    holds_nan,
+    non_finite,
+)
 from xr_datamodule.retries import worker_place
 from xr_datamodule.sources import VariableLayout, channel_layouts, label_at
 
@@ -367,14 +374,14 @@ class WindowReader(ABC):
         """Mask, normalise and fill a freshly read ``(channel, *space)`` block in place."""
         data = block[: self.n_data_channels]
         if self.mask_of is not None:
-            block[self.n_data_channels] = np.isnan(block[self.mask_of]).any(axis=0)
+            block[self.n_data_channels] = non_finite(block[self.mask_of]).any(axis=0)
         if self.missing_of is not None:
             self._keep_missing(block)
         if self.affine is not None:
             data -= self.affine[0]
             data /= self.affine[1]
         if self.fill_value is not None:
-            np.copyto(data, self.fill_value, where=np.isnan(data))
+            np.copyto(data, self.fill_value, where=non_finite(data))
         if self.find_nan and not self.nan_seen and holds_nan(data):
             self.nan_seen = True
 
@@ -394,7 +401,7 @@ class WindowReader(ABC):
                     for held in self._held_blocks():
                         held[:, self._first_missing : self.n_channels] = 0
                     self.missing_seen = True
-            kept[...] = np.isnan(watched)
+            kept[...] = non_finite(watched)
         elif self.missing_seen:
             kept[...] = 0
 
@@ -410,10 +417,11 @@ class WindowReader(ABC):
             if not holds_nan(out):
                 continue
             row, channel, *at = first_nan(out)
+            value = out[(row, channel, *at)]
             positions = np.asarray(base[row]) + np.asarray(cut.offset) + np.asarray(at)
             channel = int(np.asarray(cut.channels)[channel])
             raise MissingValueError(
-                f"{self.channel_name(channel)} has a missing value (NaN) at "
+                f"{self.channel_name(channel)} has a {describe_missing(value)} at "
                 f"{label_at(self.dataset, self.window_dims, positions)} in {self.origin}"
                 f"{worker_place()}; {MISSING_ADVICE}"
             )

@@ -1,4 +1,4 @@
-"""Missing values (NaN): find them, or find the windows that contain them, vectorised.
+"""Missing values (NaN; ±Inf get the same treatment): find them or the windows holding them.
 
 The data are scanned once, out of core (dask reduces a lazy store chunk by chunk), into one
 boolean per grid point of the windowed dims: "some selected variable or channel is NaN
@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,10 +31,12 @@ __all__ = [
     "StaticMask",
     "absent_chunks",
     "box_any",
+    "describe_missing",
     "first_missing",
     "first_nan",
     "holds_nan",
     "missing_mask",
+    "non_finite",
     "scannable",
 ]
 
@@ -46,24 +49,44 @@ MISSING_ADVICE = (
 
 
 class MissingValueError(ValueError):
-    """A missing value (NaN) reached a batch under ``nan_policy="check"``, or ``"error"``."""
+    """A missing (NaN) or non-finite (±Inf) value: in a batch, or in ``setup`` (``"error"``)."""
 
 
 SCAN_CHUNK_BYTES = 64 * 2**20  # chunk size of the scan over a store without chunks
 
 
 def holds_nan(block: np.ndarray) -> bool:
-    """Whether a float array holds a NaN.
+    """Whether a float array holds a missing or non-finite value (NaN, +Inf or -Inf).
 
-    ``max`` propagates NaN and runs at memory speed without a temporary: a third of the time
-    of ``np.isnan(block).any()``, and on a freshly decoded cell still in cache.
+    One pass at memory speed without a temporary: torch's ``aminmax`` (NaN propagates, an
+    infinity is the minimum or the maximum). On a 10 MB cell 0.35 ms, against 0.25 for
+    ``max`` alone (NaN only) and 0.45 for numpy's ``min`` and ``max``; ``isfinite().all()``
+    needs a temporary.
     """
-    return block.dtype.kind in "fc" and block.size > 0 and bool(np.isnan(np.max(block)))
+    if block.dtype.kind not in "fc" or block.size == 0:
+        return False
+    if block.dtype.kind == "f" and block.dtype.isnative:
+        import torch
+
+        low, high = torch.aminmax(torch.from_numpy(np.ascontiguousarray(block)).reshape(-1))
+        return not (math.isfinite(float(low)) and math.isfinite(float(high)))
+    return not bool(np.isfinite(block).all())
+
+
+def describe_missing(value: Any) -> str:
+    """``missing value (NaN)`` or ``non-finite value (inf)``: what a message calls a value."""
+    value = float(value)
+    return "missing value (NaN)" if math.isnan(value) else f"non-finite value ({value})"
+
+
+def non_finite(values: Any) -> Any:
+    """Where values are missing or non-finite (NaN, ±Inf): numpy arrays and DataArrays."""
+    return ~np.isfinite(values)
 
 
 def first_nan(array: np.ndarray) -> list[int]:
-    """Index of the first NaN of ``array`` (C order); call it once :func:`holds_nan` said so."""
-    return np.argwhere(np.isnan(array))[0].tolist()
+    """Index of the first NaN or ±Inf of ``array`` (C order), once :func:`holds_nan` said so."""
+    return np.argwhere(~np.isfinite(array))[0].tolist()
 
 
 def absent_chunks(arrays: Mapping[str, Any]) -> dict[str, tuple[int, int, Any]]:
@@ -98,12 +121,12 @@ def scannable(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.DataA
 def _is_missing(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.DataArray:
     var = scannable(ds, name, window_dims)
     extra = [dim for dim in var.dims if dim not in window_dims]
-    missing = var.isnull()
+    missing = var.isnull() | np.isinf(var) if var.dtype.kind in "fc" else var.isnull()
     return (missing.any(extra) if extra else missing).transpose(*window_dims)
 
 
 def missing_mask(ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]) -> np.ndarray:
-    """Boolean over the windowed dims: True where any selected variable/channel is NaN."""
+    """Boolean over the windowed dims: True where any selected variable/channel is NaN/±Inf."""
     parts = dask.compute(*[_is_missing(ds, name, window_dims) for name in names])
     mask = np.zeros(tuple(ds.sizes[dim] for dim in window_dims), dtype=bool)
     for part in parts:
@@ -126,7 +149,7 @@ def box_any(mask: np.ndarray, size: Sequence[int]) -> np.ndarray:
 def first_missing(
     ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]
 ) -> tuple[str, dict[str, object]] | None:
-    """The first variable with a NaN and the coordinates of its first NaN, or ``None``.
+    """The first variable with a NaN (or ±Inf) and the coordinates of the first, or ``None``.
 
     Scanned in slabs along the first windowed dim (:data:`~xr_datamodule.windows.SLAB_BYTES`
     of mask at most), so memory does not grow with the data.

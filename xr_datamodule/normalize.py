@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ import xarray as xr
 from xr_datamodule.sources import channel_layouts
 
 __all__ = ["METHODS", "Statistics", "zscore_statistics"]
+
+logger = logging.getLogger(__name__)
 
 METHODS = ("zscore", "std", "minmax", "max", "none")
 
@@ -66,7 +69,24 @@ class Statistics:
 
     @classmethod
     def from_dict(cls, stored: Mapping[str, Any]) -> Statistics:
-        """What :meth:`to_dict` stored (a checkpoint's)."""
+        """What :meth:`to_dict` stored (a checkpoint's), checked: finite, std positive.
+
+        Raises:
+            ValueError: A non-finite statistic or a std that is not positive (a damaged or
+                edited checkpoint): it would turn every batch into NaN or Inf.
+        """
+        for kind in ("mean", "std", "min", "max"):
+            for name, values in (stored.get(kind) or {}).items():
+                numbers = np.asarray(values, dtype=np.float64)
+                bad = not np.isfinite(numbers).all() or (kind == "std" and (numbers <= 0).any())
+                if bad:
+                    raise ValueError(
+                        f"the checkpoint's statistics are unusable: {kind} of {name!r} is "
+                        f"{numbers.tolist()} (a {kind} must be finite"
+                        + (" and positive" if kind == "std" else "")
+                        + "); recompute them (a datamodule without the checkpoint's state) "
+                        "or give stats="
+                    )
         return cls(stored["mean"], stored["std"], stored.get("min"), stored.get("max"))
 
     def affine(
@@ -148,6 +168,8 @@ class Statistics:
                         f"stats[{kind!r}][{name!r}] has {numbers.size} values; {name!r} has "
                         f"{layout.n_channels} channels"
                     )
+                if not np.isfinite(numbers).all():
+                    raise ValueError(f"stats[{kind!r}][{name!r}] must be finite, got {numbers}")
                 if kind == "std" and (numbers <= 0).any():
                     raise ValueError(f"stats['std'][{name!r}] must be positive, got {numbers}")
                 parsed[kind][name] = numbers.tolist()
@@ -190,15 +212,31 @@ def zscore_statistics(
         var = region[layout.name]
         over = [dim for dim in window_dims if dim in var.dims]  # a static field lacks time
         var = _chunked(var, over[0], 8).astype(np.float64)
+        var = var.where(np.isfinite(var))  # ±Inf counts as missing, like NaN (skipped)
         reductions += [var.mean(over), var.std(over), var.min(over), var.max(over)]
     computed = dask.compute(*reductions)
     found: dict[str, dict[str, list[float]]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
+    constant = []
     for i, layout in enumerate(layouts):
+        names = layout.channel_names(ds)
         for j, kind in enumerate(("mean", "std", "min", "max")):
             values = np.asarray(computed[4 * i + j].transpose(*layout.extra_dims)).reshape(-1)
-            if kind == "std":
-                values = np.where(np.isfinite(values) & (values > 0), values, 1.0)
+            if not np.isfinite(values).all():
+                empty = [names[k] for k in np.flatnonzero(~np.isfinite(values))]
+                raise ValueError(
+                    f"normalize: {empty} have no finite value in the training split (every "
+                    "value NaN or ±Inf); select other variables or levels, or give stats="
+                )
+            if kind == "std" and (values <= 0).any():
+                constant += [names[k] for k in np.flatnonzero(values <= 0)]
+                values = np.where(values > 0, values, 1.0)
             found[kind][layout.name] = values.tolist()
+    if constant:
+        logger.warning(
+            "normalize: %s are constant over the training split (std 0): scaled by 1 "
+            "instead (z-score: the value minus its mean, i.e. 0)",
+            constant,
+        )
     return Statistics(found["mean"], found["std"], found["min"], found["max"])
 
 

@@ -328,7 +328,8 @@ class DataPipeline:
             name, where = found
             place = ", ".join(f"{dim}={label}" for dim, label in where.items())
             raise MissingValueError(
-                f"variable {name!r} has a missing value (NaN) at {place}; {MISSING_ADVICE}"
+                f"variable {name!r} has a missing or non-finite value (NaN or ±Inf) at {place}; "
+                f"{MISSING_ADVICE}"
             )
 
     def _drop_missing(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
