@@ -331,3 +331,99 @@ def test_the_environment_can_turn_chunk_files_off(tmp_path, monkeypatch):
     assert chunk_files(array, str(tmp_path / "x")) is None
     monkeypatch.setenv("XR_DATAMODULE_CHUNK_FILES", "1")
     assert chunk_files(array, str(tmp_path / "x")) is not None
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+
+def test_a_chunk_of_two_zstd_frames_reads_as_zarr_reads_it(tmp_path):
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[0])
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    path = Path(chunk_files(array, str(tmp_path / "x")).path((1, 0)))
+    values = np.asarray(array[2:4]).astype("<f4").tobytes()
+    path.write_bytes(numcodecs.Zstd().encode(values[:20]) + numcodecs.Zstd().encode(values[20:]))
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "x"))[2:4], array[2:4])
+    out = np.empty((1, 4, 6), np.float32)
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])  # refused as damaged before
+    np.testing.assert_array_equal(out[0], array[...])
+
+
+def test_a_decompression_bomb_stops_at_the_chunk_size(tmp_path):
+    import resource
+
+    import zstandard
+
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[0])
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    path = Path(chunk_files(array, str(tmp_path / "x")).path((0, 0)))
+    writer = zstandard.ZstdCompressor(write_content_size=False)
+    bomb = writer.compress(bytes(512 * 2**20))  # 512 MiB of zeros in a frame without a size
+    assert len(bomb) < 64 * 2**10 and decoded_size("zstd", memoryview(bomb)) is None
+    path.write_bytes(bomb)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(OSError, match=r"holds more than 48 bytes decoded, not 48") as raised:
+        decoder.decode([DecodeJob({"d0": slice(0, 4)}, np.empty((1, 4, 6), np.float32))])
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    assert grown < 64 * 2**20, f"peak memory grew by {grown / 2**20:.0f} MiB"
+    assert str(path) in str(raised.value)
+
+
+def test_a_damaged_chunk_is_blamed_on_its_variable_without_reading_again(tmp_path, monkeypatch):
+    from xr_datamodule.decode import ChunkError, ReadError, read_error
+
+    ds = xr.Dataset({name: (("time", "x"), np.ones((8, 4), np.float32)) for name in ("a", "b")})
+    ds.to_zarr(tmp_path / "s.zarr")
+    opened = xr.open_zarr(tmp_path / "s.zarr")
+    reads = []
+    monkeypatch.setattr(xr.DataArray, "values", property(lambda self: reads.append(1)))
+    error = read_error(
+        ChunkError("the chunk file '.../b/c/0/0' is damaged", "b"), opened, [{}], "s"
+    )
+    assert isinstance(error, ReadError) and "variable 'b'" in str(error) and not reads
+
+
+def test_a_fifo_is_refused_not_waited_for(tmp_path):
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[0])
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    path = Path(chunk_files(array, str(tmp_path / "x")).path((1, 0)))
+    path.unlink()
+    os.mkfifo(path)
+    with pytest.raises(OSError, match="is not a regular file"):
+        decoder.decode([DecodeJob({"d0": slice(0, 4)}, np.empty((1, 4, 6), np.float32))])
+
+
+def test_a_shard_rewritten_in_place_is_read_anew(tmp_path):
+    import time
+
+    sharding = ((2, 1), "end", False)
+    array = make_array(tmp_path / "x", (8, 6), (2, 6), "f4", LAYOUTS[0], sharding)
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    out = np.empty((1, 4, 6), np.float32)  # the first shard's two chunks
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])  # its index is kept
+    shard = Path(chunk_files(array, str(tmp_path / "x")).path((0, 0)))
+    raw = shard.read_bytes()
+    index = np.frombuffer(raw[-32:], "<u8").reshape(2, 2).copy()
+    chunks = [raw[o : o + n] for o, n in index]
+    # The same shard with its two chunks stored the other way round: same size, new index.
+    body = chunks[1] + chunks[0]
+    index[1] = (0, len(chunks[1]))
+    index[0] = (len(chunks[1]), len(chunks[0]))
+    time.sleep(0.01)  # another modification time
+    shard.write_bytes(body + raw[len(body) : -32] + index.astype("<u8").tobytes())
+    assert len(shard.read_bytes()) == len(raw)
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])  # permuted chunks before
+    np.testing.assert_array_equal(out[0], array[0:4])
+
+
+def test_reads_are_repeated_until_the_whole_chunk_is_in(tmp_path, monkeypatch):
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[2])  # raw bytes
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    preadv = os.preadv
+
+    def a_few_bytes_at_a_time(fd, buffers, offset):
+        return preadv(fd, [buffers[0][:7]], offset)  # as a read past 2 GiB returns less
+
+    monkeypatch.setattr(os, "preadv", a_few_bytes_at_a_time)
+    out = np.empty((1, 4, 6), np.float32)
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
+    np.testing.assert_array_equal(out[0], array[...])

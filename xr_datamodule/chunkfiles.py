@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ import numpy as np
 
 from xr_datamodule.decode import (
     CfDecoding,
+    ChunkError,
     DecodeJob,
     channel_slices,
     switched_off,
@@ -39,7 +41,14 @@ from xr_datamodule.decode import (
 )
 from xr_datamodule.sources import VariableLayout
 
-__all__ = ["CHUNK_FILES_SWITCH", "ChunkFileDecoder", "ChunkFiles", "chunk_files", "decoded_size"]
+__all__ = [
+    "CHUNK_FILES_SWITCH",
+    "ChunkFileDecoder",
+    "ChunkFiles",
+    "bounded_zstd",
+    "chunk_files",
+    "decoded_size",
+]
 
 CHUNK_FILES_SWITCH = "XR_DATAMODULE_CHUNK_FILES"  # "0": leave local zarr to the other readers
 
@@ -225,6 +234,29 @@ def decoded_size(codec_id: str, raw: memoryview) -> int | None:
     return size + 256 if width == 2 else size
 
 
+def bounded_zstd(raw: memoryview, out: np.ndarray) -> int | str:
+    """Decode every zstd frame of ``raw`` into ``out`` (bytes), never writing past its end.
+
+    Returns:
+        The bytes decoded, when they fit ``out`` exactly or fall short; ``"more than N"``
+        when the frames hold more than ``out`` (decoding stops there: memory stays bounded
+        by ``out`` and zstd's window).
+    """
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(bytes(raw), read_across_frames=True)
+    view, done = memoryview(out).cast("B"), 0
+    with reader:
+        while done < len(view):
+            got = reader.readinto(view[done:])
+            if not got:
+                return done
+            done += got
+        if reader.read(1):
+            return f"more than {done}"
+    return done
+
+
 class ChunkFileDecoder:
     """Decodes cells from the chunk files of a local zarr store (see the module docs).
 
@@ -324,7 +356,17 @@ class ChunkFileDecoder:
         return tasks
 
     def _decode_chunk(self, task: tuple) -> None:
-        files, position, inside, target = task
+        files = task[0]
+        try:
+            self._decode_into(*task)
+        except ChunkError:
+            raise
+        except OSError as error:  # it names the file; the variable is the array's folder
+            raise ChunkError(str(error), os.path.basename(files.folder)) from error
+
+    def _decode_into(
+        self, files: ChunkFiles, position: tuple, inside: tuple, target: np.ndarray
+    ) -> None:
         path = files.path(position)
         raw = (
             self._read(path) if files.per_shard is None else self._read_inner(files, position, path)
@@ -353,32 +395,45 @@ class ChunkFileDecoder:
         if compressor is not None and size == flat.size:
             compressor.decode(raw, out=flat)
             return
-        if size is None:  # a frame that does not say: decode aside, then check
-            raw = memoryview(compressor.decode(raw)).cast("B")
-            size = raw.nbytes
+        if compressor is not None and compressor.codec_id == "zstd":
+            # A frame that does not say its size, or several frames (zarr reads both): decode
+            # every frame into place, never past the chunk's size (a frame of 96 KiB may
+            # claim gigabytes: a decompression bomb stops here at once).
+            size = bounded_zstd(raw, flat)
         if size != flat.size:
             raise OSError(f"it holds {size} bytes decoded, not {flat.size}: the file is damaged")
-        flat[:] = np.frombuffer(raw, dtype=np.uint8)
+        if compressor is None:
+            flat[:] = np.frombuffer(raw, dtype=np.uint8)
 
     def _read(self, path: str, locate: Callable | None = None) -> memoryview | None:
         """The file's bytes in this thread's reused buffer (no fresh allocation per chunk).
 
-        ``locate(file, size)`` picks a part, ``(offset, length)``, or None (not written).
+        ``locate(fd, stat)`` picks a part, ``(offset, length)``, or None (not written). Only
+        regular files are read: opening does not block (a FIFO planted in a store would
+        hang the loader), and anything else is refused. A symlink is followed like any
+        path (as zarr-python does), wherever it points.
         """
         try:
-            with open(path, "rb", buffering=0) as file:
-                size = os.fstat(file.fileno()).st_size
-                part = (0, size) if locate is None else locate(file, size)
-                if part is None:
-                    return None
-                offset, length = part
-                view = memoryview(self._buffer(length))[:length]
-                file.seek(offset)
-                read = file.readinto(view)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
-        if read != length:
-            raise OSError(f"short read of {path!r}: {read} of {length} bytes")
+        try:
+            found = os.fstat(fd)
+            if not stat.S_ISREG(found.st_mode):
+                raise OSError(f"{path!r} is not a regular file; a chunk must be one")
+            part = (0, found.st_size) if locate is None else locate(fd, found)
+            if part is None:
+                return None
+            offset, length = part
+            view = memoryview(self._buffer(length))[:length]
+            done = 0
+            while done < length:  # one read returns at most ~2 GiB on Linux
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got == 0:
+                    raise OSError(f"short read of {path!r}: {done} of {length} bytes")
+                done += got
+        finally:
+            os.close(fd)
         return view
 
     def _read_inner(
@@ -387,8 +442,9 @@ class ChunkFileDecoder:
         """A sharded chunk's bytes in its shard ``path``, found through the shard's index."""
         within = tuple(p % n for p, n in zip(position, files.per_shard or (), strict=True))
 
-        def locate(file: Any, size: int) -> tuple[int, int] | None:
-            index = self._shard_index(files, path, file, size)
+        def locate(fd: int, found: os.stat_result) -> tuple[int, int] | None:
+            size = found.st_size
+            index = self._shard_index(files, path, fd, found)
             offset, length = (int(v) for v in index[within])
             if offset == length == _NO_CHUNK:
                 return None
@@ -398,20 +454,25 @@ class ChunkFileDecoder:
 
         return self._read(path, locate)
 
-    def _shard_index(self, files: ChunkFiles, path: str, file: Any, size: int) -> np.ndarray:
+    def _shard_index(
+        self, files: ChunkFiles, path: str, fd: int, found: os.stat_result
+    ) -> np.ndarray:
         """(offset, length) of each chunk of the shard, ``per_shard + (2,)``; kept per thread.
 
         A batch's cells are read chunk by chunk in grid order, so consecutive chunks mostly
-        share a shard: this thread's last index is reused while the file stays the same.
+        share a shard: this thread's last index is reused while the file stays the same
+        (the same inode, size and modification time: a shard rewritten in place is read
+        anew).
         """
+        size = found.st_size
+        identity = (path, found.st_ino, found.st_size, found.st_mtime_ns)
         last = getattr(self._local, "shard", None)
-        if last is not None and last[0] == (path, size):
+        if last is not None and last[0] == identity:
             return last[1]
         nbytes = files.index_bytes()
         if size < nbytes:
             raise OSError(f"the shard file {path!r} is damaged: shorter than its index")
-        file.seek(size - nbytes if files.index_at_end else 0)
-        raw = file.read(nbytes)
+        raw = os.pread(fd, nbytes, size - nbytes if files.index_at_end else 0)
         if files.index_checksum:
             import google_crc32c  # what zarr checks shard indexes with
 
@@ -419,7 +480,7 @@ class ChunkFileDecoder:
             if google_crc32c.value(raw) != stored:
                 raise OSError(f"the shard file {path!r} is damaged: its index fails its checksum")
         index = np.frombuffer(raw, dtype="<u8").reshape(*(files.per_shard or ()), 2)
-        self._local.shard = ((path, size), index)
+        self._local.shard = (identity, index)
         return index
 
     def _buffer(self, size: int) -> bytearray:

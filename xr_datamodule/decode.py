@@ -52,6 +52,7 @@ from xr_datamodule.sources import VariableLayout, label_range
 __all__ = [
     "CellDecoder",
     "CfDecoding",
+    "ChunkError",
     "DecodeJob",
     "ReadError",
     "TensorStoreDecoder",
@@ -258,22 +259,51 @@ class ReadError(OSError):
     """Data could not be read: names the variable, the source and where, chaining the cause."""
 
 
+class ChunkError(OSError):
+    """A chunk of a known variable could not be read (its message names the file).
+
+    Args:
+        message: What went wrong, naming the file.
+        variable: The variable the chunk belongs to.
+    """
+
+    def __init__(self, message: str, variable: str) -> None:
+        super().__init__(message)
+        self.variable = variable
+
+
+def _named_variable(error: BaseException | None) -> str | None:
+    """The variable a :class:`ChunkError` in ``error``'s chain of causes names, if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ChunkError):
+            return error.variable
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def read_error(
     error: BaseException, dataset: xr.Dataset, regions: Sequence[Mapping[str, slice]], origin: str
 ) -> ReadError:
     """A :class:`ReadError` that says what failed to read, where, and in which process.
 
-    The culprit variable is found by reading each variable of the first region through
-    xarray (only on this error path); the region is given in labels and positions.
+    The culprit variable is the one a :class:`ChunkError` names, or else found by reading
+    each variable of the first region through xarray (only on this error path; never after
+    a chunk error, which may be a decompression bomb); the region is given in labels and
+    positions.
     """
     region = dict(regions[0]) if regions else {}
     culprits = []
-    for name in dataset.data_vars:
+    named = _named_variable(error)
+    for name in dataset.data_vars if named is None else ():
         variable = dataset[name]
         try:
             variable.isel({d: s for d, s in region.items() if d in variable.dims}).values  # noqa: B018
         except Exception:
             culprits.append(str(name))
+    if named is not None:
+        culprits = [named]
     names = culprits or [str(name) for name in dataset.data_vars]
     where = (
         ", ".join(
