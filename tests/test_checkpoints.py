@@ -66,3 +66,36 @@ def test_plain_converts_what_a_checkpoint_cannot_hold():
         "a": [0, 1, 2],
         "s": {"start": 1, "stop": None},
     }
+
+
+def test_hostile_checkpoint_state_is_refused_naming_it(small_ds):
+    import pytest
+
+    config = dict(input_vars=["a"], input_dims={"time": 2, "lat": 4, "lon": 5}, batch_size=4)
+    for state, message in (
+        ({"seed": 0, "epoch": 0, "batches_done": 10**18}, "more than an epoch holds"),
+        ({"seed": -1}, "seed must be a non-negative integer"),
+        ({"seed": 0, "epoch": "0", "batches_done": 3}, "epoch must be a non-negative integer"),
+        ({"seed": 0, "statistics": {"mean": {"a": [0.0]}, "std": {"a": [0.0]}}}, "unusable"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            XarrayDataModule(small_ds, **config).load_state_dict(state)
+
+
+def test_a_store_declaring_absurdly_many_steps_is_refused_clearly(tmp_path):
+    import pytest
+    import zarr
+
+    group = zarr.open_group(str(tmp_path / "huge.zarr"), mode="w", zarr_format=3)
+    array = group.create_array(
+        "v", shape=(10**12, 4), chunks=(10**6, 4), dtype="f4", dimension_names=["time", "x"]
+    )
+    array[:2] = 1.0
+    dm = XarrayDataModule(
+        str(tmp_path / "huge.zarr"),
+        input_vars=["v"],
+        input_dims={"time": 1, "x": 4},
+        open_kwargs={"consolidated": False},
+    )
+    with pytest.raises(ValueError, match=r"window starts along 'time' would take .* GiB of index"):
+        dm.setup()

@@ -427,3 +427,15 @@ def test_reads_are_repeated_until_the_whole_chunk_is_in(tmp_path, monkeypatch):
     out = np.empty((1, 4, 6), np.float32)
     decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
     np.testing.assert_array_equal(out[0], array[...])
+
+
+def test_a_huge_chunk_leaves_no_buffer_behind(tmp_path, monkeypatch):
+    from xr_datamodule import chunkfiles
+
+    monkeypatch.setattr(chunkfiles, "KEPT_BUFFER_BYTES", 40)
+    array = make_array(tmp_path / "x", (4, 6), (2, 6), "f4", LAYOUTS[2])  # 48-byte chunks
+    decoder, _, _ = decoder_for(array, tmp_path / "x", None, 1)
+    out = np.empty((1, 4, 6), np.float32)
+    decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
+    np.testing.assert_array_equal(out[0], array[...])
+    assert getattr(decoder._local, "buffer", None) is None

@@ -21,6 +21,7 @@ either way.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import stat
 import threading
@@ -60,6 +61,7 @@ _V2_COMPRESSORS = {"zstd", "blosc"}  # numcodecs ids
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _POOL_LOCK = threading.Lock()
 _NO_CHUNK = 2**64 - 1  # a shard index's offset and length of a chunk that was not written
+KEPT_BUFFER_BYTES = 256 * 2**20  # largest read buffer a thread keeps between chunks
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class ChunkFiles:
 
     def index_bytes(self) -> int:
         """Bytes of a shard's index: (offset, length) per chunk, and the checksum."""
-        return 16 * int(np.prod(self.per_shard or ())) + (4 if self.index_checksum else 0)
+        return 16 * math.prod(self.per_shard or ()) + (4 if self.index_checksum else 0)
 
 
 def chunk_files(array: Any, folder: str) -> ChunkFiles | None:
@@ -484,6 +486,13 @@ class ChunkFileDecoder:
         return index
 
     def _buffer(self, size: int) -> bytearray:
+        """This thread's read buffer, grown as needed (a huge chunk gets one of its own).
+
+        A chunk above ``KEPT_BUFFER_BYTES`` is read into a buffer that is not kept: one huge
+        chunk must not pin its size in every reading thread.
+        """
+        if size > KEPT_BUFFER_BYTES:
+            return bytearray(size)
         buffer = getattr(self._local, "buffer", None)
         if buffer is None or len(buffer) < size:
             buffer = self._local.buffer = bytearray(size)

@@ -719,11 +719,13 @@ class XarrayDataModule(pl.LightningDataModule):
         if "order" in state_dict and "train" in self.pipeline.split_bounds:
             world_size = self._world()[0]
             order_now = type(self.order.epoch_sampler(self.pipeline.train_split(), world_size))
+        has_train = "train" in self.pipeline.split_bounds
         restored = self.order.load_state_dict(
             state_dict,
             layout_now,
             self._world()[0],
             None if order_now is None else order_now.__name__,
+            self.pipeline.split_sizes["train"] if has_train and "epoch" in state_dict else None,
         )
         if restored:
             self.pipeline.resize_cache()

@@ -322,6 +322,7 @@ class TrainingOrder:
         layout_now: tuple[int, int] | None,
         world_size: int = 1,
         order_now: str | None = None,
+        n_samples: int | None = None,
     ) -> bool:
         """Restore the seed, the resume point and the chunk layout of a checkpoint.
 
@@ -336,6 +337,8 @@ class TrainingOrder:
             layout_now: The chunk layout the current settings give (None: not chunk-aware).
             world_size: The world size now.
             order_now: The class name of the epoch order the current settings give.
+            n_samples: Samples of the training split now (a resume point past its end is
+                refused).
 
         Returns:
             Whether the chunk layout changed (a reader's cache must then be resized).
@@ -344,6 +347,7 @@ class TrainingOrder:
             ValueError: A mid-epoch checkpoint whose remaining samples the current settings
                 cannot continue exactly.
         """
+        _check_state(state)
         if int(state.get("seed", self.seed)) != self.seed:
             self.seed = int(state["seed"])
             self._sampler = None
@@ -352,6 +356,13 @@ class TrainingOrder:
             batch_size = int(state.get("batch_size", self.batch_size))
             self._check_resumable(state, batch_size, world_size, order_now)
             done = state.get("samples_done", int(state["batches_done"]) * batch_size)
+            if n_samples is not None and done > n_samples // max(1, world_size):
+                raise ValueError(
+                    f"the checkpoint says {state['batches_done']} batches ({done} samples) of "
+                    f"data epoch {state['epoch']} were done, more than an epoch holds "
+                    f"({n_samples // max(1, world_size)} samples per rank): it belongs to "
+                    "other data or is damaged"
+                )
             self.resume = (int(state["epoch"]), int(done), int(state["batches_done"]))
         layout = state.get("chunk_layout")
         if layout is None or layout_now is None:
@@ -369,3 +380,23 @@ class TrainingOrder:
         self.resumed_layout = layout
         self._sampler = None
         return True
+
+
+_STATE_INTEGERS = ("seed", "epoch", "batches_done", "samples_done", "batch_size", "world_size")
+
+
+def _check_state(state: Any) -> None:
+    """A checkpoint's order state holds what :meth:`TrainingOrder.state_dict` writes."""
+    if not isinstance(state, dict):
+        raise TypeError(f"the datamodule's checkpoint state must be a dict, got {state!r}")
+    for key in _STATE_INTEGERS:
+        value = state.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(
+                f"the checkpoint's {key} must be a non-negative integer, got {value!r}: "
+                "the checkpoint is damaged or not this datamodule's"
+            )
+    if "epoch_offset" in state and not isinstance(state["epoch_offset"], (int, np.integer)):
+        raise ValueError(f"the checkpoint's epoch_offset must be an integer, got {state!r}")

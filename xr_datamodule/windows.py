@@ -22,11 +22,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SLAB_BYTES", "SampleIndex", "WindowGeometry", "build_index", "reduce_windows"]
+__all__ = [
+    "MAX_INDEX_BYTES",
+    "SLAB_BYTES",
+    "SampleIndex",
+    "WindowGeometry",
+    "build_index",
+    "reduce_windows",
+]
 
 # Fields of one value per grid point (a window statistic, a missing-value mask) are computed
 # in slabs along the first windowed dim of at most this many bytes (one window at least).
 SLAB_BYTES = 256 * 2**20
+# Most bytes the window starts along one dim may take (2**30 starts): a store that declares
+# more positions than that is refused with a clear error, not a MemoryError inside numpy.
+MAX_INDEX_BYTES = 8 * 2**30
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,14 @@ class WindowGeometry:
         last = upper - self.extent[axis] + self.reach_below[axis]
         if last < first:
             return np.empty(0, dtype=np.int64)
+        count = (last - first) // self.stride[axis] + 1
+        if count * 8 > MAX_INDEX_BYTES:
+            raise ValueError(
+                f"{count:,} window starts along {self.dims[axis]!r} would take "
+                f"{count * 8 / 2**30:,.0f} GiB of index: the data declare "
+                f"{upper - lower:,} positions there. Check the store's metadata (its shape), "
+                "or select a part of it"
+            )
         return np.arange(first, last + 1, self.stride[axis], dtype=np.int64)
 
 
