@@ -439,3 +439,36 @@ def test_a_huge_chunk_leaves_no_buffer_behind(tmp_path, monkeypatch):
     decoder.decode([DecodeJob({"d0": slice(0, 4)}, out)])
     np.testing.assert_array_equal(out[0], array[...])
     assert getattr(decoder._local, "buffer", None) is None
+
+
+def test_strict_stores_refuse_links_outside_and_files_that_are_not_files(tmp_path):
+    ds = xr.Dataset({"a": (("time", "x"), np.arange(24, dtype=np.float32).reshape(8, 3))})
+    ds.chunk({"time": 2}).to_zarr(tmp_path / "s.zarr")
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(bytes(100))
+    chunk = next(
+        p for p in (tmp_path / "s.zarr" / "a").rglob("*") if p.is_file() and "zarr" not in p.name
+    )
+    chunk.unlink()
+    chunk.symlink_to(secret)
+    config = dict(input_vars=["a"], input_dims={"time": 1}, splits={"train": 1.0})
+    XarrayDataModule(str(tmp_path / "s.zarr"), **config)  # followed by default, as zarr does
+    with pytest.raises(PermissionError, match=r"links to .*secret.bin', outside the store"):
+        XarrayDataModule(str(tmp_path / "s.zarr"), strict_store=True, **config).setup()
+    chunk.unlink()
+    os.mkfifo(chunk)
+    with pytest.raises(PermissionError, match="neither a regular file nor a folder"):
+        XarrayDataModule(str(tmp_path / "s.zarr"), strict_store=True, **config).setup()
+
+
+def test_metadata_that_do_not_parse_are_named(tmp_path):
+    import json
+
+    ds = xr.Dataset({"a": (("time", "x"), np.ones((4, 3), ">f4"))})
+    ds.to_zarr(tmp_path / "odd.zarr", zarr_format=3, consolidated=False)
+    meta_path = tmp_path / "odd.zarr" / "a" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["fill_value"] = "not a number"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"could not open .*odd.zarr': its metadata do not parse"):
+        XarrayDataModule(str(tmp_path / "odd.zarr"), ["a"], {"time": 1}).setup()

@@ -229,6 +229,9 @@ class XarrayDataModule(pl.LightningDataModule):
             targets count, e.g. ``ds.assign(ocean=ds.lsm < 0.5)`` for an ocean model: dict
             batches' ``target_mask`` is False elsewhere, :meth:`to_xarray` writes NaN there
             and the verification skips those points.
+        strict_store: For a local store of untrusted origin: refuse it in ``setup`` when it
+            holds a symlink leading outside it or an entry that is not a regular file (a
+            FIFO). By default links are followed wherever they point, as zarr does.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -289,6 +292,7 @@ class XarrayDataModule(pl.LightningDataModule):
         gaps: str = "drop",
         time_step: str | float | dict[str, Any] | None = None,
         mask: str | None = None,
+        strict_store: bool = False,
     ) -> None:
         super().__init__()
         unsaved = ["transform", "target_transform"]

@@ -51,7 +51,8 @@ class _AdvisingIterator(_MultiProcessingDataLoaderIter):
         try:
             return super()._next_data()
         except RuntimeError as error:
-            if "exited unexpectedly" not in str(error):
+            message = str(error)  # torch's two messages: a failed worker, a SIGCHLD's
+            if "exited unexpectedly" not in message and "is killed by signal" not in message:
                 raise
             raise RuntimeError(
                 f"{error}: a DataLoader worker died, most often killed by the system for lack "

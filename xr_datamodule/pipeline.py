@@ -46,6 +46,7 @@ from xr_datamodule.order import TrainingOrder, TrainSplit
 from xr_datamodule.samplers import RandomOffsets, batch_spread, build_sampler
 from xr_datamodule.sources import (
     channel_layouts,
+    check_store_tree,
     check_variables,
     is_in_memory,
     is_remote,
@@ -145,7 +146,12 @@ class DataPipeline:
     @cached_property
     def source(self) -> xr.Dataset:
         """The opened source, lazy (nothing loaded), restricted to ``select``'s labels."""
-        return open_selected(self.spec.data, self.spec.open_kwargs, self.spec.select)
+        spec = self.spec
+        if spec.strict_store and isinstance(spec.data, (str, os.PathLike)):
+            path = os.fspath(spec.data)
+            if os.path.isdir(path):
+                check_store_tree(path)
+        return open_selected(spec.data, spec.open_kwargs, spec.select)
 
     @property
     def static_dim(self) -> str | None:

@@ -34,6 +34,7 @@ __all__ = [
     "VariableLayout",
     "channel_layouts",
     "check_source_exists",
+    "check_store_tree",
     "check_variables",
     "is_in_memory",
     "is_remote",
@@ -135,6 +136,11 @@ def open_source(data: DataSource, open_kwargs: Mapping[str, Any] | None = None) 
         raise OSError(f"data: could not open {path!r}: {err}") from err
     except ValueError as err:
         raise ValueError(f"data: could not open {path!r}: {err}") from err
+    except TypeError as err:  # e.g. zarr's "Failed to decode fill_value" of odd metadata
+        raise ValueError(
+            f"data: could not open {path!r}: its metadata do not parse ({err}); check the "
+            "array's dtype, byte order and fill_value in its zarr.json / .zarray"
+        ) from err
 
 
 def _local_without_consolidated(path: str) -> bool:
@@ -328,6 +334,33 @@ def open_selected(
     """:func:`open_source`, then :func:`select_labels` (what a worker reopens)."""
     source = open_source(data, open_kwargs)
     return select_labels(source, select) if select else source
+
+
+def check_store_tree(folder: str) -> None:
+    """Refuse a local store holding links that lead outside it, or files that are not files.
+
+    For stores of untrusted origin (``strict_store=True``): a symlink in a zarr store is
+    followed by every reader, wherever it points (a chunk linked to ``/etc/shadow`` would be
+    read into batches), and a FIFO would block the reader. One walk of the tree, in
+    ``setup``.
+
+    Raises:
+        PermissionError: A link leading outside the store, or an entry that is neither a
+            regular file nor a folder.
+    """
+    root = os.path.realpath(folder)
+    for here, folders, files in os.walk(folder, followlinks=False):
+        for name in folders + files:
+            path = os.path.join(here, name)
+            target = os.path.realpath(path)
+            if os.path.islink(path) and os.path.commonpath([root, target]) != root:
+                raise PermissionError(
+                    f"strict_store: {path!r} links to {target!r}, outside the store {root!r}"
+                )
+            if not (os.path.isdir(target) or os.path.isfile(target)):
+                raise PermissionError(
+                    f"strict_store: {path!r} is neither a regular file nor a folder"
+                )
 
 
 def is_remote(data: DataSource) -> bool:

@@ -303,6 +303,7 @@ class DataSpec:
     gaps: str = "drop"
     time_step: Any = None
     mask: str | None = None
+    strict_store: bool = False
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -416,6 +417,7 @@ class DataSpec:
             )
         if self.stats is not None and self.normalize is None:
             self.normalize = "zscore"  # explicit statistics mean: normalise with them
+        self.strict_store = _flag(self.strict_store, "strict_store")
         if self.mask is not None and not isinstance(self.mask, str):
             raise TypeError(f"mask must be the name of a variable or None, got {self.mask!r}")
         _choice(self.nan_policy, NAN_POLICIES, "nan_policy")
