@@ -159,6 +159,8 @@ class XarrayWindowDataset(Dataset):
         self._raw_inputs = reader.channels_of(self.input_vars)
         self._reach_below = np.asarray(geometry.reach_below, dtype=np.int64)
         self._target_offset = np.asarray(geometry.target_offset, dtype=np.int64)
+        # Where the target window lies in a sample's span.
+        self._target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
 
     def __len__(self) -> int:
         return len(self.index)
@@ -185,7 +187,6 @@ class XarrayWindowDataset(Dataset):
         )
         geometry = self.geometry
         batched = self.transform_on == "batch"
-        target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
         # Extra channels are gathered in place: the cut reads a stand-in channel where they
         # go, which they then overwrite (no second copy of the batch). A transform cannot be
         # combined with them (the spec refuses it), so the reader's cut is the output.
@@ -197,7 +198,7 @@ class XarrayWindowDataset(Dataset):
             cuts.append(Cut(channels, geometry.reach_below, geometry.input_size))
         if self.target_transform is None or batched:
             channels = _with_room(self.target_channels, self.target_extras, False)
-            cuts.append(Cut(channels, target_at, geometry.target_size))
+            cuts.append(Cut(channels, self._target_at, geometry.target_size))
         shapes = [(len(starts), len(cut.channels), *cut.size) for cut in cuts]
         mask_shape = (len(starts), self.n_target_channels, *geometry.target_size)
         with_mask = self.labels is not None
@@ -258,8 +259,7 @@ class XarrayWindowDataset(Dataset):
                 mask[...] = True
                 return
             # Checked after this batch's read: a cell it decoded may have been the first.
-            target_at = tuple(np.add(geometry.reach_below, geometry.target_offset).tolist())
-            cut = Cut(missing, target_at, geometry.target_size)
+            cut = Cut(missing, self._target_at, geometry.target_size)
             (kept,) = reader.gather(starts - self._reach_below, geometry.extent, [cut])
             np.equal(kept, 0, out=mask[:, : kept.shape[1]])
             mask[:, kept.shape[1] :] = True

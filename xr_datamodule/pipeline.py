@@ -282,12 +282,7 @@ class DataPipeline:
         """
         source, given = self.source, self.spec.time_step
         if given is not None and not isinstance(given, Mapping):
-            timelike = [
-                dim
-                for dim in self.window_dims
-                if dim in source.indexes and is_datetime_labels(source[dim].values)
-            ]
-            given = dict.fromkeys(timelike or [self.split_dim], given)
+            given = {self.time_dim or self.split_dim: given}  # one step: the time axis's
         steps = dict(given or {})
         unknown = [dim for dim in steps if dim not in self.window_dims]
         if unknown:
