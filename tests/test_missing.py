@@ -285,3 +285,19 @@ def test_a_constant_channel_is_reported_and_bad_checkpoint_statistics_refused(ca
     state["statistics"] = {"mean": {"a": [float("nan")]}, "std": {"a": [1.0]}}
     with pytest.raises(ValueError, match="mean of 'a' is"):
         XarrayDataModule(ds, **CONFIG).load_state_dict(state)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_holds_nan_finds_every_non_finite_value_and_only_those(dtype):
+    from xr_datamodule.missing import holds_nan
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(3, 40, 50)).astype(dtype)
+    assert not holds_nan(block) and not holds_nan(block[:, ::2])  # contiguous or not
+    huge = np.full((3, 40, 50), np.finfo(dtype).max / 2, dtype)  # squares overflow: finite
+    assert not holds_nan(huge) and not holds_nan(-huge)
+    for value in (np.nan, np.inf, -np.inf):
+        for where in ((0, 0, 0), (2, 39, 49), (1, 17, 3)):
+            hit = block.copy()
+            hit[where] = value
+            assert holds_nan(hit) and holds_nan(hit[:, ::1, ::1])

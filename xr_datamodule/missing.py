@@ -62,18 +62,27 @@ MAX_LISTED_CHUNKS = 1_000_000
 def holds_nan(block: np.ndarray) -> bool:
     """Whether a float array holds a missing or non-finite value (NaN, +Inf or -Inf).
 
-    One pass at memory speed without a temporary: torch's ``aminmax`` (NaN propagates, an
-    infinity is the minimum or the maximum). On a 10 MB cell 0.35 ms, against 0.25 for
-    ``max`` alone (NaN only) and 0.45 for numpy's ``min`` and ``max``; ``isfinite().all()``
-    needs a temporary.
+    One pass at memory speed without a temporary where the block is contiguous: the dot
+    product of the block with itself (measured on a 10 MB cell: 0.27 ms, against 0.22 for
+    ``max`` alone, which finds NaN and +Inf only, and 0.43 for ``max`` and ``min``);
+    ``isfinite().all()`` needs a temporary.
+
+    Example:
+        >>> holds_nan(np.array([1.0, -np.inf])), holds_nan(np.full(3, 1e30, np.float32))
+        (True, False)
     """
     if block.dtype.kind not in "fc" or block.size == 0:
         return False
-    if block.dtype.kind == "f" and block.dtype.isnative:
-        import torch
-
-        low, high = torch.aminmax(torch.from_numpy(np.ascontiguousarray(block)).reshape(-1))
-        return not (math.isfinite(float(low)) and math.isfinite(float(high)))
+    if block.dtype.kind == "f" and block.dtype.itemsize >= 4 and block.flags.c_contiguous:
+        flat = block.reshape(-1)
+        # x . x in one BLAS pass: NaN and ±Inf make it NaN or Inf (so may huge values, whose
+        # squares overflow: then the exact test decides).
+        with np.errstate(over="ignore", invalid="ignore"):
+            if math.isfinite(np.dot(flat, flat)):
+                return False
+        return not bool(np.isfinite(block).all())
+    if block.dtype.kind == "f":  # max propagates NaN and finds +Inf; min finds -Inf
+        return not (math.isfinite(np.max(block)) and math.isfinite(np.min(block)))
     return not bool(np.isfinite(block).all())
 
 
