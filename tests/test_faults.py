@@ -84,3 +84,40 @@ def test_a_worker_that_dies_ends_the_epoch_with_what_to_try(small_ds):
         for _ in dm.train_dataloader():
             pass
     assert "Try fewer workers (num_workers)" in str(e.value)
+
+
+def _sleep_in_workers(ds):
+    import time
+
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is not None:
+        time.sleep(30)  # killed long before
+    return ds
+
+
+def test_a_worker_killed_by_a_signal_ends_with_what_to_try(small_ds):
+    import os
+    import signal
+    import threading
+
+    dm = XarrayDataModule(
+        small_ds,
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 4, "lon": 5},
+        splits={"train": 1.0},
+        batch_size=4,
+        num_workers=2,
+        transform=_sleep_in_workers,
+    )
+    iterator = iter(dm.train_dataloader())
+    pids = [worker.pid for worker in iterator._workers]  # what the out-of-memory killer sees
+
+    def kill() -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+
+    threading.Timer(1.0, kill).start()
+    with pytest.raises(RuntimeError, match="a DataLoader worker died") as raised:
+        next(iterator)
+    assert "Try fewer workers (num_workers)" in str(raised.value)
