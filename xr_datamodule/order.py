@@ -262,31 +262,6 @@ class TrainingOrder:
 
     # ------------------------------------------------------------------ resume state
 
-    def _check_resumable(
-        self, state: dict[str, Any], batch_size: int, world_size: int, order_now: str | None
-    ) -> None:
-        """Refuse a mid-epoch resume whose remaining samples would not be the same ones."""
-        saved_world = int(state.get("world_size", world_size))
-        saved_order = state.get("order", order_now)
-        reasons = []
-        if saved_world != world_size:
-            reasons.append(f"world size {saved_world} then, {world_size} now")
-        if order_now is not None and saved_order != order_now:
-            reasons.append(f"order {saved_order} then, {order_now} now")
-        chunk_aware = "chunk_layout" in state or saved_order == ChunkShuffleSampler.__name__
-        if batch_size != self.batch_size and chunk_aware:
-            reasons.append(
-                f"batch_size {batch_size} then, {self.batch_size} now (the chunk-aware order "
-                "mixes its streams by batch)"
-            )
-        if reasons:
-            raise ValueError(
-                f"this checkpoint was written in the middle of data epoch {state['epoch']} "
-                f"({state['batches_done']} batches done) and the current settings would "
-                f"give another order of samples: {'; '.join(reasons)}. Resume with the "
-                "checkpoint's settings, or from a checkpoint written at the end of an epoch"
-            )
-
     def state_dict(self, batches_done: int | None, trainer_epoch: int | None) -> dict[str, Any]:
         """The order's part of a checkpoint.
 
@@ -354,7 +329,7 @@ class TrainingOrder:
         self.epoch_offset = int(state.get("epoch_offset", 0))
         if "epoch" in state and state.get("batches_done"):
             batch_size = int(state.get("batch_size", self.batch_size))
-            self._check_resumable(state, batch_size, world_size, order_now)
+            _check_resumable(state, batch_size, self.batch_size, world_size, order_now)
             done = state.get("samples_done", int(state["batches_done"]) * batch_size)
             if n_samples is not None and done > n_samples // max(1, world_size):
                 raise ValueError(
@@ -400,3 +375,33 @@ def _check_state(state: Any) -> None:
             )
     if "epoch_offset" in state and not isinstance(state["epoch_offset"], (int, np.integer)):
         raise ValueError(f"the checkpoint's epoch_offset must be an integer, got {state!r}")
+
+
+def _check_resumable(
+    state: dict[str, Any],
+    batch_size: int,
+    batch_size_now: int,
+    world_size: int,
+    order_now: str | None,
+) -> None:
+    """Refuse a mid-epoch resume whose remaining samples would not be the same ones."""
+    saved_world = int(state.get("world_size", world_size))
+    saved_order = state.get("order", order_now)
+    reasons = []
+    if saved_world != world_size:
+        reasons.append(f"world size {saved_world} then, {world_size} now")
+    if order_now is not None and saved_order != order_now:
+        reasons.append(f"order {saved_order} then, {order_now} now")
+    chunk_aware = "chunk_layout" in state or saved_order == ChunkShuffleSampler.__name__
+    if batch_size != batch_size_now and chunk_aware:
+        reasons.append(
+            f"batch_size {batch_size} then, {batch_size_now} now (the chunk-aware order "
+            "mixes its streams by batch)"
+        )
+    if reasons:
+        raise ValueError(
+            f"this checkpoint was written in the middle of data epoch {state['epoch']} "
+            f"({state['batches_done']} batches done) and the current settings would "
+            f"give another order of samples: {'; '.join(reasons)}. Resume with the "
+            "checkpoint's settings, or from a checkpoint written at the end of an epoch"
+        )

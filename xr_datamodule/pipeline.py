@@ -58,15 +58,8 @@ from xr_datamodule.sources import (
 )
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.splits import resolve_splits
-from xr_datamodule.stitch import VALID_TIME, stitch_forecasts, stitch_windows
-from xr_datamodule.timeaxis import (
-    AxisCheck,
-    TimeAxisError,
-    check_axis,
-    gap_report,
-    is_datetime_labels,
-    spans_with_gaps,
-)
+from xr_datamodule.stitch import masked_like, stitch_forecasts, stitch_windows, truth_at
+from xr_datamodule.timeaxis import AxisCheck, apply_gap_policy, check_axis, is_datetime_labels
 from xr_datamodule.transforms import (
     Transform,
     batch_dataset,
@@ -295,32 +288,10 @@ class DataPipeline:
 
     def _without_gaps(self, indices: dict[str, SampleIndex]) -> dict[str, SampleIndex]:
         """Apply ``gaps``: leave out (or refuse) samples whose span crosses an irregular step."""
-        report = gap_report(self.axes, self.window_dims)
-        policy = self.spec.gaps
-        if not report or policy == "allow":
-            return indices
-        if policy == "error":
-            raise TimeAxisError(
-                f"{report}; windows would span it. gaps='drop' leaves out the samples that "
-                "cross an irregular step, gaps='allow' keeps them, time_step= sets the step"
-            )
-        kept = {}
-        for name, index in indices.items():
-            bad = spans_with_gaps(index, self.geometry, self.axes)
-            kept[name] = index.keep(~bad)
-            self.gap_samples[name] = int(bad.sum())
-            if len(kept[name]) == 0:
-                raise TimeAxisError(
-                    f"split {name!r}: every one of its {len(index)} samples crosses an "
-                    f"irregular step ({report}); check the time axis or set time_step="
-                )
-        if self.spec.random_offsets and any(self.gap_samples.values()):
-            raise ValueError(
-                "random_offsets=True cannot be combined with samples left out at time gaps "
-                f"({report}): a moved window may cross one; use gaps='allow' or no offsets"
-            )
-        counts = ", ".join(f"{name} {n}" for name, n in self.gap_samples.items() if n)
-        logger.warning("gaps='drop': %s; samples left out per split: %s", report, counts)
+        spec = self.spec
+        kept, self.gap_samples = apply_gap_policy(
+            indices, self.geometry, self.axes, spec.gaps, spec.random_offsets
+        )
         return kept
 
     def _fail_on_missing(self) -> None:
@@ -995,38 +966,13 @@ class DataPipeline:
             out = stitch_forecasts(*arguments, time_dim=time_dim, bounds=bounds)
         else:
             out = stitch_windows(*arguments, bounds=bounds)
-        if self.spec.nan_policy in ("fill", "keep"):
-            out = self._masked_like_truth(out)
-        if self.static_mask is not None:
-            field = self.static_mask.field
-            for name in out.data_vars:
-                where = field.sel({dim: out[dim] for dim in field.dims if dim in field.indexes})
-                out[name] = out[name].where(where)
-        return out
-
-    def _masked_like_truth(self, predicted: xr.Dataset) -> xr.Dataset:
-        """NaN wherever the target itself is missing in the source."""
-        for name in predicted.data_vars:
-            truth = self.truth_for(predicted[name])
-            predicted[name] = predicted[name].where(truth.notnull().values)
-        return predicted
+        valid = None if self.static_mask is None else self.static_mask.field
+        truth = self.spec.nan_policy in ("fill", "keep")  # only then can targets be missing
+        return masked_like(out, self.source, self.time_dim, truth, valid)
 
     def truth_for(self, predicted: xr.DataArray) -> xr.DataArray:
-        """The source's values where ``predicted`` (from :meth:`to_xarray`) lies, same shape.
-
-        For the forecast layout, the values at each ``valid_time``.
-        """
-        name = str(predicted.name)
-        truth = self.source[name]
-        time_dim = self.time_dim
-        if VALID_TIME in predicted.coords and time_dim is not None:
-            picked = truth.sel({time_dim: predicted[VALID_TIME]})
-            others = {dim: predicted[dim] for dim in predicted.dims if dim in truth.dims}
-            others.pop(time_dim, None)
-            picked = picked.sel({d: v for d, v in others.items() if d in picked.indexes})
-            return picked.transpose(*predicted.dims).drop_vars(time_dim, errors="ignore")
-        where = {dim: predicted[dim] for dim in predicted.dims if dim in truth.indexes}
-        return truth.sel(where).transpose(*predicted.dims)
+        """The source's values where ``predicted`` (from :meth:`to_xarray`) lies, same shape."""
+        return truth_at(self.source, predicted, self.time_dim)
 
     # ------------------------------------------------------------------ training order
 

@@ -27,7 +27,14 @@ import xarray as xr
 from xr_datamodule.sources import channel_layouts
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
-__all__ = ["LEAD_DIM", "VALID_TIME", "stitch_forecasts", "stitch_windows"]
+__all__ = [
+    "LEAD_DIM",
+    "VALID_TIME",
+    "masked_like",
+    "stitch_forecasts",
+    "stitch_windows",
+    "truth_at",
+]
 
 LEAD_DIM = "prediction_timedelta"
 VALID_TIME = "valid_time"
@@ -291,3 +298,46 @@ def _lead_times(labels: np.ndarray, inits: np.ndarray, lead_steps: np.ndarray) -
             "timedelta64[ns]"
         )
     return lead_steps.astype(np.int64)
+
+
+def truth_at(source: xr.Dataset, predicted: xr.DataArray, time_dim: str | None) -> xr.DataArray:
+    """The source's values where ``predicted`` lies, in its shape and dim order.
+
+    For the forecast layout, the values at each ``valid_time`` (``time_dim`` the source's
+    time dim); on the grid, at the same labels.
+    """
+    truth = source[str(predicted.name)]
+    if VALID_TIME in predicted.coords and time_dim is not None:
+        picked = truth.sel({time_dim: predicted[VALID_TIME]})
+        others = {dim: predicted[dim] for dim in predicted.dims if dim in truth.dims}
+        others.pop(time_dim, None)
+        picked = picked.sel({d: v for d, v in others.items() if d in picked.indexes})
+        return picked.transpose(*predicted.dims).drop_vars(time_dim, errors="ignore")
+    where = {dim: predicted[dim] for dim in predicted.dims if dim in truth.indexes}
+    return truth.sel(where).transpose(*predicted.dims)
+
+
+def masked_like(
+    predicted: xr.Dataset,
+    source: xr.Dataset,
+    time_dim: str | None,
+    truth: bool,
+    valid: xr.DataArray | None = None,
+) -> xr.Dataset:
+    """Predictions with NaN where the target was missing (``truth``) or is not valid.
+
+    Args:
+        predicted: What :func:`stitch_windows` or :func:`stitch_forecasts` gave.
+        source: The source dataset.
+        time_dim: Its time dim (for the forecast layout's valid times).
+        truth: NaN wherever the source's own target value is missing.
+        valid: A static field, true where targets count (the ``mask`` option).
+    """
+    for name in predicted.data_vars:
+        if truth:
+            present = truth_at(source, predicted[name], time_dim).notnull()
+            predicted[name] = predicted[name].where(present.values)
+        if valid is not None:
+            where = valid.sel({dim: predicted[dim] for dim in valid.dims if dim in valid.indexes})
+            predicted[name] = predicted[name].where(where)
+    return predicted

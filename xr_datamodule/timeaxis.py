@@ -42,6 +42,7 @@ __all__ = [
     "GAP_POLICIES",
     "AxisCheck",
     "TimeAxisError",
+    "apply_gap_policy",
     "check_axis",
     "crosses_gap",
     "is_datetime_labels",
@@ -297,3 +298,47 @@ def spans_with_gaps(index: Any, geometry: Any, axes: Mapping[str, AxisCheck]) ->
         shape[axis] = len(along)
         grid |= along.reshape(shape)
     return grid.reshape(-1)[index.grid_ids()]
+
+
+def apply_gap_policy(
+    indices: Mapping[str, Any],
+    geometry: Any,
+    axes: Mapping[str, AxisCheck],
+    policy: str,
+    random_offsets: bool = False,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """The splits' sample indices under ``gaps=policy``, and the samples left out per split.
+
+    ``"allow"`` keeps every sample; ``"error"`` raises at the first gap; ``"drop"`` leaves
+    out the samples whose span crosses one (:func:`spans_with_gaps`) and logs it once.
+
+    Raises:
+        TimeAxisError: A gap under ``"error"``; a split whose every sample crosses one.
+        ValueError: Samples left out with ``random_offsets`` (a moved window may cross one).
+    """
+    report = gap_report(axes, geometry.dims)
+    if not report or policy == "allow":
+        return dict(indices), {}
+    if policy == "error":
+        raise TimeAxisError(
+            f"{report}; windows would span it. gaps='drop' leaves out the samples that "
+            "cross an irregular step, gaps='allow' keeps them, time_step= sets the step"
+        )
+    kept, left_out = {}, {}
+    for name, index in indices.items():
+        bad = spans_with_gaps(index, geometry, axes)
+        kept[name] = index.keep(~bad)
+        left_out[name] = int(bad.sum())
+        if len(kept[name]) == 0:
+            raise TimeAxisError(
+                f"split {name!r}: every one of its {len(index)} samples crosses an "
+                f"irregular step ({report}); check the time axis or set time_step="
+            )
+    if random_offsets and any(left_out.values()):
+        raise ValueError(
+            "random_offsets=True cannot be combined with samples left out at time gaps "
+            f"({report}): a moved window may cross one; use gaps='allow' or no offsets"
+        )
+    counts = ", ".join(f"{name} {n}" for name, n in left_out.items() if n)
+    logger.warning("gaps='drop': %s; samples left out per split: %s", report, counts)
+    return kept, left_out
