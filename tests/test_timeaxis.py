@@ -122,18 +122,31 @@ def test_kept_samples_equal_brute_force_for_any_windows(
     assert found == expected
 
 
-def test_a_duplicated_step_is_an_error_naming_the_labels_and_the_fix():
-    times = pd.date_range("2021-01-01", periods=40, freq="6h")
-    times = times.insert(8, times[7])
+def axis_of(freq: str, calendar: str | None, periods: int = 40) -> np.ndarray:
+    if calendar is None:
+        return pd.date_range("2021-01-01", periods=periods, freq=freq).values
+    times = xr.date_range(
+        "2021-01-01", periods=periods, freq=freq, calendar=calendar, use_cftime=True
+    )
+    return np.asarray(times)
+
+
+CALENDARS = [("1h", None), ("6h", None), ("6h", "noleap")]
+
+
+@pytest.mark.parametrize(("freq", "calendar"), CALENDARS)
+def test_a_duplicated_step_is_an_error_naming_the_labels_and_the_fix(freq, calendar):
+    times = axis_of(freq, calendar)
+    times = np.concatenate([times[:8], times[7:8], times[8:]])
     dm = XarrayDataModule(field(times), ["t"], **WINDOWS)
     with pytest.raises(TimeAxisError, match=r"repeats a label.*positions 7 and 8.*drop_duplicates"):
         dm.setup()
     assert "repeats a label" in repr(dm)  # the summary says what is wrong instead of raising
 
 
-def test_descending_time_is_an_error_with_the_fix():
-    times = pd.date_range("2021-01-01", periods=40, freq="6h")[::-1]
-    dm = XarrayDataModule(field(times), ["t"], **WINDOWS)
+@pytest.mark.parametrize(("freq", "calendar"), CALENDARS)
+def test_descending_time_is_an_error_with_the_fix(freq, calendar):
+    dm = XarrayDataModule(field(axis_of(freq, calendar)[::-1]), ["t"], **WINDOWS)
     with pytest.raises(TimeAxisError, match=r"not increasing.*sortby\('time'\)"):
         dm.setup()
 
