@@ -121,3 +121,27 @@ def test_a_worker_killed_by_a_signal_ends_with_what_to_try(small_ds):
     with pytest.raises(RuntimeError, match="a DataLoader worker died") as raised:
         next(iterator)
     assert "Try fewer workers (num_workers)" in str(raised.value)
+
+
+def test_a_worker_killed_while_the_main_process_trains_ends_with_what_to_try(small_ds):
+    import os
+    import signal
+    import time
+
+    dm = XarrayDataModule(
+        small_ds,
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 4, "lon": 5},
+        splits={"train": 1.0},
+        batch_size=4,
+        num_workers=2,
+        persistent_workers=False,
+    )
+    iterator = iter(dm.train_dataloader())
+    next(iterator)  # the workers run; the main process goes on "training"
+    with pytest.raises(RuntimeError, match="is killed by signal") as raised:
+        os.kill(iterator._workers[0].pid, signal.SIGKILL)  # what the out-of-memory killer does
+        time.sleep(5)  # torch's SIGCHLD handler raises here, outside the loader
+    assert "a DataLoader worker died" in str(raised.value)
+    assert "Try fewer workers (num_workers)" in str(raised.value)
+    del iterator

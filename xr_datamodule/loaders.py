@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,22 +45,62 @@ logger = logging.getLogger(__name__)
 _warned_tensorstore_fork = False  # the warning of _warn_if_workers_lose_tensorstore, once
 
 
+WORKER_DIED_ADVICE = (
+    "a DataLoader worker died, most often killed by the system for lack of memory (see "
+    "`dmesg`). Try fewer workers (num_workers), a smaller batch_size or shuffle_chunks, or "
+    "prefetch_factor=1; with num_workers=0 an error in reading shows in the main process"
+)
+_sigchld_advised = False  # whether _advise_on_sigchld wrapped the handler in this process
+
+
+def _worker_died(error: RuntimeError) -> bool:
+    message = str(error)  # torch's two messages: a failed worker, its SIGCHLD handler's
+    return "exited unexpectedly" in message or "is killed by signal" in message
+
+
+def _advise_on_sigchld() -> None:
+    """Wrap the SIGCHLD handler (torch's, once it set one) so its error carries the advice.
+
+    torch raises "DataLoader worker ... is killed by signal" from its SIGCHLD handler,
+    wherever the main thread is then (in the training step, not in the loader): only the
+    handler itself can add the advice. Done once per process, from the main thread.
+    """
+    global _sigchld_advised
+    if _sigchld_advised or not hasattr(signal, "SIGCHLD"):
+        return
+    previous = signal.getsignal(signal.SIGCHLD)
+    if not callable(previous):
+        return  # no handler of torch's to wrap
+
+    def advising(signum: int, frame: Any) -> None:
+        try:
+            previous(signum, frame)
+        except RuntimeError as error:
+            if not _worker_died(error):
+                raise
+            raise RuntimeError(f"{error}: {WORKER_DIED_ADVICE}") from error
+
+    try:
+        signal.signal(signal.SIGCHLD, advising)
+    except ValueError:  # not the main thread: torch's message stays as it is
+        return
+    _sigchld_advised = True
+
+
 class _AdvisingIterator(_MultiProcessingDataLoaderIter):
     """torch's worker iterator; a worker that died ends the epoch with what to try."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        super().__init__(loader)  # sets torch's SIGCHLD handler
+        _advise_on_sigchld()
 
     def _next_data(self) -> Any:
         try:
             return super()._next_data()
         except RuntimeError as error:
-            message = str(error)  # torch's two messages: a failed worker, a SIGCHLD's
-            if "exited unexpectedly" not in message and "is killed by signal" not in message:
+            if not _worker_died(error) or WORKER_DIED_ADVICE in str(error):
                 raise
-            raise RuntimeError(
-                f"{error}: a DataLoader worker died, most often killed by the system for lack "
-                "of memory (see `dmesg`). Try fewer workers (num_workers), a smaller "
-                "batch_size or shuffle_chunks, or prefetch_factor=1; with num_workers=0 an "
-                "error in reading shows in the main process"
-            ) from error
+            raise RuntimeError(f"{error}: {WORKER_DIED_ADVICE}") from error
 
 
 class XarrayDataLoader(DataLoader):
