@@ -56,6 +56,19 @@ def test_a_corrupted_chunk_when_loading_in_memory(small_ds, tmp_path):
     assert np.isfinite(small_ds.a.values).all()
 
 
+def two_workers(ds, **settings) -> XarrayDataModule:
+    """Small windows read by 2 DataLoader workers."""
+    return XarrayDataModule(
+        ds,
+        input_vars=["a"],
+        input_dims={"time": 3, "lat": 4, "lon": 5},
+        splits={"train": 1.0},
+        batch_size=4,
+        num_workers=2,
+        **settings,
+    )
+
+
 def _die_in_the_second_worker(ds):
     import os
     import signal
@@ -69,15 +82,7 @@ def _die_in_the_second_worker(ds):
 
 
 def test_a_worker_that_dies_ends_the_epoch_with_what_to_try(small_ds):
-    dm = XarrayDataModule(
-        small_ds,
-        input_vars=["a"],
-        input_dims={"time": 3, "lat": 4, "lon": 5},
-        splits={"train": 1.0},
-        batch_size=4,
-        num_workers=2,
-        transform=_die_in_the_second_worker,
-    )
+    dm = two_workers(small_ds, transform=_die_in_the_second_worker)
     with pytest.raises(
         RuntimeError, match=r"(exited unexpectedly|killed by signal.*): a DataLoader worker died"
     ) as e:
@@ -101,15 +106,7 @@ def test_a_worker_killed_by_a_signal_ends_with_what_to_try(small_ds):
     import signal
     import threading
 
-    dm = XarrayDataModule(
-        small_ds,
-        input_vars=["a"],
-        input_dims={"time": 3, "lat": 4, "lon": 5},
-        splits={"train": 1.0},
-        batch_size=4,
-        num_workers=2,
-        transform=_sleep_in_workers,
-    )
+    dm = two_workers(small_ds, transform=_sleep_in_workers)
     iterator = iter(dm.train_dataloader())
     pids = [worker.pid for worker in iterator._workers]  # what the out-of-memory killer sees
 
@@ -128,15 +125,7 @@ def test_a_worker_killed_while_the_main_process_trains_ends_with_what_to_try(sma
     import signal
     import time
 
-    dm = XarrayDataModule(
-        small_ds,
-        input_vars=["a"],
-        input_dims={"time": 3, "lat": 4, "lon": 5},
-        splits={"train": 1.0},
-        batch_size=4,
-        num_workers=2,
-        persistent_workers=False,
-    )
+    dm = two_workers(small_ds, persistent_workers=False)
     iterator = iter(dm.train_dataloader())
     next(iterator)  # the workers run; the main process goes on "training"
     with pytest.raises(RuntimeError, match="is killed by signal") as raised:

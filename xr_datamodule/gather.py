@@ -388,8 +388,9 @@ class WindowReader(ABC):
     def _keep_missing(self, block: np.ndarray) -> None:
         """Write the ``missing_of`` channels' masks of a block, once a value was missing.
 
-        One look first (``max`` propagates NaN). Until some block holds a missing value no
-        mask is read (:attr:`missing_seen`), so none is written; the first such block zeroes
+        One look first (:func:`~xr_datamodule.missing.holds_nan`). Until some block holds a
+        missing value no mask is read (:attr:`missing_seen`), so none is written; the first
+        such block zeroes
         the masks of every block held (under a lock: decoding threads prepare blocks at
         once), and from then on each block writes its own.
         """
