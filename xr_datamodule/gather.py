@@ -390,9 +390,8 @@ class WindowReader(ABC):
 
         One look first (:func:`~xr_datamodule.missing.holds_nan`). Until some block holds a
         missing value no mask is read (:attr:`missing_seen`), so none is written; the first
-        such block zeroes
-        the masks of every block held (under a lock: decoding threads prepare blocks at
-        once), and from then on each block writes its own.
+        such block zeroes the masks of every block held (under a lock: decoding threads
+        prepare blocks at once), and from then on each block writes its own.
         """
         kept = block[self._first_missing : self._first_missing + len(self.missing_of)]
         watched = block[self._missing_source]
