@@ -25,7 +25,7 @@ from bench_common import in_child
 from global_fields import BATCH, INPUT_STEPS, N_LAT, N_LON, VARIABLES, alternating_cli
 
 from xr_datamodule import XarrayDataModule
-from xr_datamodule.extras import FORCINGS
+from xr_datamodule.forcings import FORCINGS
 
 STATICS = ["orography", "land_sea_mask"]
 

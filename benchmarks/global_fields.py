@@ -335,7 +335,7 @@ def ours_epochs(
         weeks=distinct_weeks(batches, positions),
         layout=dm.chunk_layout() if dm.train_shuffle == "chunks" else None,
         cache_cells=reader.cache_cells,
-        cache_bytes=reader.cache_cells * reader.cell_bytes,
+        cache_bytes=reader.cache_cells * reader.grid.cell_bytes,
         decoder=type(reader.decoder).__name__,
     )
     return result

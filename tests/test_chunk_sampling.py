@@ -159,7 +159,7 @@ def chunked_store(tmp_path: Path) -> Path:
 
 def train_batches(dm: XarrayDataModule) -> list[np.ndarray]:
     """The next epoch's training batches of the datamodule, as arrays of sample numbers."""
-    items = dm._train_batches()
+    items = dm.order.batch_sampler(dm.pipeline.sampling.train_split(), dm._world(), None)
     return [item.ids if isinstance(item, BatchPlan) else item for item in items]
 
 
@@ -183,7 +183,7 @@ def test_each_chunk_is_decoded_once_per_epoch(chunked_store):
     dm = out_of_core(chunked_store, num_workers=0, shuffle_chunks=2)
     reader = dm.datasets["train"].reader
     assert isinstance(reader, ChunkedReader)
-    n_cells = int(np.prod(reader.grid_shape))
+    n_cells = int(np.prod(reader.grid.grid_shape))
     assert n_cells == 12  # chunks of 8 hours over 96 hours, full space
     loader = dm.train_dataloader()
     before = 0
@@ -224,7 +224,7 @@ def test_out_of_core_order_gives_each_worker_its_own_cells(chunked_store, worker
     dm = out_of_core(chunked_store, num_workers=workers, shuffle_chunks=6)
     dataset = dm.datasets["train"]
     reader = dataset.reader
-    cells = reader.home_cells(dataset.index.axis_starts)[dataset.index.grid_ids()]
+    cells = reader.grid.home_cells(dataset.index.axis_starts)[dataset.index.grid_ids()]
     batches = train_batches(dm)
     assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(dataset)))
     # Reproducible: the same settings give the same order.

@@ -19,7 +19,7 @@ import xarray as xr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from tests.conftest import reference_windows
-from xr_datamodule import XarrayDataModule, decode
+from xr_datamodule import XarrayDataModule, cells, decode
 from xr_datamodule.chunkfiles import ChunkFileDecoder
 from xr_datamodule.decode import (
     TensorStoreDecoder,
@@ -33,7 +33,7 @@ from xr_datamodule.gather import ChunkedReader
 
 @pytest.fixture(autouse=True)
 def chunks_are_cells(monkeypatch):
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)
 
 
 def encoded_store(path: Path, checksummed: bool = False) -> tuple[Path, xr.Dataset]:
@@ -189,9 +189,9 @@ def test_workers_after_the_main_process_read_still_give_isel_batches(tmp_path, c
 def test_a_store_without_tensorstore_support_reads_through_zarr(tmp_path, monkeypatch):
     path, _ = encoded_store(tmp_path / "encoded.zarr", checksummed=True)
     monkeypatch.setattr(decode, "tensorstore_available", lambda: False)
-    from xr_datamodule import pipeline
+    from xr_datamodule import resources
 
-    monkeypatch.setattr(pipeline, "tensorstore_available", lambda: False)
+    monkeypatch.setattr(resources, "tensorstore_available", lambda: False)
     dm = XarrayDataModule(
         str(path),
         input_vars=["plain"],

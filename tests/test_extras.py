@@ -9,7 +9,7 @@ import xarray as xr
 
 from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule, make_weather
-from xr_datamodule.extras import cos_solar_zenith, insolation
+from xr_datamodule.forcings import cos_solar_zenith, insolation
 
 WINDOWS = dict(
     input_dims={"time": 3, "lat": 4, "lon": 5},
@@ -74,7 +74,7 @@ def test_static_fields_are_broadcast_along_time(small_ds, tmp_path, load, worker
 def test_static_fields_are_normalised_with_the_training_split(small_ds):
     ds = with_statics(small_ds)
     dm = XarrayDataModule(ds, input_vars=["a", "orog"], normalize="zscore", **WINDOWS)
-    mean, std = dm.statistics.channel_arrays(["orog"])
+    mean, std = (np.asarray(dm.statistics.mean["orog"]), np.asarray(dm.statistics.std["orog"]))
     assert mean[0] == pytest.approx(float(ds.orog.mean()))
     assert std[0] == pytest.approx(float(ds.orog.std()))
     X = next(iter(dm.val_dataloader()))[0].numpy()

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from xr_datamodule import XarrayDataModule, decode
+from xr_datamodule import XarrayDataModule, cells
 from xr_datamodule.decode import ReadError
 
 SETTINGS = dict(
@@ -27,7 +27,7 @@ def corrupt_one_chunk(path: Path, name: str) -> Path:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_corrupted_chunk_names_variable_store_and_dates(small_ds, tmp_path, workers, monkeypatch):
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)  # cells are the chunks of 10 steps
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)  # cells are the chunks of 10 steps
     path = tmp_path / "broken.zarr"
     small_ds.chunk({"time": 10}).to_zarr(path)
     corrupt_one_chunk(path, "b")

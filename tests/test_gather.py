@@ -11,7 +11,7 @@ import pytest
 import xarray as xr
 
 from tests.conftest import reference_windows
-from xr_datamodule import XarrayDataModule, decode
+from xr_datamodule import XarrayDataModule, cells
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, gather_windows
 from xr_datamodule.loaders import _init_worker
 
@@ -80,7 +80,7 @@ def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened, work
     assert reader.decode_threads == (min(4, os.cpu_count() or 1) if workers == 0 else 1)
     # Cells are the chunks of 7 along time: samples that reach into the next cell are
     # gathered with the rest of the batch.
-    assert reader.edges[dm.window_dims.index("time")].tolist() == [0, 7, 14, 21, 28, 35, 40]
+    assert reader.grid.edges[dm.window_dims.index("time")].tolist() == [0, 7, 14, 21, 28, 35, 40]
     for split in ("train", "test"):
         check_random_batches(dm, small_ds, split)
     # Reading batches loaded nothing into the source.
@@ -95,9 +95,9 @@ def test_a_failed_decode_leaves_no_cell_behind(small_ds, zarr_path, monkeypatch)
     dm.setup("fit")
     dataset = dm.datasets["train"]
     reader = dataset.reader
-    assert isinstance(reader, ChunkedReader) and reader.cells_per_sample == 2
+    assert isinstance(reader, ChunkedReader) and reader.grid.cells_per_sample == 2
     reader.resize_cache(2)
-    assert int(np.prod(reader.grid_shape)) == 6
+    assert int(np.prod(reader.grid.grid_shape)) == 6
     check_random_batches(dm, small_ds, "train")  # the cache is full now
     read_before = reader.cells_read
     calls = []
@@ -150,7 +150,7 @@ def test_load_auto_loads_a_small_store_and_load_false_reads_numpy_by_cells(small
 
 
 def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path, monkeypatch):
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)  # keep the small chunks as cells
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)  # keep the small chunks as cells
     path = tmp_path / "thin.zarr"
     small_ds.chunk({"time": 4, "lat": 3, "lon": 2}).to_zarr(path)
     dm = XarrayDataModule(
@@ -168,8 +168,8 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path,
     reader = dm.datasets["train"].reader
     # Samples cross cell edges along time (cells of 4) and lat (cells of 3): a span touches
     # up to 2 x 2 cells. Along lon (the last dim) chunks of 2 are merged: 4 x 2 positions.
-    assert isinstance(reader, ChunkedReader) and reader.cells_per_sample == 4
-    assert [len(e) - 1 for e in reader.edges] == [10, 4, 1]
+    assert isinstance(reader, ChunkedReader) and reader.grid.cells_per_sample == 4
+    assert [len(e) - 1 for e in reader.grid.edges] == [10, 4, 1]
     dataset = dm.datasets["train"]
     geometry = dm.geometry
     # The whole split at once, then shuffled with the arena as small as one sample's cells:
@@ -331,7 +331,7 @@ def test_workers_open_their_own_netcdf3_handles(era_path):
 
 def time_chunked_module(ds, tmp_path, monkeypatch, input_vars, **settings):
     """Out of core, no workers, on a store of 2-step chunks that are the cells; set up."""
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)
     path = tmp_path / "cells.zarr"
     ds.chunk({"time": 2}).to_zarr(path)
     dm = XarrayDataModule(
@@ -510,7 +510,7 @@ def test_full_shuffle_epochs_through_a_tiny_arena_are_exact(
 ):
     from xr_datamodule import order
 
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)
     monkeypatch.setattr(order, "FULL_SHUFFLE_CACHE_BYTES", 1)  # the smallest arena there is
     path = tmp_path / "cells.zarr"
     small_ds.chunk({"time": 2}).to_zarr(path)

@@ -13,7 +13,7 @@ import xarray as xr
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from tests.conftest import cpu_trainer, reference_windows
-from xr_datamodule import XarrayDataModule, decode
+from xr_datamodule import XarrayDataModule, cells
 from xr_datamodule.gather import ChunkedReader
 
 N_LAT, N_LON = 6, 8
@@ -22,7 +22,7 @@ N_LAT, N_LON = 6, 8
 @pytest.fixture(autouse=True)
 def chunks_are_cells(monkeypatch):
     """These stores are tiny: keep their chunks as cells (not merged to 1 MiB)."""
-    monkeypatch.setattr(decode, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)
 
 
 def global_dataset(n_time: int, levels: int = 3) -> xr.Dataset:
@@ -80,7 +80,7 @@ def test_an_epoch_gives_isel_batches_each_sample_once(tmp_path, chunk, shuffle, 
     assert dm.input_shape == (3 + 1, 2, N_LAT, N_LON)  # u on 3 levels, t2m
     reader = dm.datasets["train"].reader
     assert isinstance(reader, ChunkedReader)
-    assert reader.edges[0].tolist() == list(range(0, 61, chunk))  # the chunks are the cells
+    assert reader.grid.edges[0].tolist() == list(range(0, 61, chunk))  # the chunks are the cells
     expected_ids = dm.train_batches(epoch=0)
     delivered = [(X.clone(), y.clone()) for X, y in dm.train_dataloader()]
     assert len(delivered) == len(expected_ids)
@@ -105,7 +105,7 @@ def test_the_chunk_aware_order_decodes_each_chunk_about_once_and_mixes_dates(tmp
     # A cell (one step) holds one sample: auto gives a stream per sample of a batch.
     assert dm.chunk_layout() == (1, 8)
     reader = dm.datasets["train"].reader
-    assert reader.cells_per_sample == 3
+    assert reader.grid.cells_per_sample == 3
     batches = sum(1 for _ in dm.train_dataloader())
     assert batches == -(-398 // 8)
     assert reader.cells_read <= 1.1 * 400

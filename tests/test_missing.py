@@ -172,7 +172,7 @@ def test_a_zarr_chunk_missing_from_the_store_is_reported(small_ds, tmp_path, cap
     assert len(chunk_files) == 5  # 40 days in chunks of 8
     chunk_files[4].unlink()  # the last 8 days of 'b': read back as NaN by zarr
     dm = XarrayDataModule(str(path), **CONFIG, load=False)
-    with caplog.at_level(logging.WARNING, logger="xr_datamodule.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="xr_datamodule.resources"):
         dm.setup()
     warned = [r.getMessage() for r in caplog.records if "lacks" in r.getMessage()]
     assert len(warned) == 1 and "lacks 1 of the 5 chunks of variable 'b'" in warned[0]

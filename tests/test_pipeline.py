@@ -42,14 +42,16 @@ def test_a_plain_loop_gets_the_datamodules_batches(small_ds, zarr_path, load):
             torch.testing.assert_close(y1, y2)
     # Evaluation in order, against a brute-force isel.
     X = torch.cat([x for x, _ in eval_loader(pipeline, "val")]).numpy()
-    starts = pipeline.indices["val"].starts(np.arange(len(X)))
-    expected = reference_windows(small_ds, ["a", "c"], pipeline.window_dims, starts, (3, 4, 5))
+    starts = pipeline.plan.indices["val"].starts(np.arange(len(X)))
+    dims = pipeline.layout.window_dims
+    expected = reference_windows(small_ds, ["a", "c"], dims, starts, (3, 4, 5))
     np.testing.assert_allclose(X, expected.astype(np.float32))
 
 
 def test_the_pipeline_knows_its_shapes_before_reading(small_ds):
     pipeline = DataPipeline(DataSpec(small_ds, **SETTINGS))
-    assert pipeline.input_shape == (4, 3, 4, 5)  # a, and c's 3 levels
-    assert pipeline.target_shape == (1, 1, 4, 5)
+    assert pipeline.channels.input_shape == (4, 3, 4, 5)  # a, and c's 3 levels
+    assert pipeline.channels.target_shape == (1, 1, 4, 5)
     assert pipeline.datasets == {}  # nothing built yet
-    assert pipeline.split_for("predict") == "test" and pipeline.split_for("val") == "val"
+    plan = pipeline.plan
+    assert plan.split_for("predict") == "test" and plan.split_for("val") == "val"

@@ -69,12 +69,12 @@ def test_samples_across_a_gap_are_left_out_like_brute_force(freq, calendar):
     for split in splits:
         expected = brute_force_regular(dm, split, step)
         assert starts_of(dm, split) == expected
-        assert dm.pipeline.gap_samples.get(split, 0) == len(
+        assert dm.pipeline.plan.gap_samples.get(split, 0) == len(
             XarrayDataModule(field(times), ["t"], splits=splits, gaps="allow", **WINDOWS).indices[
                 split
             ]
         ) - len(expected)
-    assert sum(dm.pipeline.gap_samples.values()) > 0
+    assert sum(dm.pipeline.plan.gap_samples.values()) > 0
     text = str(dm)
     assert "left out at time gaps" in text and "irregular step" in text
 
@@ -157,7 +157,7 @@ def test_descending_latitude_is_fine_but_a_repeated_one_is_not():
         field(times, lat=np.array([50.0, 49, 48, 47])), ["t"], **WINDOWS
     )
     north_to_south.setup()
-    assert not north_to_south.pipeline.gap_samples
+    assert not north_to_south.pipeline.plan.gap_samples
     repeated = XarrayDataModule(field(times, lat=np.array([50.0, 49, 49, 47])), ["t"], **WINDOWS)
     with pytest.raises(TimeAxisError, match="'lat' repeats a label"):
         repeated.setup()
@@ -221,7 +221,7 @@ def test_a_time_dim_called_valid_time_is_the_time_dim():
         splits={"train": 0.6, "val": 0.4},
         split_dim="valid_time",
     )
-    assert dm.pipeline.time_dim == "valid_time"
+    assert dm.pipeline.layout.time_dim == "valid_time"
     from xr_datamodule.callbacks import baseline_losses
 
     assert "persistence" in baseline_losses(dm, "val")

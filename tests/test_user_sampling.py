@@ -340,7 +340,7 @@ def test_a_sampler_from_yaml_reaches_the_datamodule_as_the_class_it_names(tmp_pa
     dm = cli.datamodule
     assert dm.spec.sampler["class_path"] == "torch.utils.data.RandomSampler"
     dm.setup("fit")
-    built = dm.pipeline.user_sampler
+    built = dm.pipeline.sampling.user_sampler
     assert isinstance(built, RandomSampler) and built.replacement
     assert len(built) == dm.split_sizes["train"]
 

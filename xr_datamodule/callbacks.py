@@ -35,7 +35,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
 from xr_datamodule.datamodule import XarrayDataModule
-from xr_datamodule.extras import coordinate_dims
+from xr_datamodule.forcings import coordinate_dims
 from xr_datamodule.loaders import eval_loader
 from xr_datamodule.sources import channel_layouts
 from xr_datamodule.verification import (
@@ -76,7 +76,7 @@ def _channel_ranges(dm: XarrayDataModule, names: Sequence[str]) -> dict[str, ran
 def _persistence_channels(dm: XarrayDataModule) -> list[int] | None:
     """Input channel of every target channel, or None where persistence does not apply."""
     spec, geometry = dm.spec, dm.geometry
-    time_dim = dm.pipeline.time_dim
+    time_dim = dm.pipeline.layout.time_dim
     if spec.transform or spec.target_transform or time_dim is None:
         return None
     if any(name not in dm.input_vars for name in dm.target_vars):
@@ -110,10 +110,13 @@ def baseline_losses(dm: XarrayDataModule, split: str = "val") -> dict[str, float
         (['climatology', 'persistence'], True)
     """
     pipeline = dm.pipeline
-    if "train" not in pipeline.indices or pipeline.split_for(split) not in pipeline.indices:
+    if (
+        "train" not in pipeline.plan.indices
+        or pipeline.plan.split_for(split) not in pipeline.plan.indices
+    ):
         raise ValueError(
             f"baselines need a 'train' split and a {split!r} split; splits are "
-            f"{tuple(pipeline.indices)}"
+            f"{tuple(pipeline.plan.indices)}"
         )
     total, count = None, 0
     for batch in eval_loader(pipeline, "train"):
@@ -125,7 +128,7 @@ def baseline_losses(dm: XarrayDataModule, split: str = "val") -> dict[str, float
     assert total is not None
     climatology = total / count
     persistence = _persistence_channels(dm)
-    time_dim = dm.pipeline.time_dim
+    time_dim = dm.pipeline.layout.time_dim
     time_axis = 2 + dm.window_dims.index(time_dim) if persistence and time_dim else 0
     errors = {"climatology": 0.0, "persistence": 0.0}
     values = 0
@@ -187,7 +190,7 @@ def verify(
         ValueError: Without a time dim among the windowed dims (no lead time to verify).
     """
     pipeline = dm.pipeline
-    time_dim = pipeline.time_dim
+    time_dim = pipeline.layout.time_dim
     if time_dim is None:
         raise ValueError(f"verification needs a time dim among the windowed dims {dm.window_dims}")
     model = dm.to_xarray(predictions, split, layout="forecast")
@@ -363,7 +366,7 @@ class BaselineReport(pl.Callback):
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Verify the model (as tested) on the test split."""
         dm = _datamodule(trainer, "BaselineReport")
-        if dm.pipeline.split_for("test") in dm.indices:
+        if dm.pipeline.plan.split_for("test") in dm.indices:
             lines = self._verified(trainer, pl_module, dm, "test", "the model tested")
             if trainer.logger is not None:
                 trainer.logger.save()
@@ -377,7 +380,7 @@ class BaselineReport(pl.Callback):
         split: str,
         what: str,
     ) -> list[str]:
-        if dm.pipeline.time_dim is None:
+        if dm.pipeline.layout.time_dim is None:
             name = self.monitor if split == "val" else "test_" + self.monitor.removeprefix("val_")
             if name not in trainer.callback_metrics:
                 return []

@@ -26,7 +26,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +39,7 @@ from xr_datamodule.decode import (
     switched_off,
     variable_view,
 )
+from xr_datamodule.perprocess import thread_pool
 from xr_datamodule.sources import VariableLayout
 
 __all__ = [
@@ -59,7 +59,6 @@ CHUNK_FILES_SWITCH = "XR_DATAMODULE_CHUNK_FILES"  # "0": leave local zarr to the
 _V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc"}
 _V2_COMPRESSORS = {"zstd", "blosc"}  # numcodecs ids
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-_POOL_LOCK = threading.Lock()
 _NO_CHUNK = 2**64 - 1  # a shard index's offset and length of a chunk that was not written
 KEPT_BUFFER_BYTES = 256 * 2**20  # largest read buffer a thread keeps between chunks
 
@@ -305,10 +304,10 @@ class ChunkFileDecoder:
         self.threads = max(1, int(threads))
         self._channels = channel_slices(self.layouts)
         self._local = threading.local()
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
+        self.pool = thread_pool(self.threads)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_local": None, "_pool": None}
+        return {**self.__dict__, "_local": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -325,7 +324,7 @@ class ChunkFileDecoder:
                 tasks += self._chunk_tasks(self.files[layout.name], view, region)
                 views.append((layout.name, view))
         if self.threads > 1 and len(tasks) > 1:
-            list(self._thread_pool().map(self._decode_chunk, tasks))  # raises a chunk's error
+            list(self.pool.get().map(self._decode_chunk, tasks))  # raises a chunk's error
         else:
             for task in tasks:
                 self._decode_chunk(task)
@@ -506,8 +505,6 @@ class ChunkFileDecoder:
             scratch[key] = np.empty(files.chunks, dtype=files.dtype)
         return scratch[key]
 
-    def _thread_pool(self) -> ThreadPoolExecutor:
-        with _POOL_LOCK:  # the reader's prefetch thread and the main thread both decode
-            if self._pool is None or self._pool[0] != os.getpid():
-                self._pool = (os.getpid(), ThreadPoolExecutor(self.threads))
-            return self._pool[1]
+    def close(self) -> None:
+        """Stop this process's decoding threads."""
+        self.pool.close()

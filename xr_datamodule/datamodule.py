@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -22,14 +22,12 @@ import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
-from xr_datamodule.display import summary, summary_html, summary_text
-from xr_datamodule.loaders import eval_loader, loader_settings, train_loader
+from xr_datamodule.handoff import release_memory
+from xr_datamodule.loaders import eval_loader, train_loader
 from xr_datamodule.normalize import Statistics
-from xr_datamodule.order import TrainingOrder
-from xr_datamodule.pipeline import DataPipeline
-from xr_datamodule.samplers import ShardedBatchSampler
+from xr_datamodule.pipeline import DataPipeline, training_order
 from xr_datamodule.spec import STAGE_SPLITS, DataSpec
-from xr_datamodule.windows import SampleIndex, WindowGeometry
+from xr_datamodule.views import DataViews
 
 __all__ = ["XarrayDataModule", "plain"]
 
@@ -63,7 +61,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-class XarrayDataModule(pl.LightningDataModule):
+class XarrayDataModule(DataViews, pl.LightningDataModule):
     """Windows of Xarray data as train/val/test/predict DataLoaders for Lightning.
 
     Batches are ``(X, y)`` float tensors of shape ``(batch, channel, *window)``: window axes
@@ -307,15 +305,7 @@ class XarrayDataModule(pl.LightningDataModule):
         # Plain types only, so that checkpoints load under torch's weights_only=True.
         self.save_hyperparameters({k: plain(v) for k, v in arguments.items() if k not in unsaved})
         self.spec = DataSpec(**arguments)
-        spec = self.spec
-        self.order = TrainingOrder(
-            seed,
-            spec.batch_size,
-            spec.drop_last,
-            shuffle_chunks,
-            spec.samples_per_epoch,
-            spec.replacement,
-        )
+        self.order = training_order(self.spec)
         self.pipeline = DataPipeline(self.spec, self.order, world=self._world)
         self._iterable_passes = 0
 
@@ -350,263 +340,6 @@ class XarrayDataModule(pl.LightningDataModule):
                 "XarrayDataModule.load_from_checkpoint(path, data=ds)"
             ) from error
 
-    # ------------------------------------------------------------------ the spec
-
-    @property
-    def data(self) -> str | os.PathLike | xr.Dataset:
-        """The source as given."""
-        return self.spec.data
-
-    @property
-    def input_vars(self) -> list[str]:
-        """Variables that form ``X``."""
-        return self.spec.input_vars
-
-    @property
-    def target_vars(self) -> list[str]:
-        """Variables that form ``y``."""
-        return self.spec.targets
-
-    @property
-    def batch_size(self) -> int:
-        """Samples per batch."""
-        return self.spec.batch_size
-
-    @property
-    def seed(self) -> int:
-        """Seed of the training order (a checkpoint's, once one is restored)."""
-        return self.order.seed
-
-    # ------------------------------------------------------------------ what setup builds
-
-    @property
-    def source(self) -> xr.Dataset:
-        """The opened source: lazy, nothing loaded."""
-        return self.pipeline.source
-
-    @property
-    def window_dims(self) -> tuple[str, ...]:
-        """Windowed dims in the order of the window axes of ``X`` and ``y``."""
-        return self.pipeline.window_dims
-
-    @property
-    def geometry(self) -> WindowGeometry:
-        """Window sizes, strides and offsets in :attr:`window_dims` order."""
-        return self.pipeline.geometry
-
-    @property
-    def split_bounds(self) -> dict[str, dict[str, tuple[int, int]]]:
-        """Position range ``[lower, upper)`` of every split along every windowed dim."""
-        return self.pipeline.split_bounds
-
-    @property
-    def indices(self) -> dict[str, SampleIndex]:
-        """Sample index of every split (integer start grids; cheap, built once)."""
-        return self.pipeline.indices
-
-    @property
-    def split_sizes(self) -> dict[str, int]:
-        """Number of samples per split."""
-        return self.pipeline.split_sizes
-
-    @property
-    def dropped_samples(self) -> dict[str, int]:
-        """Samples ``nan_policy="drop"`` left out, per split."""
-        return self.pipeline.dropped_samples
-
-    @property
-    def sample_weights(self) -> np.ndarray | None:
-        """The training samples' sampling weights (``sample_weights``), or None.
-
-        Example:
-            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
-            ...                       sample_weights={"by": "input_max", "quantile": 0.9,
-            ...                                       "boost": 5})
-            >>> sorted(set(dm.sample_weights.tolist()))
-            [1.0, 5.0]
-        """
-        return self.pipeline.sample_weights
-
-    def window_statistics(self, split: str = "train") -> Mapping[str, np.ndarray]:
-        """Per-sample statistics of a split's windows: ``input_max``, ``target_mean``, ....
-
-        One float per sample (in sample order): the statistic over every variable and
-        channel of its input (or target) window; each computed once, out of core, with one
-        vectorised pass over the data (see :mod:`xr_datamodule.weights`).
-        """
-        return self.pipeline.window_statistics(split)
-
-    @property
-    def datasets(self) -> dict[str, Any]:
-        """The datasets built so far, per split."""
-        return self.pipeline.datasets
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        """Shape of one ``X`` sample, ``(channel, *window)``, known before ``setup``.
-
-        Link it to a model in LightningCLI with ``apply_on="instantiate"``.
-        """
-        return self.pipeline.input_shape
-
-    @property
-    def target_shape(self) -> tuple[int, ...]:
-        """Shape of one ``y`` sample, ``(channel, *window)``, known before ``setup``."""
-        return self.pipeline.target_shape
-
-    @property
-    def input_channel_names(self) -> list[str]:
-        """Readable name of each channel of ``X``, e.g. ``u[level=200]`` (a transform's own)."""
-        return self.pipeline.input_channel_names
-
-    @property
-    def target_channel_names(self) -> list[str]:
-        """Readable name of each channel of ``y``."""
-        return self.pipeline.target_channel_names
-
-    @property
-    def area_weights(self) -> torch.Tensor:
-        """Latitude weights (cos latitude over its mean) shaped to broadcast against ``y``.
-
-        For the latitude-weighted loss of global models: ``((pred - y) ** 2 * w).mean()``.
-        """
-        return torch.from_numpy(self.pipeline.area_weights)
-
-    @property
-    def loads_into_memory(self) -> bool:
-        """Whether the selected variables are (or will be) held in memory (see ``load``)."""
-        return self.pipeline.loads_into_memory
-
-    @property
-    def num_workers(self) -> int:
-        """DataLoader workers: the given number, or the ``"auto"`` choice for this data."""
-        return self.pipeline.num_workers
-
-    @property
-    def statistics(self) -> Statistics:
-        """Per-channel z-score statistics (given, restored, or computed from ``train``)."""
-        return self.pipeline.statistics
-
-    @property
-    def train_shuffle(self) -> str:
-        """The training order in use: ``"full"`` (uniform) or ``"chunks"`` (chunk-aware)."""
-        return self.pipeline.train_shuffle
-
-    def chunk_layout(self) -> tuple[int, int]:
-        """Chunk-aware order: (parts, streams per part); a part per DataLoader worker.
-
-        See :meth:`xr_datamodule.order.TrainingOrder.chunk_layout`.
-        """
-        return self.pipeline.chunk_layout()
-
-    @property
-    def loader_settings(self) -> dict[str, Any]:
-        """DataLoader keyword arguments (workers, pinning, prefetching) as resolved now.
-
-        Pinning is on by default only when the attached trainer runs on a CUDA GPU.
-        """
-        return loader_settings(self.pipeline, self._trainer_on_cuda())
-
-    # ------------------------------------------------------------------ values
-
-    def denormalize(self, values: Any, names: Sequence[str] | None = None) -> Any:
-        """Undo the normalisation of ``(batch, channel, ...)`` values (tensor or array).
-
-        Args:
-            values: Normalised values, channels on axis 1 (e.g. predictions of ``y``).
-            names: Their variables (default: the target variables).
-
-        Example:
-            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
-            ...                       normalize="zscore")
-            >>> X, y = next(iter(dm.val_dataloader()))
-            >>> time = dm.indices["val"].starts([0])[0, 0]  # sample 0: first time, corner patch
-            >>> raw = dm.source.t2m.isel(time=time, lat=slice(0, 32), lon=slice(0, 32))
-            >>> bool(abs(dm.denormalize(y)[0, 0, 0].numpy() - raw.values).max() < 1e-4)
-            True
-        """
-        return self.pipeline.scale(values, names or self.pipeline.target_order, inverse=True)
-
-    def to_xarray(
-        self, predictions: Sequence[Any], split: str = "predict", layout: str = "auto"
-    ) -> xr.Dataset:
-        """Put what ``trainer.predict`` returned back on the grid, as the target variables.
-
-        The predictions must be the target windows of every sample of ``split`` in order (the
-        predict loader's order), e.g. ``trainer.predict(model, datamodule=dm)``; values come
-        back in physical units, NaN where the target itself was missing (``nan_policy``
-        ``"fill"`` or ``"keep"``).
-
-        Layouts (``layout``):
-
-        - ``"grid"``: on the source grid, windows averaged where they overlap, NaN where
-          none landed; the default for one target step along time.
-        - ``"forecast"``: the layout of forecast verification (WeatherBench 2), the default
-          for several target steps along time: dims ``time`` (the init time: the label of
-          the last input step) and ``prediction_timedelta`` (lead times from it), a 2-D
-          ``valid_time`` coordinate; windows averaged in space at one init time, leads
-          never. ``"auto"`` picks it when the target window has several steps after the
-          last input step (a target that overlaps the inputs stays on the grid). Verify
-          per lead with xarray alone:
-          ``truth = dm.source[v].sel(time=forecast.valid_time)`` (the source's time dim).
-
-        Example:
-            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
-            ...                       input_overlap={"lon": 16})
-            >>> truth = [y for _, y in dm.predict_dataloader()]
-            >>> grid = dm.to_xarray(truth)
-            >>> bool((grid.t2m == dm.source.t2m.sel(time=grid.time)).all())
-            True
-        """
-        return self.pipeline.to_xarray(predictions, split, layout)
-
-    def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
-        """Sample numbers of every training batch of a data epoch on this rank, in order.
-
-        The order the training loader yields in that epoch (it is a function of ``(seed,
-        epoch)`` and the settings), computed without reading any data.
-
-        Example:
-            >>> dm = XarrayDataModule("synthetic://weather", input_vars=["t2m"],
-            ...                       input_dims={"time": 1, "lat": 32, "lon": 32},
-            ...                       batch_size=8)
-            >>> batches = dm.train_batches(epoch=0)
-            >>> sum(len(b) for b in batches) == dm.split_sizes["train"]
-            True
-        """
-        return self.pipeline.train_batches(epoch)
-
-    def batch_spread(self, dim: str | None = None, epoch: int = 0) -> float:
-        """How varied training batches are along ``dim``, against a full shuffle (1.0).
-
-        The mean standard deviation of the samples' positions along ``dim`` (default: the
-        split dim, e.g. time) within a batch, over that of a uniform shuffle; see
-        :func:`~xr_datamodule.samplers.batch_spread`. With ``shuffle="chunks"`` it shows
-        what the chunk-aware order gives up for its speed.
-        """
-        return self.pipeline.batch_spread(dim, epoch)
-
-    # ------------------------------------------------------------------ display
-
-    def summary(self) -> dict[str, Any]:
-        """What the datamodule will feed a model: source, variables, shapes, splits, loader.
-
-        Opens the source lazily (nothing is loaded); used by ``repr`` and the notebook view.
-        """
-        return summary(self.pipeline)
-
-    def __repr__(self) -> str:
-        return summary_text(self.pipeline)
-
-    def __str__(self) -> str:  # Lightning's would list the dataloaders' sizes instead
-        return summary_text(self.pipeline)
-
-    def _repr_html_(self) -> str:
-        return summary_html(self.pipeline)
-
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, stage: str | None = None) -> None:
@@ -626,20 +359,19 @@ class XarrayDataModule(pl.LightningDataModule):
         """
         if stage is not None and stage not in STAGE_SPLITS:
             raise ValueError(f"unknown stage {stage!r}. Valid: {tuple(STAGE_SPLITS)} or None")
-        self.input_shape, self.target_shape  # noqa: B018  (validates the whole configuration)
         pipeline = self.pipeline
-        if stage == "fit" and "train" not in pipeline.indices:
-            raise ValueError(
-                f"stage 'fit' needs a 'train' split; splits are {tuple(pipeline.indices)}"
-            )
-        wanted = STAGE_SPLITS[stage] if stage else tuple(pipeline.indices)
-        for split in {pipeline.split_for(split) for split in wanted}:
-            if split in pipeline.indices:
+        pipeline.channels  # noqa: B018  (validates the whole configuration)
+        plan = pipeline.plan
+        if stage == "fit" and "train" not in plan.indices:
+            raise ValueError(f"stage 'fit' needs a 'train' split; splits are {tuple(plan.indices)}")
+        wanted = STAGE_SPLITS[stage] if stage else tuple(plan.indices)
+        for split in {plan.split_for(split) for split in wanted}:
+            if split in plan.indices:
                 pipeline.dataset(split)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches; the order is a function of ``(seed, epoch)``."""
-        if "train" not in self.pipeline.indices:
+        if "train" not in self.indices:
             raise ValueError(f"there is no 'train' split; splits are {tuple(self.indices)}")
         trainer = self.trainer
         return train_loader(
@@ -662,7 +394,7 @@ class XarrayDataModule(pl.LightningDataModule):
         return self._eval_dataloader("predict")
 
     def _eval_dataloader(self, stage: str) -> DataLoader | list:
-        if self.pipeline.split_for(stage) not in self.pipeline.indices:
+        if self.pipeline.plan.split_for(stage) not in self.indices:
             return []
         return eval_loader(self.pipeline, stage, self._trainer_on_cuda())
 
@@ -694,10 +426,8 @@ class XarrayDataModule(pl.LightningDataModule):
             progress = trainer.fit_loop.epoch_loop.batch_progress.current
             done = int(progress.processed)  # type: ignore[attr-defined]
             epoch = int(trainer.current_epoch)
-        state = self.order.state_dict(done, epoch)
-        if "statistics" in self.pipeline.__dict__:  # computed or given: keep them with the model
-            state["statistics"] = self.statistics.to_dict()
-        return state
+        # The order's position, and the statistics once computed or given (with the model).
+        return {**self.order.state_dict(done, epoch), **self.pipeline.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the seed and, mid-epoch, the samples to skip (Lightning calls it on resume).
@@ -717,22 +447,30 @@ class XarrayDataModule(pl.LightningDataModule):
         if "statistics" in state_dict:
             stored = state_dict["statistics"]
             self.pipeline.restore_statistics(Statistics.from_dict(stored))
-        chunked = "chunk_layout" in state_dict and self.train_shuffle == "chunks"
-        layout_now = self.chunk_layout() if chunked else None
+        sampling, world_size = self.pipeline.sampling, self._world()[0]
+        chunked = "chunk_layout" in state_dict and sampling.shuffle == "chunks"
         order_now = None
-        if "order" in state_dict and "train" in self.pipeline.split_bounds:
-            world_size = self._world()[0]
-            order_now = type(self.order.epoch_sampler(self.pipeline.train_split(), world_size))
-        has_train = "train" in self.pipeline.split_bounds
+        if "order" in state_dict and sampling.has_train:
+            order_now = type(self.order.epoch_sampler(sampling.train_split(), world_size))
         restored = self.order.load_state_dict(
             state_dict,
-            layout_now,
-            self._world()[0],
+            sampling.chunk_layout(world_size) if chunked else None,
+            world_size,
             None if order_now is None else order_now.__name__,
-            self.pipeline.split_sizes["train"] if has_train and "epoch" in state_dict else None,
+            self.split_sizes["train"] if sampling.has_train and "epoch" in state_dict else None,
         )
         if restored:
-            self.pipeline.resize_cache()
+            self.pipeline.order_changed()
+
+    def teardown(self, stage: str) -> None:
+        """Release what reading holds once a stage ends: threads, caches, shared memory.
+
+        Lightning calls it after ``fit``, ``validate``, ``test`` and ``predict`` (its workers
+        are shut down by then). The datamodule stays usable: the next loader starts afresh.
+        """
+        self.pipeline.close()
+        release_memory()
+        self.pipeline.layout.source.close()  # file handles; xarray reopens them on use
 
     # ------------------------------------------------------------------ the trainer
 
@@ -756,7 +494,3 @@ class XarrayDataModule(pl.LightningDataModule):
 
         trainer = self.trainer
         return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
-
-    def _train_batches(self) -> ShardedBatchSampler:
-        """The training loader's batch sampler, as the next ``train_dataloader`` makes it."""
-        return self.order.batch_sampler(self.pipeline.train_split(), self._world(), None)

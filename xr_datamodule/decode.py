@@ -1,7 +1,7 @@
 """Cells of a store and how they are decoded into memory.
 
 Out of core, the windowed dims are cut into *cells*: whole storage chunks (see
-:func:`cell_edges`). A decoder fills a cell of every selected variable into a channel-major
+:mod:`xr_datamodule.cells`). A decoder fills a cell of every selected variable into a channel-major
 block ``(channel, *cell)`` that the reader provides (a slot of its arena), so that nothing is
 copied twice. Four decoders:
 
@@ -39,13 +39,14 @@ import asyncio
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.perprocess import PerProcess, thread_pool
 from xr_datamodule.retries import retrying, worker_place
 from xr_datamodule.sources import VariableLayout, label_range
 
@@ -58,96 +59,11 @@ __all__ = [
     "TensorStoreDecoder",
     "XarrayDecoder",
     "ZarrDecoder",
-    "cell_edges",
     "channel_slices",
     "decode_with_retries",
     "variable_view",
     "zarr_decoding",
 ]
-
-
-MIN_CELL_BYTES = 2**20  # thinner chunks are merged along the first dim (per-cell overhead)
-DEFAULT_CELL_BYTES = 16 * 2**20  # cell size along the first dim of a file without chunks
-
-
-def cell_edges(
-    ds: xr.Dataset,
-    name: str,
-    window_dims: Sequence[str],
-    extent: Sequence[int],
-    itemsize: int,
-    n_channels: int,
-    min_cell_bytes: int | None = None,
-    default_cell_bytes: int = DEFAULT_CELL_BYTES,
-) -> list[np.ndarray]:
-    """Cell boundaries along each windowed dim, aligned with the storage chunks of ``name``.
-
-    Chunks come from dask (``chunksizes``), else from the file's ``preferred_chunks`` /
-    ``chunksizes`` encoding; without either, the first windowed dim is cut into cells of
-    about ``default_cell_bytes``. Chunks are merged only where that pays:
-
-    * a dim that every sample spans whole (a full-field window) is one cell;
-    * along the last dim, chunks are merged until a cell is at least four times the sample's
-      reach beyond one position: a window row that crosses a cell edge there is assembled
-      sample by sample, while samples crossing edges along other dims are gathered with the
-      rest of the batch;
-    * along the first dim, until a cell holds at least ``min_cell_bytes`` (default
-      :data:`MIN_CELL_BYTES`).
-
-    Returns:
-        One int64 array per dim: ``[0, edge_1, ..., length]``.
-    """
-    min_cell_bytes = MIN_CELL_BYTES if min_cell_bytes is None else min_cell_bytes
-    var = ds[name]
-    encoded = var.encoding.get("preferred_chunks") or dict(
-        zip(var.dims, var.encoding.get("chunksizes") or (), strict=False)
-    )
-    lengths: list[list[int]] = []
-    for dim in window_dims:
-        size = ds.sizes[dim]
-        if var.chunks is not None:
-            chunk_lengths = list(var.chunksizes[dim])
-        elif dim in encoded:
-            step = int(encoded[dim])
-            chunk_lengths = [step] * (size // step) + ([size % step] if size % step else [])
-        else:
-            chunk_lengths = [size]
-        lengths.append(chunk_lengths)
-    if var.chunks is None and not encoded:
-        # An unchunked file: cut the first dim so that one cell is about default_cell_bytes.
-        other = int(np.prod([ds.sizes[d] for d in window_dims[1:]])) * n_channels * itemsize
-        step = max(1, default_cell_bytes // max(other, 1))
-        size = ds.sizes[window_dims[0]]
-        lengths[0] = [step] * (size // step) + ([size % step] if size % step else [])
-    last = len(window_dims) - 1
-    edges = []
-    for axis, chunk_lengths in enumerate(lengths):
-        size = sum(chunk_lengths)
-        if extent[axis] >= size:
-            edges.append(np.asarray([0, size], dtype=np.int64))
-            continue
-        minimum = 4 * (extent[axis] - 1) if axis == last else 1
-        if axis == 0:
-            other = int(np.prod([sum(c) for c in lengths[1:]])) * n_channels * itemsize
-            minimum = max(minimum, -(-min_cell_bytes // max(other, 1)))
-        edges.append(_merge_thin(chunk_lengths, minimum))
-    return edges
-
-
-def _merge_thin(chunk_lengths: Sequence[int], minimum: int) -> np.ndarray:
-    """Edges after merging consecutive chunks until each cell spans at least ``minimum``."""
-    edges, run = [0], 0
-    for length in chunk_lengths:
-        run += length
-        if run >= minimum:
-            edges.append(edges[-1] + run)
-            run = 0
-    if run:
-        if len(edges) > 1:
-            edges[-1] += run  # fold a thin remainder into the last cell
-        else:
-            edges.append(run)
-    return np.asarray(edges, dtype=np.int64)
 
 
 def variable_view(
@@ -216,16 +132,13 @@ class XarrayDecoder:
         self.layouts = list(layouts)
         self.window_dims = tuple(window_dims)
         self.threads = max(1, int(threads))
-        self._pool: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
+        self.pool = thread_pool(self.threads)
         self._channels = channel_slices(self.layouts)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None}
 
     def decode(self, jobs: Sequence[DecodeJob]) -> None:
         """Decode the jobs, several at once when there are threads for them."""
         if len(jobs) > 1 and self.threads > 1:
-            list(self._thread_pool().map(self._decode_one, jobs))
+            list(self.pool.get().map(self._decode_one, jobs))
         else:
             for job in jobs:
                 self._decode_one(job)
@@ -243,11 +156,9 @@ class XarrayDecoder:
             view[...] = values
             del values
 
-    def _thread_pool(self) -> ThreadPoolExecutor:
-        # One pool per process: a forked child must not use its parent's (dead) threads.
-        if self._pool is None or self._pool[0] != os.getpid():
-            self._pool = (os.getpid(), ThreadPoolExecutor(self.threads))
-        return self._pool[1]
+    def close(self) -> None:
+        """Stop this process's decoding threads."""
+        self.pool.close()
 
 
 def decode_with_retries(decoder: CellDecoder, jobs: Sequence[DecodeJob], what: str) -> None:
@@ -429,16 +340,15 @@ class ZarrDecoder:
         self.variable_dims = dict(variable_dims)
         self.decodings = dict(decodings)
         self._channels = channel_slices(self.layouts)
-        self._arrays: tuple[int, Mapping[str, Any]] | None = None  # (owner pid, arrays)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
+        self.opened = PerProcess(open_arrays)  # zarr arrays, opened once in each process
 
     def arrays(self) -> Mapping[str, Any]:
         """This process's zarr arrays (opened on first use in each process)."""
-        if self._arrays is None or self._arrays[0] != os.getpid():
-            self._arrays = (os.getpid(), self.open_arrays())
-        return self._arrays[1]
+        return self.opened.get()
+
+    def close(self) -> None:
+        """Forget this process's open arrays."""
+        self.opened.close()
 
     def decode(self, jobs: Sequence[DecodeJob]) -> None:
         """Read every variable of every job in one round trip on zarr's event loop."""
@@ -543,37 +453,16 @@ class TensorStoreDecoder:
         self.threads = max(1, int(threads))
         self.fallback = fallback
         self._channels = channel_slices(self.layouts)
-        self._arrays: tuple[int, Mapping[str, Any]] | None = None  # (owner pid, arrays)
+        self.opened = PerProcess(partial(_open_tensorstore, self.specs, self.threads))
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_arrays": None}
-
-    def _open(self) -> Mapping[str, Any] | None:
-        global _tensorstore_pid
-        if self._arrays is not None and self._arrays[0] == os.getpid():
-            return self._arrays[1]
-        if not tensorstore_available():
-            return None
-        import tensorstore as ts
-
-        _tensorstore_pid = os.getpid()
-        context = ts.Context(
-            {
-                "data_copy_concurrency": {"limit": self.threads},
-                # As many reading threads: each more keeps its own malloc arena.
-                "file_io_concurrency": {"limit": self.threads},
-                "cache_pool": {"total_bytes_limit": 0},  # cells are cached decoded, by us
-            }
-        )
-        futures = {
-            name: ts.open(spec, read=True, context=context) for name, spec in self.specs.items()
-        }
-        self._arrays = (os.getpid(), {name: f.result() for name, f in futures.items()})
-        return self._arrays[1]
+    def close(self) -> None:
+        """Forget this process's open arrays; the fallback's too."""
+        self.opened.close()
+        close_decoder(self.fallback)
 
     def decode(self, jobs: Sequence[DecodeJob]) -> None:
         """Write every variable of every job into its block, all reads in flight at once."""
-        arrays = self._open()
+        arrays = self.opened.get()
         if arrays is None:
             self.fallback.decode(jobs)
             return
@@ -598,3 +487,30 @@ class TensorStoreDecoder:
             decoding = self.decodings[name]
             if not decoding.is_identity:
                 decoding.apply(view)
+
+
+def _open_tensorstore(specs: Mapping[str, dict[str, Any]], threads: int) -> Any:
+    """The arrays of ``specs`` opened with TensorStore, or None where it may not be used."""
+    global _tensorstore_pid
+    if not tensorstore_available():
+        return None
+    import tensorstore as ts
+
+    _tensorstore_pid = os.getpid()
+    context = ts.Context(
+        {
+            "data_copy_concurrency": {"limit": threads},
+            # As many reading threads: each more keeps its own malloc arena.
+            "file_io_concurrency": {"limit": threads},
+            "cache_pool": {"total_bytes_limit": 0},  # cells are cached decoded, by us
+        }
+    )
+    futures = {name: ts.open(spec, read=True, context=context) for name, spec in specs.items()}
+    return {name: future.result() for name, future in futures.items()}
+
+
+def close_decoder(decoder: CellDecoder) -> None:
+    """Release a decoder's threads and open stores in this process (those that hold any)."""
+    close = getattr(decoder, "close", None)
+    if close is not None:
+        close()

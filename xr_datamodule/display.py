@@ -18,9 +18,10 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
 
     Opens the source lazily (nothing is loaded).
     """
-    spec, geometry, source = pipeline.spec, pipeline.geometry, pipeline.source
+    spec, geometry, plan = pipeline.spec, pipeline.geometry, pipeline.plan
+    source, channels = pipeline.layout.source, pipeline.channels
     splits = {}
-    for name, bounds in pipeline.split_bounds.items():
+    for name, bounds in plan.split_bounds.items():
         ranges = []
         for dim, (lo, hi) in bounds.items():
             if (lo, hi) != (0, source.sizes[dim]):
@@ -28,8 +29,8 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
                 first = labels[lo] if labels is not None else lo
                 last = labels[hi - 1] if labels is not None else hi - 1
                 ranges.append(f"{dim} {first} … {last}")
-        count = len(pipeline.indices[name])
-        left_out = pipeline.gap_samples.get(name, 0)
+        count = len(plan.indices[name])
+        left_out = plan.gap_samples.get(name, 0)
         where = ", ".join(ranges) or "all"
         splits[name] = (
             f"{where}; {left_out:,} left out at time gaps" if left_out else where,
@@ -38,9 +39,9 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
     data = spec.data
     return {
         "source": "xr.Dataset" if isinstance(data, xr.Dataset) else os.fspath(data),
-        "reading": "in memory" if pipeline.loads_into_memory else "out of core (by chunk)",
-        "inputs": (", ".join(pipeline.input_variables), pipeline.input_shape),
-        "targets": (", ".join(pipeline.target_variables), pipeline.target_shape),
+        "reading": _reading(pipeline),
+        "inputs": (", ".join(channels.input_variables), channels.input_shape),
+        "targets": (", ".join(channels.target_variables), channels.target_shape),
         "windows": ", ".join(
             f"{dim} {size} (stride {stride}, target {tsize} at {offset:+d})"
             for dim, size, stride, tsize, offset in zip(
@@ -55,15 +56,31 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
         "axes": "; ".join(
             f"{dim} step {axis.step_text}"
             + (f", {axis.gap_after.size} irregular step(s)" if axis.gap_after.size else "")
-            for dim, axis in pipeline.axes.items()
+            for dim, axis in plan.axes.items()
             if axis.unit in ("ns", "months")
         ),
         "splits": splits,
         "loader": (
-            f"batch {spec.batch_size}, workers {pipeline.num_workers}, style {spec.style}, "
-            f"dtype {spec.dtype}, normalize {spec.normalize}, nan_policy {spec.nan_policy}"
+            f"batch {spec.batch_size}, workers {pipeline.resources.num_workers}, style "
+            f"{spec.style}, dtype {spec.dtype}, normalize {_normalize(pipeline)}, nan_policy "
+            f"{spec.nan_policy}"
         ),
     }
+
+
+def _reading(pipeline: DataPipeline) -> str:
+    """In memory, or out of core and (once chosen) with which decoder and why."""
+    if pipeline.resources.loads_into_memory:
+        return "in memory"
+    chosen = pipeline.backend_chosen
+    return "out of core (by chunk)" + (f": {chosen.description}" if chosen else "")
+
+
+def _normalize(pipeline: DataPipeline) -> str:
+    """The method, and where the statistics came from once they are known."""
+    method = pipeline.spec.normalize
+    origin = pipeline.statistics_origin
+    return f"{method} (statistics {origin})" if method is not None and origin else str(method)
 
 
 def summary_text(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str:

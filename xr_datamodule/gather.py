@@ -13,7 +13,7 @@ Two readers provide the blocks:
 * :class:`InMemoryReader` stacks the variables once into a contiguous array of the output
   dtype (one copy of the selected variables, shared by all splits).
 * :class:`ChunkedReader` never loads the data whole. It cuts the windowed dims into *cells*
-  (storage chunks, :func:`~xr_datamodule.decode.cell_edges`), decodes the cells a batch needs
+  (storage chunks, :mod:`~xr_datamodule.cells`), decodes the cells a batch needs
   into slots of a bounded arena (least recently used slots are reused) with a
   :class:`~xr_datamodule.decode.CellDecoder`, and gathers the batch from the arena in one go,
   also the samples whose windows cross cell edges (each run is looked up in its own cell).
@@ -42,12 +42,11 @@ Nothing here knows about Lightning; torch serves only as a copy kernel (see
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from abc import ABC, abstractmethod
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -56,12 +55,13 @@ import numpy as np
 import torch
 import xarray as xr
 
+from xr_datamodule.cells import CellGrid
 from xr_datamodule.decode import (
     CellDecoder,
     DecodeJob,
     ReadError,
     XarrayDecoder,
-    cell_edges,
+    close_decoder,
     decode_with_retries,
     read_error,
 )
@@ -73,6 +73,7 @@ from xr_datamodule.missing import (
     holds_nan,
     non_finite,
 )
+from xr_datamodule.perprocess import thread_pool
 from xr_datamodule.retries import worker_place
 from xr_datamodule.sources import VariableLayout, channel_layouts, label_at
 
@@ -480,6 +481,9 @@ class WindowReader(ABC):
             self._fail_on_nan(base, cuts, outs)
         return outs
 
+    def close(self) -> None:  # noqa: B027  (readers without threads hold nothing to free)
+        """Release this process's threads and caches (the reader stays usable)."""
+
     @abstractmethod
     def _read(
         self,
@@ -537,7 +541,7 @@ class ChunkedReader(WindowReader):
         names: Variables to read, in channel order.
         window_dims: Windowed dims.
         dtype: Output dtype.
-        extent: Length of a sample's span per windowed dim (used to size cells).
+        grid: The cells of the data (:func:`~xr_datamodule.cells.cell_grid`).
         cache_cells: Decoded cells kept per process (at least what one sample touches).
         prepare: What to do to each decoded cell (mask, normalise, fill).
         decode_threads: Threads that decode cells at once with the xarray decoder (zarr's
@@ -553,7 +557,7 @@ class ChunkedReader(WindowReader):
         names: Sequence[str],
         window_dims: Sequence[str],
         dtype: np.dtype,
-        extent: Sequence[int],
+        grid: CellGrid,
         cache_cells: int = 8,
         prepare: Preparation = Preparation(),
         decode_threads: int = 1,
@@ -565,19 +569,15 @@ class ChunkedReader(WindowReader):
         self.decoder: CellDecoder = decoder or XarrayDecoder(
             self.dataset, self.layouts, self.window_dims, self.decode_threads
         )
-        self.extent = tuple(int(e) for e in extent)
-        self.edges = cell_edges(
-            ds, names[0], window_dims, self.extent, self.dtype.itemsize, self.n_channels
-        )
-        self.grid_shape = tuple(len(edges) - 1 for edges in self.edges)
-        self.cell_shape = tuple(int(np.diff(edges).max()) for edges in self.edges)
-        self.cache_cells = max(self.cells_per_sample, int(cache_cells))
+        self.grid = grid
+        self.cache_cells = max(grid.cells_per_sample, int(cache_cells))
+        cell_shape = grid.cell_shape
         self._memory = _Memory(
             self.shape,
-            tuple(self.edges),
-            int(np.prod(self.cell_shape)),
-            tuple(int(np.prod(self.cell_shape[a + 1 :])) for a in range(len(self.cell_shape))),
-            self.n_channels * int(np.prod(self.cell_shape)),
+            grid.edges,
+            int(np.prod(cell_shape)),
+            tuple(int(np.prod(cell_shape[a + 1 :])) for a in range(len(cell_shape))),
+            self.n_channels * int(np.prod(cell_shape)),
         )
         self._slots: OrderedDict[int, int] = OrderedDict()  # cell -> slot, LRU
         self._free: list[int] = []  # slots holding no cell
@@ -586,58 +586,9 @@ class ChunkedReader(WindowReader):
         self._lock = threading.Lock()  # the bookkeeping above, shared with the prefetch
         self._ready = threading.Condition(self._lock)  # a decoding finished
         self._arena: np.ndarray | None = None  # allocated on first read (in each worker)
-        self._prefetcher: tuple[int, ThreadPoolExecutor] | None = None  # (owner pid, pool)
+        self._prefetcher = thread_pool(1)  # one background thread per process
         self._pending: Future | None = None
         self.cells_read = 0
-
-    @property
-    def cells_per_sample(self) -> int:
-        """The most cells one sample's span can touch."""
-        count = 1
-        for edges, length in zip(self.edges, self.extent, strict=True):
-            thinnest = int(np.diff(edges).min())
-            count *= min(len(edges) - 1, 1 + -(-(length - 1) // thinnest))
-        return count
-
-    @property
-    def cell_bytes(self) -> int:
-        """Bytes of one arena slot."""
-        return self.n_channels * int(np.prod(self.cell_shape)) * self.dtype.itemsize
-
-    def cell_of(self, positions: np.ndarray | int, axis: int) -> np.ndarray:
-        """Cell number along ``axis`` of each position."""
-        return np.searchsorted(self.edges[axis], positions, side="right") - 1
-
-    def home_cells(self, axis_starts: Sequence[np.ndarray]) -> np.ndarray:
-        """Flat cell number of every point of a grid of span starts (C order), as int64."""
-        keys = np.zeros((1,) * len(axis_starts), dtype=np.int64)
-        for axis, starts in enumerate(axis_starts):
-            shape = [1] * len(axis_starts)
-            shape[axis] = len(starts)
-            keys = keys * self.grid_shape[axis] + self.cell_of(starts, axis).reshape(shape)
-        return keys.reshape(-1)
-
-    def cell_walk(self) -> np.ndarray | None:
-        """Position of every cell in a walk that steps to the cells samples reach into.
-
-        Samples reach beyond their cell along the dims where a span is longer than one
-        position and there is more than one cell (time, for a full-field sample of several
-        steps). The walk visits cells in C order with those dims varying fastest, so that
-        consecutive cells of the walk share samples. None when no sample reaches out.
-        """
-        reach = [
-            axis
-            for axis, (length, cells) in enumerate(zip(self.extent, self.grid_shape, strict=True))
-            if length > 1 and cells > 1
-        ]
-        if not reach:
-            return None
-        order = [a for a in range(len(self.grid_shape)) if a not in reach] + reach
-        coords = np.indices(self.grid_shape).reshape(len(self.grid_shape), -1)
-        walk = np.lexsort(coords[order[::-1]])
-        positions = np.empty_like(walk)
-        positions[walk] = np.arange(len(walk))
-        return positions
 
     def __getstate__(self) -> dict:
         # Workers start with an empty cache of their own, not a copy of this one.
@@ -653,7 +604,6 @@ class ChunkedReader(WindowReader):
             _ready=None,
             _missing_lock=None,
             cells_read=0,
-            _prefetcher=None,
             _pending=None,
         )
         return state
@@ -667,7 +617,7 @@ class ChunkedReader(WindowReader):
     def resize_cache(self, cache_cells: int) -> None:
         """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
         self._await_prefetch()
-        self.cache_cells = max(self.cells_per_sample, int(cache_cells))
+        self.cache_cells = max(self.grid.cells_per_sample, int(cache_cells))
         self._arena, self._slots, self._free = None, OrderedDict(), []
 
     # ------------------------------------------------------------------ the arena
@@ -690,7 +640,7 @@ class ChunkedReader(WindowReader):
         with self._lock:
             if self._arena is None:
                 self._arena = np.empty(
-                    (self.cache_cells, self.n_channels, *self.cell_shape), dtype=self.dtype
+                    (self.cache_cells, self.n_channels, *self.grid.cell_shape), dtype=self.dtype
                 )
                 self._free = list(range(self.cache_cells - 1, -1, -1))
             # A background decode may hold the slots this read needs (a prefetch for a batch
@@ -771,17 +721,19 @@ class ChunkedReader(WindowReader):
         return None
 
     def _job(self, key: int, slot: int) -> DecodeJob:
-        cell = np.unravel_index(key, self.grid_shape)
+        cell = np.unravel_index(key, self.grid.grid_shape)
         region = {
             dim: slice(int(edges[i]), int(edges[i + 1]))
-            for dim, edges, i in zip(self.window_dims, self.edges, cell, strict=True)
+            for dim, edges, i in zip(self.window_dims, self.grid.edges, cell, strict=True)
         }
         return DecodeJob(region, self._cell_view(slot, key))
 
     def _cell_view(self, slot: int, key: int) -> np.ndarray:
         assert self._arena is not None
-        cell = np.unravel_index(key, self.grid_shape)
-        lengths = [int(edges[i + 1] - edges[i]) for edges, i in zip(self.edges, cell, strict=True)]
+        cell = np.unravel_index(key, self.grid.grid_shape)
+        lengths = [
+            int(edges[i + 1] - edges[i]) for edges, i in zip(self.grid.edges, cell, strict=True)
+        ]
         region: tuple[int | slice, ...] = (slot, slice(None), *(slice(0, n) for n in lengths))
         return self._arena[region]
 
@@ -794,9 +746,9 @@ class ChunkedReader(WindowReader):
         that needs a cell still being decoded waits for it.
         """
         self._await_prefetch()
-        keys = self._span_keys(np.asarray(base_starts, dtype=np.int64), self.extent)
+        keys = self.grid.span_keys(np.asarray(base_starts, dtype=np.int64), self.grid.extent)
         keys = keys[: self.cache_cells].tolist()
-        self._pending = self._prefetch_pool().submit(self._slots_for, keys, False)
+        self._pending = self._prefetcher.get().submit(self._slots_for, keys, False)
 
     def _await_prefetch(self) -> None:
         pending, self._pending = self._pending, None
@@ -807,26 +759,12 @@ class ChunkedReader(WindowReader):
             # into a cycle with the stored exception that only the garbage collector breaks.
             pending.exception()
 
-    def _prefetch_pool(self) -> ThreadPoolExecutor:
-        # One thread per process: a forked child must not use its parent's (dead) thread.
-        if self._prefetcher is None or self._prefetcher[0] != os.getpid():
-            self._prefetcher = (os.getpid(), ThreadPoolExecutor(1))
-        return self._prefetcher[1]
-
-    def _span_keys(self, base: np.ndarray, extent: Sequence[int]) -> np.ndarray:
-        """Flat numbers of the cells the samples' spans touch, in order of first need."""
-        keys = np.zeros((len(base), 1), dtype=np.int64)
-        for axis, length in enumerate(extent):
-            first = self.cell_of(base[:, axis], axis)
-            last = self.cell_of(base[:, axis] + length - 1, axis)
-            steps = int((last - first).max()) + 1 if len(base) else 1
-            cells = np.minimum(first[:, None] + np.arange(steps), last[:, None])
-            keys = (keys[:, :, None] * self.grid_shape[axis] + cells[:, None, :]).reshape(
-                len(base), -1
-            )
-        flat = keys.reshape(-1)
-        _, first_seen = np.unique(flat, return_index=True)
-        return flat[np.sort(first_seen)]
+    def close(self) -> None:
+        """Stop this process's prefetch and decoding threads and free the arena."""
+        self._await_prefetch()
+        self._prefetcher.close()
+        close_decoder(self.decoder)
+        self._arena, self._slots, self._free = None, OrderedDict(), []
 
     # ------------------------------------------------------------------ gathering
 
@@ -869,14 +807,14 @@ class ChunkedReader(WindowReader):
     def _split_rows(self, base: np.ndarray, cuts: Sequence[Cut]) -> np.ndarray:
         """Samples with a row that crosses a cell edge along the last dim."""
         split = np.zeros(len(base), dtype=bool)
-        last = len(self.grid_shape) - 1
-        if self.grid_shape[last] == 1:
+        last = len(self.grid.grid_shape) - 1
+        if self.grid.grid_shape[last] == 1:
             return split
         for cut in cuts:
             if _merged_axes(cut.size, self.shape):
                 continue
             lo = base[:, last] + cut.offset[last]
-            split |= self.cell_of(lo, last) != self.cell_of(lo + cut.size[last] - 1, last)
+            split |= self.grid.cell_of(lo, last) != self.grid.cell_of(lo + cut.size[last] - 1, last)
         return split
 
     def _gather_cells(
@@ -949,10 +887,10 @@ class ChunkedReader(WindowReader):
         """Assemble one sample's span ``(channel, *extent)`` from the cells it touches."""
         span = np.empty((self.n_channels, *extent), dtype=self.dtype)
         per_axis = []  # for each axis: (cell, slice in the cell, slice in the span) pieces
-        for axis, (edges, lo, length) in enumerate(zip(self.edges, base, extent, strict=True)):
+        for axis, (edges, lo, length) in enumerate(zip(self.grid.edges, base, extent, strict=True)):
             hi = lo + length
             pieces = []
-            first, last = int(self.cell_of(lo, axis)), int(self.cell_of(hi - 1, axis))
+            first, last = int(self.grid.cell_of(lo, axis)), int(self.grid.cell_of(hi - 1, axis))
             for number in range(first, last + 1):
                 start, stop = max(lo, edges[number]), min(hi, edges[number + 1])
                 pieces.append(
@@ -964,7 +902,9 @@ class ChunkedReader(WindowReader):
                 )
             per_axis.append(pieces)
         for combination in itertools.product(*per_axis):
-            key = int(np.ravel_multi_index([piece[0] for piece in combination], self.grid_shape))
+            key = int(
+                np.ravel_multi_index([piece[0] for piece in combination], self.grid.grid_shape)
+            )
             inside_cell = (slice(None), *(piece[1] for piece in combination))
             inside_span = (slice(None), *(piece[2] for piece in combination))
             (slot,) = self._slots_for([key])

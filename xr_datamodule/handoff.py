@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["DEFAULT_RING_SLOTS", "Ticket", "aligned", "allocate", "send"]
+__all__ = ["DEFAULT_RING_SLOTS", "Ticket", "aligned", "allocate", "release_memory", "send"]
 
 DEFAULT_RING_SLOTS = 4  # torch's default prefetch_factor (2) plus two
 
@@ -301,6 +301,21 @@ def _attach(pid: int, token: int, data: torch.Tensor, state: torch.Tensor) -> No
             del _rings[other]
     _rings[token] = (pid, data.numpy(), state.numpy(), (data, state))
     _rings[token][2][_ATTACHED] = token
+
+
+def release_memory() -> None:
+    """Unmap the rings of finished workers and drop the reuse pool's idle buffers.
+
+    Batches still held keep their memory through their own references; new batches get
+    new memory. Called when a stage ends (``teardown``).
+    """
+    alive = {child.pid for child in multiprocessing.active_children()}
+    for token, (pid, _, _, _) in list(_rings.items()):
+        if pid not in alive:
+            del _rings[token]
+    pool = _main_pool()
+    with pool.lock:
+        pool.free.clear()
 
 
 def _release(state: np.ndarray, slot: int) -> None:

@@ -175,7 +175,7 @@ def loader_settings(pipeline: DataPipeline, pin_memory: bool = False) -> dict[st
         pipeline: The pipeline (its spec and resolved number of workers).
         pin_memory: Whether to page-lock batches when the spec leaves it open (``None``).
     """
-    spec, workers = pipeline.spec, pipeline.num_workers
+    spec, workers = pipeline.spec, pipeline.resources.num_workers
     pinned = pin_memory if spec.pin_memory is None else spec.pin_memory
     settings: dict[str, Any] = {"num_workers": workers, "pin_memory": pinned}
     if workers > 0:
@@ -207,21 +207,23 @@ def train_loader(
     dataset = pipeline.dataset("train")
     _warn_if_workers_lose_tensorstore(pipeline, dataset)
     # Without workers the reader decodes the next batch's cells in the background.
-    lookahead = int(pipeline.num_workers == 0 and isinstance(dataset.reader, ChunkedReader))
+    lookahead = int(
+        pipeline.resources.num_workers == 0 and isinstance(dataset.reader, ChunkedReader)
+    )
     sampler = pipeline.order.batch_sampler(
-        pipeline.train_split(),
+        pipeline.sampling.train_split(),
         pipeline.world(),
         epoch,
         lookahead,
         plans=pipeline.spec.random_offsets,  # the batches carry their epoch
     )
     settings = loader_settings(pipeline, pin_memory)
-    collate = partial(collate_batch, ring_slots=pipeline.ring_slots)
+    collate = partial(collate_batch, ring_slots=pipeline.resources.ring_slots)
     if pipeline.spec.style == "iterable":
         # Lightning warns that an IterableDataset's length may be wrong with several workers;
         # ours shards itself over workers and ranks, so its length is exact.
         warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__`")
-        if pipeline.num_workers > 0:
+        if pipeline.resources.num_workers > 0:
             settings["persistent_workers"] = False  # each pass must see the new epoch
         passes = iter(range(sys.maxsize))
         return _EpochLoader(
@@ -252,7 +254,7 @@ def eval_loader(
     """
     dataset = pipeline.dataset(stage)
     _warn_if_workers_lose_tensorstore(pipeline, dataset)
-    workers, batch_size = pipeline.num_workers, pipeline.spec.batch_size
+    workers, batch_size = pipeline.resources.num_workers, pipeline.spec.batch_size
     order: Any = SequentialSampler(dataset)
     dealt = stage in ("val", "test") and not in_order
     if dealt and workers > 1 and isinstance(dataset.reader, ChunkedReader):
@@ -260,7 +262,7 @@ def eval_loader(
     return XarrayDataLoader(
         dataset,
         batch_sampler=ArrayBatchSampler(order, batch_size, False),
-        collate_fn=partial(collate_batch, ring_slots=pipeline.ring_slots),
+        collate_fn=partial(collate_batch, ring_slots=pipeline.resources.ring_slots),
         **loader_settings(pipeline, pin_memory),
     )
 
@@ -272,7 +274,7 @@ def _warn_if_workers_lose_tensorstore(pipeline: DataPipeline, dataset: XarrayWin
     context = pipeline.spec.multiprocessing_context
     forked = context in (None, "fork") and sys.platform != "win32"
     if (
-        pipeline.num_workers > 0
+        pipeline.resources.num_workers > 0
         and forked
         and isinstance(decoder, TensorStoreDecoder)
         and not decode_module.forked_workers_may_use_tensorstore()

@@ -42,7 +42,7 @@ import xarray as xr
 
 from xr_datamodule.sources import channel_layouts
 
-__all__ = ["METHODS", "Statistics", "zscore_statistics"]
+__all__ = ["METHODS", "Normalisation", "Statistics", "normalisation_of", "zscore_statistics"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,12 +177,6 @@ class Statistics:
             return cls(parsed["mean"], parsed["std"], parsed["min"], parsed["max"])
         return cls(parsed["mean"], parsed["std"])
 
-    def channel_arrays(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Mean and std of every channel of the named variables, concatenated in order."""
-        mean = np.concatenate([np.asarray(self.mean[name]) for name in names])
-        std = np.concatenate([np.asarray(self.std[name]) for name in names])
-        return mean, std
-
 
 def _chunked(var: xr.DataArray, first_dim: str, itemsize: int) -> xr.DataArray:
     if var.chunks is not None:
@@ -254,3 +248,83 @@ def _stats_file(path: Any) -> Mapping:
     if not isinstance(value, Mapping):
         raise ValueError(f"stats: {os.fspath(path)!r} must hold a JSON object, got {value!r}")
     return value
+
+
+class Normalisation:
+    """The normalisation a pipeline applies: statistics, one method per variable, affines.
+
+    Args:
+        spec: The spec (``normalize``, the methods per variable).
+        statistics: The statistics in use.
+        origin: Where they came from: ``"computed"`` (from the training split), ``"given"``
+            (``stats=``) or ``"checkpoint"``.
+
+    Example:
+        >>> import xarray as xr
+        >>> from xr_datamodule.spec import DataSpec
+        >>> spec = DataSpec(xr.Dataset({"t": (("time",), [1.0, 3.0])}), input_vars=["t"],
+        ...                 input_dims={"time": 1}, normalize="zscore")
+        >>> norm = Normalisation(spec, Statistics({"t": [2.0]}, {"t": [1.0]}), "given")
+        >>> norm.scale(np.array([[3.0]]), ["t"])
+        array([[1.]])
+    """
+
+    def __init__(self, spec: Any, statistics: Statistics, origin: str) -> None:
+        self.spec = spec
+        self.statistics = statistics
+        self.origin = origin
+        self._affines: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def affine(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(offset, scale)`` per channel of the named variables, by their methods."""
+        key = tuple(names)
+        if key not in self._affines:  # asked per batch with normalize_on="device"
+            methods = {name: self.spec.method_of(name) for name in names}
+            self._affines[key] = self.statistics.affine(names, methods)
+        return self._affines[key]
+
+    def scale(
+        self, values: Any, names: Sequence[str], inverse: bool = False, unscaled: int = 0
+    ) -> Any:
+        """Normalise (or, ``inverse``, denormalise) ``(batch, channel, ...)`` values.
+
+        Works on tensors (on their device) and numpy arrays alike. ``unscaled`` last
+        channels (forcings, the mask) are left as they are.
+        """
+        mean, std = self.affine(names)
+        mean = np.concatenate([mean, np.zeros(unscaled)])
+        std = np.concatenate([std, np.ones(unscaled)])
+        shape = (1, -1) + (1,) * (values.ndim - 2)
+        if hasattr(values, "new_tensor"):
+            mean, std = values.new_tensor(mean), values.new_tensor(std)
+        mean, std = mean.reshape(shape), std.reshape(shape)
+        return values * std + mean if inverse else (values - mean) / std
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the statistics (so that a model meets its own)."""
+        return {"statistics": self.statistics.to_dict()}
+
+
+def normalisation_of(
+    spec: Any, source: xr.Dataset, window_dims: Sequence[str], train: Any
+) -> Normalisation:
+    """The spec's statistics: given (``stats``) or computed over the training split's bounds.
+
+    Raises:
+        KeyError: A ``normalize`` mapping that names a variable not selected.
+        ValueError: Statistics to compute without a ``train`` split (``train`` is None).
+    """
+    if isinstance(spec.normalize, dict):
+        unknown = [k for k in spec.normalize if k != "default" and k not in spec.all_vars]
+        if unknown:
+            raise KeyError(
+                f"normalize: {unknown} are not selected variables. Valid: "
+                f"{tuple(spec.all_vars)} and 'default'"
+            )
+    if spec.stats is not None:
+        given = Statistics.from_value(spec.stats, source, spec.all_vars, window_dims)
+        return Normalisation(spec, given, "given")
+    if train is None:
+        raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
+    computed = zscore_statistics(source, spec.all_vars, window_dims, train)
+    return Normalisation(spec, computed, "computed")

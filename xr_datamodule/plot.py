@@ -69,7 +69,7 @@ def plot_windows(
     """
     plt = _pyplot()
     dm.setup()
-    split = dm.pipeline.split_for(split)
+    split = dm.pipeline.plan.split_for(split)
     dataset = dm.datasets[split]
     ids = np.linspace(0, len(dataset) - 1, num=min(n, len(dataset))).astype(int)
     batch = dataset.__getitems__(ids)

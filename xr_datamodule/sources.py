@@ -288,12 +288,8 @@ def window_dim_order(
                 f"{missing}; {allowed}"
             )
     full = [name for name in names if all(dim in ds[name].dims for dim in window_dims)]
-    if not full:
-        raise ValueError(
-            f"every selected variable lacks {static_dim!r}: at least one must vary along it "
-            "(static fields are broadcast along the windows of the others)"
-        )
-    first = ds[full[0]].dims
+    # Only static fields: the given order (the layout refuses such a side, naming it).
+    first = ds[full[0]].dims if full else window_dims
     return tuple(str(dim) for dim in first if dim in window_dims)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.forcings import check_forcing_names
 from xr_datamodule.missing import NAN_POLICIES
 from xr_datamodule.normalize import METHODS
 from xr_datamodule.sources import check_source_exists
@@ -103,18 +104,11 @@ def _refuse_lead_time_lists(offsets: Any, target_dims: Mapping[str, int]) -> Non
 
 
 def _forcing_names(forcings: Any) -> list[str]:
-    from xr_datamodule.extras import FORCINGS
-
     if forcings is None:
         return []
     if not isinstance(forcings, (list, tuple)) or not all(isinstance(n, str) for n in forcings):
         raise TypeError(f"forcings must be a list of forcing names, got {forcings!r}")
-    for name in forcings:
-        if name not in FORCINGS:
-            raise ValueError(f"forcings: unknown forcing {name!r}. Valid: {tuple(FORCINGS)}")
-    twice = sorted({name for name in forcings if list(forcings).count(name) > 1})
-    if twice:
-        raise ValueError(f"forcings: {twice} listed more than once")
+    check_forcing_names(forcings)
     return list(forcings)
 
 

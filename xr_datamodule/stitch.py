@@ -28,9 +28,12 @@ from xr_datamodule.sources import channel_layouts
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
 __all__ = [
+    "LAYOUTS",
     "LEAD_DIM",
     "VALID_TIME",
+    "is_forecast_layout",
     "masked_like",
+    "put_back",
     "stitch_forecasts",
     "stitch_windows",
     "truth_at",
@@ -38,6 +41,50 @@ __all__ = [
 
 LEAD_DIM = "prediction_timedelta"
 VALID_TIME = "valid_time"
+LAYOUTS = ("auto", "grid", "forecast")  # of predictions put back on the grid
+
+
+def is_forecast_layout(layout: str, geometry: WindowGeometry, time_dim: str | None) -> bool:
+    """Whether ``layout`` gives the forecast layout (init x lead) for windows of ``geometry``.
+
+    ``"auto"``: when the target window holds several steps of ``time_dim`` after the last
+    input step (a multi-step forecast).
+
+    Raises:
+        ValueError: An unknown layout, or ``"forecast"`` without a time dim.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "grid":
+        return False
+    if time_dim is None:
+        if layout == "forecast":
+            raise ValueError(
+                f"layout='forecast' needs a time dim among the windowed dims {geometry.dims}"
+            )
+        return False
+    axis = geometry.dims.index(time_dim)
+    ahead = geometry.target_offset[axis] >= geometry.input_size[axis]  # a forecast
+    return layout == "forecast" or (ahead and geometry.target_size[axis] > 1)
+
+
+def put_back(
+    predictions: Sequence[Any],
+    index: SampleIndex,
+    geometry: WindowGeometry,
+    source: xr.Dataset,
+    target_vars: Sequence[str],
+    bounds: Mapping[str, tuple[int, int]],
+    time_dim: str | None,
+    forecast: bool,
+) -> xr.Dataset:
+    """Predictions back in the forecast layout (needs ``time_dim``) or on the grid."""
+    if forecast:
+        assert time_dim is not None
+        return stitch_forecasts(
+            predictions, index, geometry, source, target_vars, time_dim=time_dim, bounds=bounds
+        )
+    return stitch_windows(predictions, index, geometry, source, target_vars, bounds=bounds)
 
 
 def _as_array(part: Any) -> np.ndarray:

@@ -22,6 +22,8 @@ import pandas as pd
 import xarray as xr
 from scipy.ndimage import map_coordinates
 
+from xr_datamodule.forcings import insolation
+
 __all__ = ["make_global", "make_weather"]
 
 _GRID_KM = 50.0  # 0.5° at mid-latitudes, roughly
@@ -168,8 +170,6 @@ def _global(
     start: str,
     freq: str,
 ) -> xr.Dataset:
-    from xr_datamodule.extras import insolation
-
     rng = np.random.default_rng(seed)
     step = 180.0 / n_lat
     lat = -90 + step / 2 + step * np.arange(n_lat)
