@@ -12,8 +12,8 @@ import torch
 
 from tests.conftest import cpu_trainer
 from xr_datamodule import XarrayDataModule
-from xr_datamodule.datamodule import plain
 from xr_datamodule.models import DemoForecaster
+from xr_datamodule.spec import plain
 
 
 def test_every_argument_type_survives_a_weights_only_checkpoint(zarr_path: Path, tmp_path):

@@ -195,7 +195,7 @@ def test_each_chunk_is_decoded_once_per_epoch(chunked_store):
         # Every cell once; a cell whose samples two streams share may be decoded by each,
         # and cells still cached from the last epoch are not decoded again.
         assert n_cells - (epoch > 0) * reader.cache_cells <= decoded <= n_cells + 1
-    assert len(reader._slots) <= reader.cache_cells < n_cells
+    assert len(reader.arena.slots) <= reader.cache_cells < n_cells
 
 
 def rss(pid: int) -> int:

@@ -110,7 +110,7 @@ def test_a_failed_decode_leaves_no_cell_behind(small_ds, zarr_path, monkeypatch)
     with pytest.raises(OSError, match="store went away"):
         dataset.__getitems__(np.arange(len(dataset)))
     assert calls and reader.cells_read == read_before
-    assert len(reader._slots) + len(reader._free) == reader.cache_cells
+    assert len(reader.arena.slots) + len(reader.arena.free) == reader.cache_cells
     monkeypatch.undo()
     for _ in range(3):  # the slots decode correctly again, whatever is evicted
         check_random_batches(dm, small_ds, "train")
@@ -194,7 +194,7 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path,
                 small_ds, ["b"], geometry.dims, starts - [1, 0, 0], geometry.target_size
             ).astype(np.float32),
         )
-        assert len(reader._slots) <= reader.cache_cells
+        assert len(reader.arena.slots) <= reader.cache_cells
 
 
 def test_negative_target_offset_and_float64(small_ds):
@@ -501,7 +501,7 @@ def test_a_prefetch_never_evicts_the_cells_a_read_holds(small_ds, tmp_path, monk
         starts = dm.indices["train"].starts(ids)
         expected = reference_windows(small_ds, ["a", "b"], dm.window_dims, starts, (3, 12, 10))
         np.testing.assert_array_equal(batch.inputs, expected.astype(np.float32))
-    assert not reader._pinned  # every read let go of its cells
+    assert not reader.arena.pinned  # every read let go of its cells
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -1,64 +1,26 @@
-"""XarrayDataModule: Lightning's hooks over a spec, a pipeline, a training order and loaders.
+"""XarrayDataModule: Lightning's hooks over a spec, a pipeline of stages and loaders.
 
-The datamodule wires the parts and does nothing else: :class:`~xr_datamodule.spec.DataSpec`
-validates the arguments, :class:`~xr_datamodule.pipeline.DataPipeline` builds what ``setup``
-needs (source → splits → sample index → reader → datasets),
-:class:`~xr_datamodule.order.TrainingOrder` holds the training order and its resume state,
-:mod:`~xr_datamodule.loaders` makes the DataLoaders and :mod:`~xr_datamodule.display` the
-summaries. Lightning's Trainer owns devices and the loop.
+Arguments: :mod:`~xr_datamodule.spec`; stages: :mod:`~xr_datamodule.pipeline`; loaders:
+:mod:`~xr_datamodule.loaders`; read-only views: :mod:`~xr_datamodule.views`.
 """
 
 from __future__ import annotations
 
-import datetime
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
-import numpy as np
-import pandas as pd
-import torch
 import xarray as xr
 from torch.utils.data import DataLoader
 
 from xr_datamodule.handoff import release_memory
-from xr_datamodule.loaders import eval_loader, train_loader
-from xr_datamodule.normalize import Statistics
+from xr_datamodule.loaders import eval_loader, on_cuda, train_loader, trained_so_far, world_of
 from xr_datamodule.pipeline import DataPipeline, training_order
-from xr_datamodule.spec import STAGE_SPLITS, DataSpec
+from xr_datamodule.spec import STAGE_SPLITS, DataSpec, hyperparameters
 from xr_datamodule.views import DataViews
 
-__all__ = ["XarrayDataModule", "plain"]
-
-
-def plain(value: Any) -> Any:
-    """A value as the plain types a ``weights_only`` checkpoint holds.
-
-    Paths become strings, dates ISO strings, numpy scalars and arrays Python numbers and
-    lists, tuples lists; mappings and lists are converted item by item.
-
-    Example:
-        >>> import pandas as pd
-        >>> from pathlib import Path
-        >>> plain({"data": Path("era5.zarr"), "train": [pd.Timestamp("2020-01-01"), None]})
-        {'data': 'era5.zarr', 'train': ['2020-01-01T00:00:00', None]}
-    """
-    if isinstance(value, Mapping):
-        return {str(k) if not isinstance(k, (int, str)) else k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, (np.datetime64, datetime.datetime, datetime.date)):
-        return pd.Timestamp(value).isoformat()
-    if isinstance(value, np.ndarray):
-        return plain(value.tolist())
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, slice):
-        return {"start": plain(value.start), "stop": plain(value.stop)}
-    return value
+__all__ = ["XarrayDataModule"]
 
 
 class XarrayDataModule(DataViews, pl.LightningDataModule):
@@ -89,10 +51,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         seed: Seed of the training order; the order is a function of ``(seed, epoch)``.
         num_workers: DataLoader worker processes, or ``"auto"`` (default). In memory: 0, since
             a batch is one sub-millisecond gather and workers only add a copy through shared
-            memory (on the benchmark, 2 workers delivered 1.3 GB/s against 2.0 for 0). Out of
-            core: half the cores, at least 2 and at most 4, so decoding overlaps the training
-            step (on 2 cores, the benchmark's zarr store: 2 workers 538 MB/s, 0 workers 484
-            with the main process decoding in 2 threads); 0 on a single core.
+            memory. Out of core: half the cores, at least 2 and at most 4, so that decoding
+            overlaps the training step; 0 on a single core (figures: ``benchmarks/``).
         pin_memory: Page-lock batches for faster host→GPU copies. Default: on only when the
             attached trainer runs on a CUDA GPU (pinning is wasted work on CPU).
         persistent_workers: Keep workers between epochs; default on when ``num_workers > 0``.
@@ -105,21 +65,14 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             chunks), with chunk-aware shuffling for training.
         shuffle: How training samples are shuffled. ``"auto"`` (default): ``"full"`` for data
             in memory, ``"chunks"`` out of core. ``"chunks"``: a chunk-aware order that
-            decodes each storage chunk about once per epoch: streams walk the chunks (the
-            chunks a sample reaches into, e.g. the next time steps, come next in its stream)
-            and every batch mixes ``shuffle_chunks`` streams, so a batch of full-field
-            samples holds samples from that many different dates; consecutive batches of a
-            process come from the same streams, a little further on. ``"full"``: a uniform
-            per-sample shuffle, decoding whatever each batch needs (out of core a chunk is
-            then decoded about as often as samples use it, like a hand-written Dataset but
-            batched and with every read in flight at once).
+            decodes each storage chunk about once per epoch; every batch mixes
+            ``shuffle_chunks`` streams that walk the chunks (see
+            :class:`~xr_datamodule.samplers.ChunkShuffleSampler`). ``"full"``: a uniform
+            per-sample shuffle, decoding whatever each batch needs.
         shuffle_chunks: Out of core, chunk-aware order: streams per rank, i.e. how many
-            places of the data feed training at any moment (each DataLoader worker has
-            ``shuffle_chunks / max(1, num_workers)`` of them, at least 1). ``"auto"``
-            (default): enough for a batch to draw each sample from another stream where a
-            cell holds fewer samples than a batch (full-field samples), at least 4 per rank.
-            Each stream caches the cells one sample touches. The order depends on it and on
-            ``num_workers``; a checkpoint keeps the layout it was written with.
+            places of the data feed training at any moment. ``"auto"`` (default): enough
+            for a batch to draw each sample from another stream where a cell holds fewer
+            samples than a batch, at least 4 per rank. A checkpoint keeps its layout.
         style: ``"map"`` (default): a map-style dataset with a DDP-aware batch sampler;
             ``"iterable"``: an iterable dataset that streams whole batches, sharded across
             DDP ranks and workers itself (workers are started anew each epoch). Both give the
@@ -128,8 +81,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         transform: Optional function applied to each input window as an ``xr.Dataset``
             (e.g. ``lambda ds: ds.assign(speed=np.hypot(ds.u10, ds.v10))``); its data
             variables become the channels. Per sample (``transform_on="sample"``) this leaves
-            the vectorised path: one ``isel`` and one call per sample, 2 ms per sample on the
-            synthetic data (0.08 ms without). Not saved in hyperparameters.
+            the vectorised path: one ``isel`` and one call per sample. Not saved in
+            hyperparameters.
         target_transform: Likewise for the target window.
         transform_on: ``"sample"`` (default): the transforms run on each sample's window, with
             its real coordinates. ``"batch"``: once per batch, on all its windows (gathered
@@ -151,12 +104,10 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             per loaded copy or decoded cell, so it costs nothing per batch and works for any
             model); ``"device"`` normalises each batch after Lightning moved it, in
             ``on_after_batch_transfer`` (the arithmetic then runs on the GPU).
-        nan_policy: Missing values (NaN). ``"check"`` (default; ``None`` means it too): looked
-            for in every block as it is read (each decoded cell once, a loaded copy once in
-            ``setup``; measured at no visible cost on the global benchmark), and the first
-            batch that holds one raises :class:`~xr_datamodule.missing.MissingValueError`
-            naming the variable (and level), the coordinates and the options below; a zarr
-            chunk missing from a store reads as NaN and is reported so. ``"keep"``: let NaN
+        nan_policy: Missing values (NaN, ±Inf). ``"check"`` (default; ``None`` means it too):
+            looked for in every block as it is read, and the first batch that holds one
+            raises :class:`~xr_datamodule.missing.MissingValueError` naming the variable,
+            the coordinates and the options below. ``"keep"``: let NaN
             reach the model (for models that mask them themselves). ``"error"``: scan all
             the data in ``setup`` and name the first NaN. ``"drop"``: leave out every sample
             whose input or target window holds a NaN (one out-of-core scan, then vectorised
@@ -170,15 +121,13 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         stats: Explicit statistics instead of computing them: ``{"mean": {var: value or
             [per channel]}, "std": {...}}`` or the path of a JSON file holding that; implies
             ``normalize="zscore"``.
-
         forcings: Input channels computed from the coordinates, after the variables: any
             of ``cos_latitude``, ``sin_latitude``, ``cos_longitude``, ``sin_longitude``,
             ``cos_julian_day``, ``sin_julian_day``, ``cos_local_time``, ``sin_local_time``,
-            ``cos_solar_zenith_angle``, ``insolation`` (see :mod:`xr_datamodule.extras`);
-            never normalised. Static fields need no option: a variable without the time dim
-            (e.g. ``lsm(lat, lon)``) is read once and broadcast along time; ``X``'s channels
-            are the time-varying input variables, then the static ones, then the forcings
-            (then the ``nan_mask``); ``y``'s likewise.
+            ``cos_solar_zenith_angle``, ``insolation`` (see :mod:`xr_datamodule.forcings`);
+            never normalised. A static field (a variable without the time dim, e.g.
+            ``lsm(lat, lon)``) needs no option: it is broadcast along time (channel order:
+            :mod:`xr_datamodule.channels`).
         select: Labels to keep before windowing, per dim: ``{"level": [500, 850, 1000]}``
             or a range ``{"time": {"start": "2000", "stop": "2019"}}`` (inclusive, as
             ``.sel``). Lazy; a selected store is read through xarray.
@@ -192,20 +141,15 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             ``setup`` with ``data_source=range(n)`` and ``weights=`` (from
             ``sample_weights``) when it takes them; or a callable ``f(index, rng)`` given
             the split's :class:`~xr_datamodule.windows.SampleIndex` and a numpy generator,
-            returning sample numbers. Its ``generator`` is seeded from ``(seed, epoch)``
-            before each epoch, so every rank draws the same order and takes its own block
-            of it (ranks disjoint), workers read what the main process drew, and a resume
-            continues the epoch exactly. Out of core it is not chunk-aware: up to one cell
-            decode per sample.
+            returning sample numbers. Seeded from ``(seed, epoch)``: ranks take disjoint
+            blocks of one order, and a resume continues exactly. Not chunk-aware.
         sample_weights: Weighted draws for rare events: ``{"by": "target_max", "quantile":
             0.99, "boost": 10}`` gives the samples whose statistic (``input_``/``target_``
             + ``max``/``min``/``mean`` over the window's variables and channels) reaches the
             training split's quantile (or ``"above": value``) ``boost`` times the weight of
             the others; a callable gets :meth:`window_statistics` and returns one weight
-            per sample. Computed once, out of core, vectorised (one pass over the data);
-            the weights are :attr:`sample_weights`. Draws per epoch: ``samples_per_epoch``
-            or the split's size, with or without ``replacement``; out of core each epoch's
-            draws come in the chunk-aware order of their cells (each decoded about once).
+            per sample. Computed once, out of core (one pass); see :attr:`sample_weights`.
+            Draws per epoch: ``samples_per_epoch`` or the split's size, chunk-aware.
         replacement: Weighted draws with replacement (default) or without.
         samples_per_epoch: An epoch is this many samples: consecutive epochs take
             consecutive stretches of passes over the index, so no sample repeats until
@@ -293,17 +237,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         strict_store: bool = False,
     ) -> None:
         super().__init__()
-        unsaved = ["transform", "target_transform"]
-        unsaved += [
-            name
-            for name, value in (("sampler", sampler), ("sample_weights", sample_weights))
-            if callable(value)
-        ]
-        if isinstance(data, xr.Dataset):
-            unsaved.append("data")
         arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}
-        # Plain types only, so that checkpoints load under torch's weights_only=True.
-        self.save_hyperparameters({k: plain(v) for k, v in arguments.items() if k not in unsaved})
+        self.save_hyperparameters(hyperparameters(arguments))
         self.spec = DataSpec(**arguments)
         self.order = training_order(self.spec)
         self.pipeline = DataPipeline(self.spec, self.order, world=self._world)
@@ -417,17 +352,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         The seed, and while fitting the epoch and how many of its batches were trained on,
         so that ``fit(ckpt_path=...)`` continues with exactly the samples that remained.
         """
-        trainer = self.trainer
-        done = epoch = None
-        if trainer is not None and self.order.serving is not None:
-            # `processed`, not `completed`: a checkpoint written in on_train_batch_end (as
-            # ModelCheckpoint(every_n_train_steps=...) does) counts the current batch as
-            # done, and Lightning resumes after it.
-            progress = trainer.fit_loop.epoch_loop.batch_progress.current
-            done = int(progress.processed)  # type: ignore[attr-defined]
-            epoch = int(trainer.current_epoch)
-        # The order's position, and the statistics once computed or given (with the model).
-        return {**self.order.state_dict(done, epoch), **self.pipeline.state_dict()}
+        serving = self.order.serving is not None  # a training loader was made
+        return self.pipeline.state_dict(*trained_so_far(self.trainer if serving else None))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the seed and, mid-epoch, the samples to skip (Lightning calls it on resume).
@@ -444,23 +370,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             >>> dm.seed
             7
         """
-        if "statistics" in state_dict:
-            stored = state_dict["statistics"]
-            self.pipeline.restore_statistics(Statistics.from_dict(stored))
-        sampling, world_size = self.pipeline.sampling, self._world()[0]
-        chunked = "chunk_layout" in state_dict and sampling.shuffle == "chunks"
-        order_now = None
-        if "order" in state_dict and sampling.has_train:
-            order_now = type(self.order.epoch_sampler(sampling.train_split(), world_size))
-        restored = self.order.load_state_dict(
-            state_dict,
-            sampling.chunk_layout(world_size) if chunked else None,
-            world_size,
-            None if order_now is None else order_now.__name__,
-            self.split_sizes["train"] if sampling.has_train and "epoch" in state_dict else None,
-        )
-        if restored:
-            self.pipeline.order_changed()
+        self.pipeline.load_state_dict(state_dict)
 
     def teardown(self, stage: str) -> None:
         """Release what reading holds once a stage ends: threads, caches, shared memory.
@@ -472,8 +382,6 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         release_memory()
         self.pipeline.layout.source.close()  # file handles; xarray reopens them on use
 
-    # ------------------------------------------------------------------ the trainer
-
     def _iterable_epoch(self) -> int:
         """The epoch of the next iterable pass: the trainer's, or one more than the last."""
         if self.trainer is not None:
@@ -483,14 +391,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
 
     def _world(self) -> tuple[int, int]:
         """(world size, global rank): from the trainer, else torch.distributed, else (1, 0)."""
-        if self.trainer is not None:
-            return int(self.trainer.world_size), int(self.trainer.global_rank)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size(), torch.distributed.get_rank()
-        return 1, 0
+        return world_of(self.trainer)
 
     def _trainer_on_cuda(self) -> bool:
-        from lightning.pytorch.accelerators import CUDAAccelerator
-
-        trainer = self.trainer
-        return trainer is not None and isinstance(trainer.accelerator, CUDAAccelerator)
+        return on_cuda(self.trainer)

@@ -21,19 +21,8 @@ Two readers provide the blocks:
   With the chunk-aware sampler (:class:`~xr_datamodule.samplers.ChunkShuffleSampler`) each
   cell is decoded about once per epoch.
 
-The arena's protocol (:class:`ChunkedReader`), shared by the consumer (the thread that reads
-a batch) and one background prefetch thread, all under one lock:
-
-* a cell is *busy* while a thread decodes it into its slot, *pinned* while a consumer
-  holds it (from the moment :meth:`ChunkedReader._slots_for` finds or assigns its slot,
-  inside that same critical section, until the consumer has copied out of it), and *ready*
-  otherwise;
-* **a busy or pinned cell is never evicted**: only ready cells (least recently used first)
-  and free slots are given to other cells. A consumer that waits for a cell another thread
-  decodes releases the lock while waiting, so it pins what it asked for *before* waiting;
-  nothing it was given can be taken while it waits;
-* a prefetch never waits and never pins: it decodes what fits beside busy and pinned cells
-  and skips the rest.
+The arena of decoded cells and its two-thread protocol live in :mod:`xr_datamodule.arena`;
+the cell grid in :mod:`xr_datamodule.cells`.
 
 Nothing here knows about Lightning; torch serves only as a copy kernel (see
 :func:`_take_runs`), arrays in and out are numpy.
@@ -44,7 +33,6 @@ from __future__ import annotations
 import itertools
 import threading
 from abc import ABC, abstractmethod
-from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -55,6 +43,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from xr_datamodule.arena import CellArena
 from xr_datamodule.cells import CellGrid
 from xr_datamodule.decode import (
     CellDecoder,
@@ -570,7 +559,6 @@ class ChunkedReader(WindowReader):
             self.dataset, self.layouts, self.window_dims, self.decode_threads
         )
         self.grid = grid
-        self.cache_cells = max(grid.cells_per_sample, int(cache_cells))
         cell_shape = grid.cell_shape
         self._memory = _Memory(
             self.shape,
@@ -579,163 +567,54 @@ class ChunkedReader(WindowReader):
             tuple(int(np.prod(cell_shape[a + 1 :])) for a in range(len(cell_shape))),
             self.n_channels * int(np.prod(cell_shape)),
         )
-        self._slots: OrderedDict[int, int] = OrderedDict()  # cell -> slot, LRU
-        self._free: list[int] = []  # slots holding no cell
-        self._busy: set[int] = set()  # cells being decoded (by a background prefetch)
-        self._pinned: Counter[int] = Counter()  # cells a batch is being copied from
-        self._lock = threading.Lock()  # the bookkeeping above, shared with the prefetch
-        self._ready = threading.Condition(self._lock)  # a decoding finished
-        self._arena: np.ndarray | None = None  # allocated on first read (in each worker)
+        self.arena = CellArena(
+            grid, self.window_dims, self.n_channels, self.dtype, cache_cells, self._fill
+        )
         self._prefetcher = thread_pool(1)  # one background thread per process
         self._pending: Future | None = None
-        self.cells_read = 0
 
     def __getstate__(self) -> dict:
-        # Workers start with an empty cache of their own, not a copy of this one.
-        self._await_prefetch()
-        state = self.__dict__.copy()
-        state.update(
-            _arena=None,
-            _slots=OrderedDict(),
-            _free=[],
-            _busy=set(),
-            _pinned=Counter(),
-            _lock=None,
-            _ready=None,
-            _missing_lock=None,
-            cells_read=0,
-            _pending=None,
-        )
-        return state
+        self._await_prefetch()  # the arena itself pickles empty: workers start their own
+        return {**super().__getstate__(), "_pending": None}
 
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        self._ready = threading.Condition(self._lock)
-        self._missing_lock = threading.Lock()
+    @property
+    def cache_cells(self) -> int:
+        """Cells the arena holds."""
+        return self.arena.cache_cells
+
+    @property
+    def cells_read(self) -> int:
+        """Cells decoded so far in this process."""
+        return self.arena.cells_read
 
     def resize_cache(self, cache_cells: int) -> None:
         """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
         self._await_prefetch()
-        self.cache_cells = max(self.grid.cells_per_sample, int(cache_cells))
-        self._arena, self._slots, self._free = None, OrderedDict(), []
+        self.arena.reset(cache_cells)
 
     # ------------------------------------------------------------------ the arena
 
     def _held_blocks(self) -> list[np.ndarray]:
-        # The arena's slots are (channel, *cell) blocks along its first axis.
-        return [] if self._arena is None else list(self._arena)
+        return self.arena.held_blocks()
 
     def _slots_for(self, keys: Sequence[int], wait: bool = True) -> list[int]:
-        """Arena slots holding the cells ``keys``, decoding the missing ones.
-
-        The cached ones are marked recent first, so that the missing ones replace other
-        cells; cells being decoded (by another thread) or copied from are never replaced.
-        A consumer (``wait``) pins ``keys`` (see the module docstring: the caller unpins
-        them with :meth:`_unpin` once it has copied) and waits for the cells another thread
-        is decoding; a prefetch (not ``wait``) does neither. When no slot can be replaced the
-        remaining keys are skipped (their slot is -1): a read always fits (see
-        :meth:`_gather_cells`), a prefetch may not.
-        """
-        with self._lock:
-            if self._arena is None:
-                self._arena = np.empty(
-                    (self.cache_cells, self.n_channels, *self.grid.cell_shape), dtype=self.dtype
-                )
-                self._free = list(range(self.cache_cells - 1, -1, -1))
-            # A background decode may hold the slots this read needs (a prefetch for a batch
-            # that does not come next: a validation batch in between, a resume): wait for it.
-            while wait and self._busy and not self._fits(keys):
-                self._ready.wait()
-            if wait:  # pinned before the lock is ever released below (see the docstring)
-                self._pinned.update(keys)
-            for key in keys:
-                if key in self._slots:
-                    self._slots.move_to_end(key)
-            others = [key for key in keys if key in self._busy]  # decoded by another thread
-            missing = []
-            avoid = set(keys) | self._busy | set(self._pinned)
-            for key in keys:
-                if key in self._slots:
-                    continue
-                slot = self._replaceable(avoid)
-                if slot is None:
-                    break
-                self._slots[key] = slot
-                self._busy.add(key)
-                missing.append((key, slot))
-            jobs = [self._job(key, slot) for key, slot in missing]
-        try:
-            if jobs:
-                decode_with_retries(self.decoder, jobs, self.origin)
-                for job in jobs:
-                    self._prepare(job.out)
-        except BaseException as error:
-            with self._ready:
-                for key, slot in missing:  # these slots hold no valid cell now
-                    del self._slots[key]
-                    self._free.append(slot)
-                    self._busy.discard(key)
-                if wait:
-                    self._unpin_locked(keys)
-                self._ready.notify_all()
-            if isinstance(error, Exception) and not isinstance(error, ReadError):
-                regions = [job.region for job in jobs]
-                raise read_error(error, self.dataset, regions, self.origin) from error
-            raise
-        with self._ready:
-            self._busy.difference_update(key for key, _ in missing)
-            self.cells_read += len(missing)
-            self._ready.notify_all()
-            while wait and any(key in self._busy for key in others):
-                self._ready.wait()
-            if not wait or all(key in self._slots for key in others):
-                return [self._slots.get(key, -1) for key in keys]
-            self._unpin_locked(keys)  # another thread's decoding of one failed: again
-        return self._slots_for(keys)
+        """Arena slots of the cells ``keys`` (see :meth:`CellArena.slots_for`)."""
+        return self.arena.slots_for(keys, wait)
 
     def _unpin(self, keys: Sequence[int]) -> None:
-        """A consumer is done with the cells ``keys`` (pinned by :meth:`_slots_for`)."""
-        with self._lock:
-            self._unpin_locked(keys)
+        self.arena.unpin(keys)
 
-    def _unpin_locked(self, keys: Sequence[int]) -> None:
-        self._pinned.subtract(keys)
-        self._pinned += Counter()  # drop the cells no consumer holds any more
-
-    def _fits(self, keys: Sequence[int]) -> bool:
-        """Whether the cells ``keys`` lack fit in slots no other thread is using."""
-        wanted = set(keys)
-        missing = sum(1 for key in wanted if key not in self._slots)
-        held = wanted | self._busy | set(self._pinned)
-        spare = sum(1 for key in self._slots if key not in held)
-        return missing <= len(self._free) + spare
-
-    def _replaceable(self, avoid: set[int]) -> int | None:
-        """A free slot, or the slot of the least recently used cell not to be avoided."""
-        if self._free:
-            return self._free.pop()
-        for key in self._slots:  # oldest first
-            if key not in avoid:
-                return self._slots.pop(key)
-        return None
-
-    def _job(self, key: int, slot: int) -> DecodeJob:
-        cell = np.unravel_index(key, self.grid.grid_shape)
-        region = {
-            dim: slice(int(edges[i]), int(edges[i + 1]))
-            for dim, edges, i in zip(self.window_dims, self.grid.edges, cell, strict=True)
-        }
-        return DecodeJob(region, self._cell_view(slot, key))
-
-    def _cell_view(self, slot: int, key: int) -> np.ndarray:
-        assert self._arena is not None
-        cell = np.unravel_index(key, self.grid.grid_shape)
-        lengths = [
-            int(edges[i + 1] - edges[i]) for edges, i in zip(self.grid.edges, cell, strict=True)
-        ]
-        region: tuple[int | slice, ...] = (slot, slice(None), *(slice(0, n) for n in lengths))
-        return self._arena[region]
+    def _fill(self, jobs: Sequence[DecodeJob]) -> None:
+        """Decode cells into their slots and prepare them; a failure names its variable."""
+        try:
+            decode_with_retries(self.decoder, jobs, self.origin)
+            for job in jobs:
+                self._prepare(job.out)
+        except ReadError:
+            raise
+        except Exception as error:
+            regions = [job.region for job in jobs]
+            raise read_error(error, self.dataset, regions, self.origin) from error
 
     # ------------------------------------------------------------------ prefetching
 
@@ -764,7 +643,7 @@ class ChunkedReader(WindowReader):
         self._await_prefetch()
         self._prefetcher.close()
         close_decoder(self.decoder)
-        self._arena, self._slots, self._free = None, OrderedDict(), []
+        self.arena.reset()
 
     # ------------------------------------------------------------------ gathering
 
@@ -843,7 +722,8 @@ class ChunkedReader(WindowReader):
                 raise RuntimeError("internal error: a batch's cells did not fit in the arena")
             if upcoming is not None:
                 self._prefetch(upcoming)
-            assert self._arena is not None
+            block = self.arena.block
+            assert block is not None
             # While the next batch decodes in the background, copy with one thread: torch's
             # second intra-op thread would spin on the core the decoder needs (global
             # store, chunks of 4 steps, no workers: 1.64 s per epoch with two, 1.33 with one).
@@ -851,7 +731,7 @@ class ChunkedReader(WindowReader):
                 for r, out in zip(runs, outs, strict=True):
                     slot = slots[np.searchsorted(needed, r.keys)]
                     within = r.within + slot * self._memory.slot_items
-                    _take_runs(self._arena, r.width, within, out)
+                    _take_runs(block, r.width, within, out)
         finally:
             self._unpin(keys)
 
@@ -865,7 +745,7 @@ class ChunkedReader(WindowReader):
         """
         per_sample = np.concatenate([r.keys.reshape(len(base), -1) for r in runs], axis=1)
         cells_of = [np.unique(row) for row in per_sample]
-        cached = np.array([all(int(k) in self._slots for k in keys) for keys in cells_of])
+        cached = np.array([all(int(k) in self.arena.slots for k in keys) for keys in cells_of])
         order = np.lexsort(([keys[0] for keys in cells_of], ~cached))
         groups: list[list[int]] = [[]]
         group_cells: set[int] = set()
@@ -909,7 +789,7 @@ class ChunkedReader(WindowReader):
             inside_span = (slice(None), *(piece[2] for piece in combination))
             (slot,) = self._slots_for([key])
             try:
-                span[inside_span] = self._cell_view(slot, key)[inside_cell]
+                span[inside_span] = self.arena.cell_view(slot, key)[inside_cell]
             finally:
                 self._unpin([key])
         return span

@@ -199,4 +199,3 @@ def source_layout(spec: DataSpec) -> SourceLayout:
     data = spec.data
     origin = "the xr.Dataset" if isinstance(data, xr.Dataset) else repr(os.fspath(data))
     return SourceLayout(source, origin, dims, static_dim, spec.input_vars, spec.targets)
-

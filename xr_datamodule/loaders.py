@@ -39,7 +39,15 @@ from xr_datamodule.gather import ChunkedReader
 from xr_datamodule.pipeline import DataPipeline
 from xr_datamodule.samplers import ArrayBatchSampler, BlockInterleavedSampler
 
-__all__ = ["XarrayDataLoader", "eval_loader", "loader_settings", "train_loader"]
+__all__ = [
+    "XarrayDataLoader",
+    "eval_loader",
+    "loader_settings",
+    "on_cuda",
+    "train_loader",
+    "trained_so_far",
+    "world_of",
+]
 
 logger = logging.getLogger(__name__)
 _warned_tensorstore_fork = False  # the warning of _warn_if_workers_lose_tensorstore, once
@@ -287,3 +295,34 @@ def _warn_if_workers_lose_tensorstore(pipeline: DataPipeline, dataset: XarrayWin
             "decodes 2-3x slower. Read only in workers (num_workers > 0 throughout), or pass "
             "multiprocessing_context='forkserver'."
         )
+
+
+def world_of(trainer: Any) -> tuple[int, int]:
+    """(world size, global rank): the trainer's, else torch.distributed's, else (1, 0)."""
+    if trainer is not None:
+        return int(trainer.world_size), int(trainer.global_rank)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
+def on_cuda(trainer: Any) -> bool:
+    """Whether the trainer runs on CUDA GPUs (then pinned memory pays)."""
+    if trainer is None:
+        return False
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    return isinstance(trainer.accelerator, CUDAAccelerator)
+
+
+def trained_so_far(trainer: Any) -> tuple[int | None, int | None]:
+    """(batches of the epoch trained on, epoch) while a trainer fits, else (None, None).
+
+    ``processed``, not ``completed``: a checkpoint written in ``on_train_batch_end`` (as
+    ``ModelCheckpoint(every_n_train_steps=...)`` does) counts the current batch as done,
+    and Lightning resumes after it.
+    """
+    if trainer is None:
+        return None, None
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(progress.processed), int(trainer.current_epoch)

@@ -23,7 +23,7 @@ What a checkpoint keeps comes from :meth:`DataPipeline.state_dict`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import cached_property, partial
+from functools import cached_property
 from typing import Any
 
 import xarray as xr
@@ -32,15 +32,15 @@ from xr_datamodule.cells import CellGrid, cell_grid
 from xr_datamodule.channels import Channels, channels_of
 from xr_datamodule.datasets import XarrayWindowDataset
 from xr_datamodule.extras import ExtraChannels
-from xr_datamodule.gather import ChunkedReader, InMemoryReader, Preparation, WindowReader
+from xr_datamodule.gather import ChunkedReader, Preparation, WindowReader
 from xr_datamodule.layout import SourceLayout, source_layout
 from xr_datamodule.missing import StaticMask
 from xr_datamodule.normalize import Normalisation, Statistics, normalisation_of
 from xr_datamodule.order import TrainingOrder
 from xr_datamodule.plan import SamplePlan, plan_samples, window_geometry
+from xr_datamodule.reading import extra_channels, read_by_cell, read_in_memory
 from xr_datamodule.resources import Backend, Resources, choose_decoder, choose_resources
 from xr_datamodule.sampling import Sampling
-from xr_datamodule.sources import is_remote, open_selected
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.stitch import is_forecast_layout, masked_like, put_back, truth_at
 from xr_datamodule.windows import WindowGeometry
@@ -196,24 +196,11 @@ class DataPipeline:
             fill_value=spec.fill_value if spec.nan_policy == "fill" else None,
             find_nan=spec.nan_policy == "check",
         )
-        names, dims, dtype = layout.reader_vars, layout.window_dims, spec.array_dtype
         if self.cells is None:
-            return InMemoryReader(layout.source, names, dims, dtype, prepare, origin=layout.origin)
-        reader = ChunkedReader(
-            layout.source,
-            names,
-            dims,
-            dtype,
-            self.cells,
-            cache_cells=self.sampling.cache_cells(self.world()[0]),
-            prepare=prepare,
-            decode_threads=self.resources.decode_threads,
-            decoder=self.backend.decoder,
-            origin=layout.origin,
-        )
-        if is_remote(spec.data):  # each DataLoader worker opens the store anew
-            reader.reopen = partial(open_selected, spec.data, spec.open_kwargs, spec.select)
-        return reader
+            return read_in_memory(spec, layout, prepare)
+        cache_cells = self.sampling.cache_cells(self.world()[0])  # sized before it exists
+        threads, decoder = self.resources.decode_threads, self.backend.decoder
+        return read_by_cell(spec, layout, prepare, self.cells, cache_cells, threads, decoder)
 
     @property
     def keeps_target_mask(self) -> bool:
@@ -247,23 +234,10 @@ class DataPipeline:
 
     def _extras(self, names: Sequence[str], forcings: Sequence[str]) -> ExtraChannels | None:
         """Static fields of ``names`` and ``forcings``, as channels after the read ones."""
-        layout, spec = self.layout, self.spec
-        statics = layout.statics(names)
-        if not statics and not forcings:
-            return None
+        spec, statics = self.spec, self.layout.statics(names)
         normalised = spec.normalize is not None and spec.normalize_on == "gather" and statics
-        extras = ExtraChannels(
-            layout.source,
-            layout.window_dims,
-            statics,
-            layout.static_dim,
-            forcings,
-            spec.array_dtype,
-            affine=self.normalisation.affine(statics) if normalised else None,
-        )
-        if spec.nan_policy in ("check", "error"):
-            extras.fail_on_nan(layout.source)
-        return extras
+        affine = self.normalisation.affine(statics) if normalised else None
+        return extra_channels(spec, self.layout, statics, forcings, affine)
 
     @cached_property
     def static_mask(self) -> StaticMask | None:
@@ -318,19 +292,34 @@ class DataPipeline:
 
     # ------------------------------------------------------------------ state and lifecycle
 
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the data stages: the statistics once there are any."""
-        return {} if self._normalisation is None else self._normalisation.state_dict()
+    def state_dict(self, batches_done: int | None, epoch: int | None) -> dict[str, Any]:
+        """What a checkpoint keeps: the order's position and, once known, the statistics."""
+        kept = {} if self._normalisation is None else self._normalisation.state_dict()
+        return {**self.order.state_dict(batches_done, epoch), **kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a checkpoint's statistics and the order's position (checked)."""
+        if "statistics" in state:
+            self.restore_statistics(Statistics.from_dict(state["statistics"]))
+        sampling, world_size = self.sampling, self.world()[0]
+        chunked = "chunk_layout" in state and sampling.shuffle == "chunks"
+        order_now = None
+        if "order" in state and sampling.has_train:
+            order_now = type(self.order.epoch_sampler(sampling.train_split(), world_size))
+        restored = self.order.load_state_dict(
+            state,
+            sampling.chunk_layout(world_size) if chunked else None,
+            world_size,
+            None if order_now is None else order_now.__name__,
+            len(self.plan.indices["train"]) if sampling.has_train and "epoch" in state else None,
+        )
+        if restored and isinstance(self._reader, ChunkedReader):
+            self._drop_readers()  # its cache was sized for the order's old layout
 
     def restore_statistics(self, statistics: Statistics) -> None:
         """Use a checkpoint's statistics; the reader and datasets are built anew with them."""
         self._normalisation = Normalisation(self.spec, statistics, "checkpoint")
         self._drop_readers()
-
-    def order_changed(self) -> None:
-        """The training order's layout changed (a resume): size the reader's cache anew."""
-        if isinstance(self._reader, ChunkedReader):
-            self._drop_readers()
 
     def _drop_readers(self) -> None:
         """Build the reader and the datasets built so far anew (nothing was read with them)."""

@@ -8,12 +8,14 @@ checked by :class:`~xr_datamodule.pipeline.DataPipeline` when it opens the sourc
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from xr_datamodule.forcings import check_forcing_names
@@ -24,7 +26,7 @@ from xr_datamodule.splits import DEFAULT_SPLITS, check_splits
 from xr_datamodule.timeaxis import GAP_POLICIES
 from xr_datamodule.transforms import TRANSFORM_ON
 
-__all__ = ["DataSpec"]
+__all__ = ["DataSpec", "hyperparameters", "plain"]
 
 DTYPES = ("float16", "float32", "float64")
 STYLES = ("map", "iterable")
@@ -450,3 +452,45 @@ class DataSpec:
     def all_vars(self) -> list[str]:
         """Input variables, then the target variables that are not inputs."""
         return self.input_vars + [v for v in self.targets if v not in self.input_vars]
+
+
+def plain(value: Any) -> Any:
+    """A value as the plain types a ``weights_only`` checkpoint holds.
+
+    Paths become strings, dates ISO strings, numpy scalars and arrays Python numbers and
+    lists, tuples lists; mappings and lists are converted item by item.
+
+    Example:
+        >>> import pandas as pd
+        >>> from pathlib import Path
+        >>> plain({"data": Path("era5.zarr"), "train": [pd.Timestamp("2020-01-01"), None]})
+        {'data': 'era5.zarr', 'train': ['2020-01-01T00:00:00', None]}
+    """
+    if isinstance(value, Mapping):
+        return {str(k) if not isinstance(k, (int, str)) else k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (np.datetime64, datetime.datetime, datetime.date)):
+        return pd.Timestamp(value).isoformat()
+    if isinstance(value, np.ndarray):
+        return plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, slice):
+        return {"start": plain(value.start), "stop": plain(value.stop)}
+    return value
+
+
+def hyperparameters(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments a checkpoint can store, as plain types (``weights_only`` loading).
+
+    Functions (transforms, a callable sampler or weights) and an in-memory ``xr.Dataset``
+    are left out: they are given again when the datamodule is rebuilt.
+    """
+    unsaved = {"transform", "target_transform"}
+    unsaved |= {name for name in ("sampler", "sample_weights") if callable(arguments.get(name))}
+    if isinstance(arguments.get("data"), xr.Dataset):
+        unsaved.add("data")
+    return {name: plain(value) for name, value in arguments.items() if name not in unsaved}
