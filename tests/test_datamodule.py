@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 from torch.utils.data import DistributedSampler
 
+from tests.conftest import cpu_trainer
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.samplers import ArrayBatchSampler, ShardedBatchSampler
 
@@ -198,3 +199,54 @@ def test_collate_shares_memory_with_the_gathered_batch(small_ds):
     X, y = collate_batch(batch)
     assert X.data_ptr() == batch.inputs.ctypes.data
     assert y.data_ptr() == batch.targets.ctypes.data
+
+
+def _mapped_shared_memory() -> int:
+    """Shared-memory mappings of this process (torch's segments, unlinked or not)."""
+    with open("/proc/self/maps") as maps:
+        return sum(1 for line in maps if "/dev/shm" in line or "torch_" in line)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_teardown_gives_back_threads_and_shared_memory(workers):
+    # Out of core the main process decodes in threads (no workers) or maps the workers'
+    # shared-memory rings; once fit ends, both are released.
+    import gc
+    import threading
+    import time
+
+    import lightning.pytorch as pl
+
+    dm = XarrayDataModule(
+        "synthetic://weather",
+        input_vars=["t2m"],
+        input_dims={"time": 1, "lat": 32, "lon": 32},
+        load=False,
+        num_workers=workers,
+        batch_size=16,
+    )
+    dm.setup("fit")
+    gc.collect()
+    threads, maps = set(threading.enumerate()), _mapped_shared_memory()
+
+    class Mean(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return ((x.mean() * self.weight - y.mean()) ** 2).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cpu_trainer(limit_train_batches=10, limit_val_batches=0).fit(Mean(), datamodule=dm)
+    gc.collect()
+    deadline = time.monotonic() + 10  # torch's queue feeder threads end on their own, soon
+    while (left := set(threading.enumerate()) - threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"threads left running after fit: {[thread.name for thread in left]}"
+    assert _mapped_shared_memory() <= maps  # earlier tests' rings may go too
+    X, _ = next(iter(dm.val_dataloader()))  # still usable
+    assert tuple(X.shape) == (16, 1, 1, 32, 32)

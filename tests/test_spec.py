@@ -61,3 +61,13 @@ def test_lead_times_that_are_not_consecutive_get_a_recipe():
     assert "target_offset['time'] must be one integer, got [8, 26]" in message
     assert "target_offset={'time': 8} and target_dims={'time': 19}" in message
     assert "keep positions [0, 18] of y's 'time' axis" in message
+
+
+def test_every_constructor_argument_is_documented_once():
+    # The argument docs live in the datamodule's docstring (LightningCLI's help reads them).
+    parameters = list(inspect.signature(XarrayDataModule.__init__).parameters)[1:]
+    args = (inspect.getdoc(XarrayDataModule) or "").split("Args:")[1].split("Example:")[0]
+    starts = [line[4:] for line in args.splitlines() if line[:4] == " " * 4 and line[4] != " "]
+    documented = [line.split(":")[0] for line in starts]
+    assert sorted(documented) == sorted(parameters)
+    assert len(set(documented)) == len(documented)
