@@ -1,10 +1,9 @@
 """The chunk files of a local zarr store, decoded straight into the reader's blocks.
 
 zarr-python reads a chunk as: the file into new bytes, decompressed into a new buffer, that
-buffer copied into the destination; each buffer a fresh multi-megabyte allocation. In a
-DataLoader worker reading the patch benchmark's 4 MB chunks, those allocations cost a page
-fault per 4 KiB page (570 per chunk) and twice the CPU time of the decompression itself:
-zarr-python decoded 517 MB/s per core where numcodecs' zstd alone decodes 1150 MB/s.
+buffer copied into the destination; each buffer a fresh multi-megabyte allocation, which
+costs a page fault per 4 KiB page when first written: on multi-megabyte chunks more CPU
+time than the decompression itself (figures in ``benchmarks/README.md``).
 
 :class:`ChunkFileDecoder` does what zarr-python does for the common layouts (a regular chunk
 grid, a ``bytes`` codec and at most one zstd or blosc compressor, alone or as the inner

@@ -18,12 +18,10 @@ copied twice. Four decoders:
   others on every benchmark store (see that module).
 * :class:`TensorStoreDecoder` reads the other local zarr stores (codec chains such as
   checksummed chunks, gzip) with TensorStore, whose C++ pipeline decodes straight into the
-  block too. On the global benchmark store (one time step per chunk, 82 channels) it decoded
-  2.2 GB/s with one thread and 3.1 GB/s with two, against 0.6-0.85 GB/s for zarr-python with
-  one thread (whose per-chunk asyncio and thread hand-offs cost more than the
-  decompression). TensorStore cannot be used in a process forked after it ran (its threads
-  do not survive a fork): such a process (a DataLoader worker forked from a main process
-  that read data) reads through zarr-python instead.
+  block too, without zarr-python's per-chunk asyncio and thread hand-offs (which cost more
+  than the decompression of small chunks). TensorStore cannot be used in a process forked
+  after it ran (its threads do not survive a fork): such a process (a DataLoader worker
+  forked from a main process that read data) reads through zarr-python instead.
 
 For all of them, xarray still provides the metadata and labels; the variables' encodings are
 checked so that the values are exactly what xarray would decode (``_FillValue`` and

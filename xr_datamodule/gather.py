@@ -169,9 +169,8 @@ def _take_runs(source: np.ndarray, width: int, starts: np.ndarray, out: np.ndarr
     The runs are rows of an overlapping strided view of the C-contiguous ``source``; torch's
     ``index_select`` copies them into ``out`` (C-contiguous, ``len(starts) * width`` items)
     without a copy of the view. It is the one place torch is used here, as a kernel on numpy
-    memory: on the benchmark's batches it copies ~10 GB/s against ~3 GB/s for numpy's fancy
-    indexing of the same view, and ~20 GB/s into a buffer that is reused (a fresh one pays
-    its page faults).
+    memory: it copies the rows without materialising the index arithmetic numpy's fancy
+    indexing of the same view does (several times faster; ``benchmarks/README.md``).
     """
     flat = torch.from_numpy(source.reshape(-1))  # zero-copy; the source is C-contiguous
     runs = torch.as_strided(flat, (flat.numel() - width + 1, width), (1, 1))
@@ -233,8 +232,7 @@ def gather_windows(
     cut = Cut(np.asarray(channels), (0,) * len(size), tuple(size))
     (out,) = _empty_outputs(len(starts), [cut], block.dtype)
     # One torch thread: these blocks are small (static fields), and a second intra-op thread
-    # spins on the core a background decode needs (two static fields of the global
-    # benchmark's batch: 4.6 ms per batch with two threads beside a prefetch, 0.13 alone).
+    # spins on the core a background decode needs.
     with _intra_op_threads(1):
         _gather_block(np.ascontiguousarray(block), np.asarray(starts, dtype=np.int64), [cut], [out])
     return out

@@ -4,19 +4,18 @@ Where a batch is gathered decides what it costs to hand over.
 
 * **In the main process** (no DataLoader workers) a batch is gathered into a buffer of a
   small pool (:func:`allocate`). A fresh allocation of a large batch pays a page fault per
-  4 KiB page when it is first written: gathering 64 MB batches ran at ~3 GB/s into fresh
-  memory and ~20 GB/s into reused memory here. The buffer goes back to the pool when the
+  4 KiB page when it is first written, several times the cost of the gather itself. The
+  buffer goes back to the pool when the
   last tensor or array viewing it is freed (a finalizer on the lease), never before, so a
   batch kept by the user is never overwritten.
 * **In a DataLoader worker** a batch is gathered straight into a slot of the worker's ring
   of shared-memory slots (allocated once) and the worker returns a :class:`Ticket` (slot
   number and layout, a few dozen bytes). torch's own path allocates a new shared-memory
-  segment per batch and passes its file descriptor over a socket with a handshake: on 1 MB
-  batches two workers that only returned ready tensors delivered ~720 MB/s on a 2-core
-  machine, through a ring 1.4-2.0 GB/s. Unpickling the ticket in the main process, which
-  the DataLoader does as it receives the result, gives tensors that view the slot (no
-  copy); the slot is released when the last of them is freed, and the worker writes a slot
-  only after it was released (a flag per slot in shared memory). When no slot is free the
+  segment per batch and passes its file descriptor over a socket with a handshake, which
+  limits small batches to a fraction of what a ring delivers. Unpickling the ticket in the
+  main process, which the DataLoader does as it receives the result, gives tensors that
+  view the slot (no copy); the slot is released when the last of them is freed, and the
+  worker writes a slot only after it was released (a flag per slot in shared memory). When no slot is free the
   batch takes torch's normal path.
 
 The ring travels once, attached to tickets until the main process confirms it has mapped it.

@@ -256,8 +256,8 @@ def eval_loader(
     """Batches of ``stage``'s split (``val``, ``test`` or ``predict``) in sample order.
 
     Out of core with workers, validation and test deal one contiguous run of batches to
-    each worker, so that each cell is decoded once, not once per worker (2 workers on the
-    benchmark's store: 389 MB/s in order, 615-622 dealt). Prediction (and ``in_order``)
+    each worker, so that each cell is decoded once, not once per worker. Prediction (and
+    ``in_order``)
     stays in order: ``to_xarray`` and prediction writers expect it.
     """
     dataset = pipeline.dataset(stage)

@@ -5,10 +5,8 @@ the source, see :mod:`xr_datamodule.sources`). It runs in one of two ways:
 
 - ``transform_on="sample"`` (default): on each sample's window with its real coordinates
   (e.g. ``ds.isel(time=slice(t, t + 4), lat=..., lon=...)``): one ``isel`` and one call per
-  sample. On the synthetic benchmark (32x32 windows of 2 steps, a wind-speed transform) that
-  cost 2.0 ms per sample, of which 0.9 ms was the function itself (xarray's overhead on a
-  small window), against 0.08 ms per sample without a transform
-  (``benchmarks/transform_cost.py``).
+  sample: xarray's overhead on a small window, paid per sample (measured by
+  ``benchmarks/transform_cost.py``).
 - ``transform_on="batch"``: once per batch, on the batch's windows gathered the vectorised
   way into one Dataset with a leading ``sample`` dim. The windowed dims carry no labels
   there (they differ from sample to sample); ``<dim>_start`` along ``sample`` gives the label
