@@ -15,8 +15,8 @@ Where a batch is gathered decides what it costs to hand over.
   limits small batches to a fraction of what a ring delivers. Unpickling the ticket in the
   main process, which the DataLoader does as it receives the result, gives tensors that
   view the slot (no copy); the slot is released when the last of them is freed, and the
-  worker writes a slot only after it was released (a flag per slot in shared memory). When no slot is free the
-  batch takes torch's normal path.
+  worker writes a slot only after it was released (a flag per slot in shared memory). When
+  no slot is free the batch takes torch's normal path.
 
 The ring travels once, attached to tickets until the main process confirms it has mapped it.
 """
