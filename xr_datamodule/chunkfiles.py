@@ -31,12 +31,11 @@ from typing import Any
 import numpy as np
 
 from xr_datamodule.decode import (
+    ArrayDecoder,
     CfDecoding,
     ChunkError,
     DecodeJob,
-    channel_slices,
     switched_off,
-    variable_view,
 )
 from xr_datamodule.perprocess import thread_pool
 from xr_datamodule.sources import VariableLayout
@@ -257,7 +256,7 @@ def bounded_zstd(raw: memoryview, out: np.ndarray) -> int | str:
     return done
 
 
-class ChunkFileDecoder:
+class ChunkFileDecoder(ArrayDecoder):
     """Decodes cells from the chunk files of a local zarr store (see the module docs).
 
     Args:
@@ -296,12 +295,8 @@ class ChunkFileDecoder:
         threads: int = 1,
     ) -> None:
         self.files = dict(files)
-        self.layouts = list(layouts)
-        self.window_dims = tuple(window_dims)
-        self.variable_dims = dict(variable_dims)
-        self.decodings = dict(decodings)
+        super().__init__(layouts, window_dims, variable_dims, decodings)
         self.threads = max(1, int(threads))
-        self._channels = channel_slices(self.layouts)
         self._local = threading.local()
         self.pool = thread_pool(self.threads)
 
@@ -314,23 +309,16 @@ class ChunkFileDecoder:
 
     def decode(self, jobs: Sequence[DecodeJob]) -> None:
         """Fill every job's block, chunk by chunk (in parallel threads if asked)."""
-        tasks, views = [], []
-        for job in jobs:
-            for layout, channels in zip(self.layouts, self._channels, strict=True):
-                dims = self.variable_dims[layout.name]
-                view = variable_view(job.out, channels, layout, self.window_dims, dims)
-                region = [job.region.get(dim, slice(None)) for dim in dims]
-                tasks += self._chunk_tasks(self.files[layout.name], view, region)
-                views.append((layout.name, view))
+        targets = self.targets(jobs)
+        tasks = []
+        for target in targets:
+            tasks += self._chunk_tasks(self.files[target.name], target.view, target.selection)
         if self.threads > 1 and len(tasks) > 1:
             list(self.pool.get().map(self._decode_chunk, tasks))  # raises a chunk's error
         else:
             for task in tasks:
                 self._decode_chunk(task)
-        for name, view in views:
-            decoding = self.decodings[name]
-            if not decoding.is_identity:
-                decoding.apply(view)
+        self.finish(targets)
 
     @staticmethod
     def _chunk_tasks(files: ChunkFiles, view: np.ndarray, region: Sequence[slice]) -> list:

@@ -39,7 +39,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import xarray as xr
@@ -49,6 +49,7 @@ from xr_datamodule.retries import retrying, worker_place
 from xr_datamodule.sources import VariableLayout, label_range
 
 __all__ = [
+    "ArrayDecoder",
     "CellDecoder",
     "CfDecoding",
     "ChunkError",
@@ -107,6 +108,56 @@ class CellDecoder(Protocol):
 
     def decode(self, jobs: Sequence[DecodeJob]) -> None:
         """Fill every job's block; raise if any read fails (blocks are then undefined)."""
+
+
+class VariableTarget(NamedTuple):
+    """One variable of one job: where its values go and which part of its array they are."""
+
+    name: str
+    view: np.ndarray  # the block's channels of the variable, in the variable's dim order
+    selection: tuple[slice, ...]  # per dim of the variable's array
+
+
+class ArrayDecoder:
+    """What the zarr decoders share: where each variable of a job goes, and its CF decoding.
+
+    Args:
+        layouts: Channel layout of each variable, in channel order.
+        window_dims: Windowed dims, in block axis order.
+        variable_dims: Each variable's own dim order (the array's).
+        decodings: What to do to each variable's raw values (see :func:`zarr_decoding`).
+    """
+
+    def __init__(
+        self,
+        layouts: Sequence[VariableLayout],
+        window_dims: Sequence[str],
+        variable_dims: Mapping[str, tuple[str, ...]],
+        decodings: Mapping[str, CfDecoding],
+    ) -> None:
+        self.layouts = list(layouts)
+        self.window_dims = tuple(window_dims)
+        self.variable_dims = dict(variable_dims)
+        self.decodings = dict(decodings)
+        self._channels = channel_slices(self.layouts)
+
+    def targets(self, jobs: Sequence[DecodeJob]) -> list[VariableTarget]:
+        """Every variable of every job, in order."""
+        targets = []
+        for job in jobs:
+            for layout, channels in zip(self.layouts, self._channels, strict=True):
+                dims = self.variable_dims[layout.name]
+                view = variable_view(job.out, channels, layout, self.window_dims, dims)
+                selection = tuple(job.region.get(dim, slice(None)) for dim in dims)
+                targets.append(VariableTarget(layout.name, view, selection))
+        return targets
+
+    def finish(self, targets: Sequence[VariableTarget]) -> None:
+        """Apply each variable's CF decoding (fill values to NaN, scale and offset) in place."""
+        for target in targets:
+            decoding = self.decodings[target.name]
+            if not decoding.is_identity:
+                decoding.apply(target.view)
 
 
 class XarrayDecoder:
@@ -308,7 +359,7 @@ def zarr_decoding(variable: xr.DataArray, array: Any, out_dtype: np.dtype) -> Cf
     return decoding
 
 
-class ZarrDecoder:
+class ZarrDecoder(ArrayDecoder):
     """Reads cells from zarr arrays with every chunk of every variable in flight at once.
 
     Uses zarr-python 3's asynchronous arrays (``Array.async_array``) on zarr's own event
@@ -332,12 +383,8 @@ class ZarrDecoder:
         variable_dims: Mapping[str, tuple[str, ...]],
         decodings: Mapping[str, CfDecoding],
     ) -> None:
+        super().__init__(layouts, window_dims, variable_dims, decodings)
         self.open_arrays = open_arrays
-        self.layouts = list(layouts)
-        self.window_dims = tuple(window_dims)
-        self.variable_dims = dict(variable_dims)
-        self.decodings = dict(decodings)
-        self._channels = channel_slices(self.layouts)
         self.opened = PerProcess(open_arrays)  # zarr arrays, opened once in each process
 
     def arrays(self) -> Mapping[str, Any]:
@@ -355,24 +402,16 @@ class ZarrDecoder:
 
         arrays = self.arrays()
         prototype = default_buffer_prototype()
-        requests, views = [], []
-        for job in jobs:
-            for layout, channels in zip(self.layouts, self._channels, strict=True):
-                dims = self.variable_dims[layout.name]
-                view = variable_view(job.out, channels, layout, self.window_dims, dims)
-                selection = tuple(job.region.get(dim, slice(None)) for dim in dims)
-                requests.append(
-                    arrays[layout.name].async_array.get_orthogonal_selection(
-                        selection, out=prototype.nd_buffer.from_numpy_array(view)
-                    )
-                )
-                views.append((layout.name, view))
+        targets = self.targets(jobs)
+        requests = [
+            arrays[target.name].async_array.get_orthogonal_selection(
+                target.selection, out=prototype.nd_buffer.from_numpy_array(target.view)
+            )
+            for target in targets
+        ]
         if requests:
             sync(_all(requests))
-        for name, view in views:
-            decoding = self.decodings[name]
-            if not decoding.is_identity:
-                decoding.apply(view)
+        self.finish(targets)
 
 
 async def _all(requests: Sequence[Any]) -> None:
@@ -415,7 +454,7 @@ def tensorstore_available() -> bool:
     return importlib.util.find_spec("tensorstore") is not None
 
 
-class TensorStoreDecoder:
+class TensorStoreDecoder(ArrayDecoder):
     """Reads cells of a local zarr store with TensorStore, straight into the blocks.
 
     Every variable of every requested cell is read at once, each written by TensorStore
@@ -443,14 +482,10 @@ class TensorStoreDecoder:
         threads: int,
         fallback: CellDecoder,
     ) -> None:
+        super().__init__(layouts, window_dims, variable_dims, decodings)
         self.specs = dict(specs)
-        self.layouts = list(layouts)
-        self.window_dims = tuple(window_dims)
-        self.variable_dims = dict(variable_dims)
-        self.decodings = dict(decodings)
         self.threads = max(1, int(threads))
         self.fallback = fallback
-        self._channels = channel_slices(self.layouts)
         self.opened = PerProcess(partial(_open_tensorstore, self.specs, self.threads))
 
     def close(self) -> None:
@@ -466,25 +501,17 @@ class TensorStoreDecoder:
             return
         import tensorstore as ts
 
-        writes, views = [], []
-        for job in jobs:
-            for layout, channels in zip(self.layouts, self._channels, strict=True):
-                dims = self.variable_dims[layout.name]
-                view = variable_view(job.out, channels, layout, self.window_dims, dims)
-                source = arrays[layout.name][
-                    tuple(job.region.get(dim, slice(None)) for dim in dims)
-                ]
-                target = ts.array(view, copy=False, write=True)
-                if source.dtype != target.dtype:
-                    source = ts.cast(source, target.dtype)
-                writes.append(target.write(source))
-                views.append((layout.name, view))
+        targets = self.targets(jobs)
+        writes = []
+        for target in targets:
+            source = arrays[target.name][target.selection]
+            into = ts.array(target.view, copy=False, write=True)
+            if source.dtype != into.dtype:
+                source = ts.cast(source, into.dtype)
+            writes.append(into.write(source))
         for write in writes:
             write.result()
-        for name, view in views:
-            decoding = self.decodings[name]
-            if not decoding.is_identity:
-                decoding.apply(view)
+        self.finish(targets)
 
 
 def _open_tensorstore(specs: Mapping[str, dict[str, Any]], threads: int) -> Any:

@@ -50,6 +50,7 @@ from xr_datamodule.decode import (
     DecodeJob,
     ReadError,
     XarrayDecoder,
+    channel_slices,
     close_decoder,
     decode_with_retries,
     read_error,
@@ -292,12 +293,11 @@ class WindowReader(ABC):
         self.window_dims = tuple(window_dims)
         self.dtype = np.dtype(dtype)
         self.layouts: list[VariableLayout] = channel_layouts(ds, names, window_dims)
-        ends = np.cumsum([layout.n_channels for layout in self.layouts])
+        slices = channel_slices(self.layouts)
         self._channel_slices = {
-            layout.name: slice(int(end - layout.n_channels), int(end))
-            for layout, end in zip(self.layouts, ends, strict=True)
+            layout.name: part for layout, part in zip(self.layouts, slices, strict=True)
         }
-        self.n_data_channels = int(ends[-1])
+        self.n_data_channels = int(slices[-1].stop)
         mask_of = prepare.mask_of
         self.mask_of = None if mask_of is None else np.asarray(mask_of, dtype=np.int64)
         # With a missing-value mask, one more channel follows the data: 1.0 where any of the
