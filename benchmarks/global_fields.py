@@ -124,28 +124,28 @@ class DecodeCounter:
         """Count in this process (patches zarr's zstd codec and our reader, once)."""
         from zarr.codecs.zstd import ZstdCodec
 
-        from xr_datamodule.gather import ChunkedReader
+        from xr_datamodule.arena import CellArena
 
-        if getattr(ChunkedReader, "_counted", False):
+        if getattr(CellArena, "_counted", False):
             return
         chunks, cells = self.chunks, self.cells
         decode_chunk = ZstdCodec._decode_sync
-        make_job = ChunkedReader._job
+        make_job = CellArena._job
 
         def counted_chunk(codec: ZstdCodec, *args: object, **kwargs: object) -> object:
             with chunks.get_lock():
                 chunks.value += 1
             return decode_chunk(codec, *args, **kwargs)
 
-        def counted_cells(reader: ChunkedReader, *args: object, **kwargs: object) -> object:
+        def counted_cells(arena: CellArena, *args: object, **kwargs: object) -> object:
             # One job per cell decoded, whichever thread (read or prefetch) decodes it.
             with cells.get_lock():
                 cells.value += 1
-            return make_job(reader, *args, **kwargs)
+            return make_job(arena, *args, **kwargs)
 
         ZstdCodec._decode_sync = counted_chunk  # type: ignore[method-assign]
-        ChunkedReader._job = counted_cells  # type: ignore[method-assign]
-        ChunkedReader._counted = True  # type: ignore[attr-defined]
+        CellArena._job = counted_cells  # type: ignore[method-assign]
+        CellArena._counted = True  # type: ignore[attr-defined]
 
     def reset(self) -> None:
         for count in (self.chunks, self.cells):

@@ -36,3 +36,21 @@ def test_channel_names_follow_the_transform(small_ds):
     assert names == ["a", "c[level=200]", "c[level=500]", "c[level=850]", "speed"]
     assert len(names) == dm.input_shape[0]
     assert "  X: a, c, speed -> (5, 3, 4, 5)" in str(dm)
+
+
+def test_the_summary_says_how_a_store_is_read_and_where_the_statistics_came_from(zarr_path, caplog):
+    settings = dict(input_vars=["a"], load=False, num_workers=0, **SETTINGS)
+    fast = XarrayDataModule(str(zarr_path), normalize="zscore", **settings)
+    assert "(out of core, by chunk)" in str(fast)  # nothing chosen before setup
+    fast.setup("fit")
+    text = str(fast)
+    assert "(out of core, by chunk, through its zarr chunk files)" in text.splitlines()[0]
+    assert "normalize zscore (statistics computed)" in text
+    selected = XarrayDataModule(
+        str(zarr_path), select={"lat": {"start": 90, "stop": 0}}, **settings
+    )
+    with caplog.at_level("INFO", logger="xr_datamodule.resources"):
+        selected.setup("fit")
+    reason = "a selection's positions are not the store's"
+    assert f"through xarray ({reason})" in str(selected)
+    assert f"reading through xarray: {reason}" in caplog.text

@@ -73,7 +73,7 @@ def _reading(pipeline: DataPipeline) -> str:
     if pipeline.resources.loads_into_memory:
         return "in memory"
     chosen = pipeline.backend_chosen
-    return "out of core (by chunk)" + (f": {chosen.description}" if chosen else "")
+    return "out of core, by chunk" + (f", through {chosen.description}" if chosen else "")
 
 
 def _normalize(pipeline: DataPipeline) -> str:

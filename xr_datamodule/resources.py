@@ -141,7 +141,7 @@ def choose_decoder(spec: DataSpec, layout: SourceLayout, resources: Resources) -
     decoder.opened.put(arrays)  # opened already in this process
     folder = local_zarr_group(spec.data, spec.open_kwargs)
     if folder is None:
-        return Backend(decoder, "zarr-python (remote store)")
+        return Backend(decoder, "zarr-python (a remote store)")
     if spec.nan_policy != "keep":
         _report_absent_chunks(layout.origin, arrays)
     files = {name: chunk_files(arrays[name], os.path.join(folder, name)) for name in names}
@@ -149,7 +149,7 @@ def choose_decoder(spec: DataSpec, layout: SourceLayout, resources: Resources) -
     if all(files.values()):
         return Backend(
             ChunkFileDecoder(files, layouts, layout.window_dims, dims, decodings, threads),
-            "zarr chunk files",
+            "its zarr chunk files",
         )
     plain = [name for name, described in files.items() if described is None]
     why = f"chunk files declined for {plain} (codecs zarr must decode)"
