@@ -9,6 +9,7 @@ import xarray as xr
 from tests.conftest import FORECAST, cpu_trainer
 from xr_datamodule import XarrayDataModule
 from xr_datamodule.models import DemoForecaster
+from xr_datamodule.stitch import BLENDS, DEFAULT_BLEND, window_taper
 
 CONFIG = dict(
     input_vars=["a"],
@@ -41,27 +42,110 @@ def test_true_targets_stitch_back_to_the_source(small_ds):
     assert str(grid.time.values[int(np.argmax(predicted.values))])[:10] == "2020-01-29"
 
 
-def test_overlapping_windows_are_averaged(small_ds):
+@pytest.mark.parametrize("blend", BLENDS)
+def test_overlapping_windows_are_blended_by_their_tapers(small_ds, blend):
     dm = XarrayDataModule(small_ds, **CONFIG)
     n = len(dm.indices["predict"])
     shape = (n, *dm.target_shape)
     predictions = np.broadcast_to(np.arange(n, dtype=float).reshape(-1, 1, 1, 1, 1), shape)
-    grid = dm.to_xarray([predictions[:4], predictions[4:]])
-    # Brute force: every position gets the mean of the sample numbers whose window covers it.
+    grid = dm.to_xarray([predictions[:4], predictions[4:]], blend=blend)
+    # Brute force: every position gets the taper-weighted mean of the sample numbers whose
+    # window covers it (the taper flat along time).
     starts = dm.indices["predict"].starts(np.arange(n)) + np.asarray(dm.geometry.target_offset)
     dims, size = dm.geometry.dims, dm.geometry.target_size
+    taper = window_taper(size, dims, "time", blend)
     lower = np.array([dm.split_bounds["predict"][dim][0] for dim in dims])  # the grid's origin
-    totals, counts = {}, {}
+    totals, weights, counts = {}, {}, {}
     for sample, start in enumerate(starts):
         for offset in np.ndindex(*size):
             key = tuple(int(s + o - lo) for s, o, lo in zip(start, offset, lower, strict=True))
-            totals[key] = totals.get(key, 0.0) + sample
+            totals[key] = totals.get(key, 0.0) + taper[offset] * sample
+            weights[key] = weights.get(key, 0.0) + taper[offset]
             counts[key] = counts.get(key, 0) + 1
     b = grid.b.transpose(*dims).values
     for key, total in totals.items():
-        assert b[key] == pytest.approx(total / counts[key])
+        assert b[key] == pytest.approx(total / weights[key])
     assert max(counts.values()) > 1  # windows really overlap along lat
     assert np.isnan(b).sum() == b.size - len(totals)
+
+
+def test_the_taper_is_highest_in_the_middle_flat_along_time_and_never_zero():
+    for blend in ("cosine", "gaussian"):
+        taper = window_taper((3, 16, 9), ("time", "lat", "lon"), "time", blend)
+        assert (taper > 0).all()
+        np.testing.assert_array_equal(taper[0], taper[2])  # never along time
+        assert taper[0, 8, 4] == taper.max() and taper[0, 0, 0] == taper.min()
+    assert (window_taper((4, 6), ("lat", "lon"), blend="mean") == 1).all()
+    with pytest.raises(ValueError, match="blend must be one of"):
+        window_taper((4,), ("lat",), blend="hann")
+    with pytest.raises(ValueError, match="blend_width must be in"):
+        window_taper((4,), ("lat",), blend="cosine", width=0.8)
+
+
+def patches(blend_field: xr.Dataset) -> XarrayDataModule:
+    """16x16 patches overlapping by half along both spatial dims, one step, over a field."""
+    return XarrayDataModule(
+        blend_field,
+        input_vars=["t"],
+        input_dims={"time": 1, "lat": 16, "lon": 16},
+        input_overlap={"lat": 8, "lon": 8},
+        splits={"predict": 1.0},
+        dtype="float64",
+        batch_size=64,
+    )
+
+
+@pytest.fixture
+def blend_field() -> xr.Dataset:
+    rng = np.random.default_rng(3)
+    lat, lon = np.linspace(-60, 60, 40), np.linspace(0, 357.5, 72)
+    smooth = np.cos(np.radians(lat))[:, None] * np.sin(np.radians(2 * lon))[None, :]
+    values = 280 + 10 * smooth[None] + rng.normal(0, 0.5, (3, 40, 72))
+    return xr.Dataset(
+        {"t": (("time", "lat", "lon"), values)},
+        coords={"time": np.arange(3), "lat": lat, "lon": lon},
+    )
+
+
+@pytest.mark.parametrize("blend", BLENDS)
+@pytest.mark.parametrize("width", [0.1, 0.25, 0.5])
+def test_a_constant_prediction_comes_back_constant(blend_field, blend, width):
+    dm = patches(blend_field)
+    n = len(dm.indices["predict"])
+    constant = np.full((n, *dm.target_shape), 7.25)
+    grid = dm.to_xarray([constant], blend=blend, blend_width=width)
+    covered = grid.t.notnull()
+    assert covered.sum() > 0.9 * grid.t.size
+    np.testing.assert_allclose(grid.t.values[covered.values], 7.25, rtol=0, atol=1e-12)
+
+
+def test_tapering_takes_window_edge_errors_out_of_the_field(blend_field):
+    # A patch model is worst at its edges: each window's prediction is the truth plus an
+    # error that grows toward the window's edges (its sign random per window).
+    dm = patches(blend_field)
+    truth = np.concatenate([y.numpy() for _, y in dm.predict_dataloader()])
+    rng = np.random.default_rng(0)
+    x = (np.arange(16) - 7.5) / 8  # -0.94 .. 0.94 across a window
+    edge = np.maximum(np.abs(x)[:, None], np.abs(x)[None, :]) ** 4  # 0 inside, ~0.8 at edges
+    signs = rng.choice([-1.0, 1.0], size=(len(truth), 1, 1, 1, 1))
+    predicted = truth + 3.0 * signs * edge
+    errors, inside = {}, {}
+    for blend in BLENDS:
+        grid = dm.to_xarray([predicted], blend=blend)
+        error = (grid.t - blend_field.t.sel(time=grid.time)).values
+        errors[blend] = float(np.sqrt(np.nanmean(error**2)))
+        # Away from the domain's border (8 points), where every point has two windows or
+        # more along both dims: the seams between windows.
+        inside[blend] = float(np.sqrt(np.nanmean(error[:, 8:-8, 8:-8] ** 2)))
+    report = "; ".join(
+        f"{blend}: {errors[blend]:.3f} K (between windows {inside[blend]:.3f} K)"
+        for blend in BLENDS
+    )
+    message = f"RMSE of the blended field: {report}"
+    for taper in ("cosine", "gaussian"):
+        assert inside[taper] < 0.5 * inside["mean"], message
+        assert errors[taper] < errors["mean"], message
+    assert min(inside, key=inside.get) == DEFAULT_BLEND, f"the default is not the best: {report}"
 
 
 def test_wrong_predictions_are_refused(small_ds):

@@ -38,6 +38,7 @@ from xr_datamodule.datamodule import XarrayDataModule
 from xr_datamodule.forcings import coordinate_dims
 from xr_datamodule.loaders import eval_loader
 from xr_datamodule.sources import channel_layouts
+from xr_datamodule.stitch import DEFAULT_BLEND, window_taper
 from xr_datamodule.verification import (
     climatology_forecast,
     persistence_forecast,
@@ -440,9 +441,9 @@ class GridPredictionWriter(BasePredictionWriter):
     """Write ``predict``'s output on the original grid: a netCDF file or a zarr store.
 
     The predictions of the whole predict split (the test split when there is none) are put
-    back on the grid with :meth:`XarrayDataModule.to_xarray` (physical units, windows
-    averaged where they overlap, NaN where none landed) and written as the target
-    variables. Runs in a single process (``trainer.predict`` on one device).
+    back on the grid with :meth:`XarrayDataModule.to_xarray` (physical units, overlapping
+    windows blended, NaN where none landed) and written as the target variables. Runs in a
+    single process (``trainer.predict`` on one device).
 
     Args:
         output: A ``.nc`` file or a ``.zarr`` store (replaced if it exists).
@@ -452,6 +453,9 @@ class GridPredictionWriter(BasePredictionWriter):
         layout: ``"auto"`` (default), ``"grid"`` or ``"forecast"``: see
             :meth:`XarrayDataModule.to_xarray` (several target steps are written per init
             and lead time, never averaged together).
+        blend: How overlapping windows are weighted: ``"gaussian"`` (default), ``"cosine"``
+            or ``"mean"`` (see :meth:`XarrayDataModule.to_xarray`).
+        blend_width: The taper's width as a fraction of the window (default per blend).
 
     Example:
         >>> writer = GridPredictionWriter("predictions.nc", plot="prediction.png")
@@ -465,9 +469,12 @@ class GridPredictionWriter(BasePredictionWriter):
         plot: str | os.PathLike | None = None,
         variable: str | None = None,
         layout: str = "auto",
+        blend: str = DEFAULT_BLEND,
+        blend_width: float | None = None,
     ) -> None:
         super().__init__(write_interval="epoch")
-        self.layout = layout
+        window_taper((4,), ("x",), blend=blend, width=blend_width)  # refuse a bad choice now
+        self.layout, self.blend, self.blend_width = layout, blend, blend_width
         self.output = Path(output)
         if self.output.suffix not in (".nc", ".zarr"):
             raise ValueError(
@@ -492,7 +499,7 @@ class GridPredictionWriter(BasePredictionWriter):
             )
         if predictions and isinstance(predictions[0], list):  # one list per dataloader
             predictions = predictions[0]
-        grid = dm.to_xarray(list(predictions), layout=self.layout)
+        grid = dm.to_xarray(list(predictions), "predict", self.layout, self.blend, self.blend_width)
         self.output.parent.mkdir(parents=True, exist_ok=True)
         if self.output.suffix == ".zarr":
             grid.to_zarr(self.output, mode="w")

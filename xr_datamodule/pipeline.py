@@ -42,7 +42,13 @@ from xr_datamodule.reading import extra_channels, read_by_cell, read_in_memory
 from xr_datamodule.resources import Backend, Resources, choose_decoder, choose_resources
 from xr_datamodule.sampling import Sampling
 from xr_datamodule.spec import DataSpec
-from xr_datamodule.stitch import is_forecast_layout, masked_like, put_back, truth_at
+from xr_datamodule.stitch import (
+    DEFAULT_BLEND,
+    is_forecast_layout,
+    masked_like,
+    put_back,
+    truth_at,
+)
 from xr_datamodule.windows import WindowGeometry
 
 __all__ = ["DataPipeline", "training_order"]
@@ -267,21 +273,37 @@ class DataPipeline:
         return x, self.scale(targets, self.layout.target_order)
 
     def to_xarray(
-        self, predictions: Sequence[Any], split: str = "predict", layout: str = "auto"
+        self,
+        predictions: Sequence[Any],
+        split: str = "predict",
+        layout: str = "auto",
+        blend: str = DEFAULT_BLEND,
+        blend_width: float | None = None,
     ) -> xr.Dataset:
         """Predictions of every sample of ``split`` in order, in physical units.
 
-        On the grid (windows averaged where they overlap) or, with several target steps after
-        the last input step or ``layout="forecast"``, per init and lead time (see
-        :mod:`xr_datamodule.stitch`). NaN where the target itself was missing, under
-        ``nan_policy`` ``"fill"`` or ``"keep"``, and outside ``mask``.
+        On the grid (overlapping windows blended, see :mod:`xr_datamodule.stitch`) or, with
+        several target steps after the last input step or ``layout="forecast"``, per init and
+        lead time. NaN where the target itself was missing, under ``nan_policy`` ``"fill"``
+        or ``"keep"``, and outside ``mask``.
         """
         index, source = self.plan.index(split), self.layout.source
         order, time_dim = self.layout.target_order, self.layout.time_dim
         forecast = is_forecast_layout(layout, self.geometry, time_dim)
         physical = [self.scale(part, order, inverse=True) for part in predictions]
         bounds = self.plan.split_bounds[self.plan.split_for(split)]
-        out = put_back(physical, index, self.geometry, source, order, bounds, time_dim, forecast)
+        out = put_back(
+            physical,
+            index,
+            self.geometry,
+            source,
+            order,
+            bounds,
+            time_dim,
+            forecast,
+            blend,
+            blend_width,
+        )
         valid = None if self.static_mask is None else self.static_mask.field
         truth = self.spec.nan_policy in ("fill", "keep")  # only then can targets be missing
         return masked_like(out, source, time_dim, truth, valid)

@@ -21,6 +21,7 @@ from xr_datamodule.normalize import Statistics
 from xr_datamodule.order import TrainingOrder
 from xr_datamodule.pipeline import DataPipeline
 from xr_datamodule.spec import DataSpec
+from xr_datamodule.stitch import DEFAULT_BLEND
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
 __all__ = ["DataViews"]
@@ -223,7 +224,12 @@ class DataViews:
         return self.pipeline.scale(values, names or self.pipeline.layout.target_order, inverse=True)
 
     def to_xarray(
-        self, predictions: Sequence[Any], split: str = "predict", layout: str = "auto"
+        self,
+        predictions: Sequence[Any],
+        split: str = "predict",
+        layout: str = "auto",
+        blend: str = DEFAULT_BLEND,
+        blend_width: float | None = None,
     ) -> xr.Dataset:
         """Put what ``trainer.predict`` returned back on the grid, as the target variables.
 
@@ -234,16 +240,23 @@ class DataViews:
 
         Layouts (``layout``):
 
-        - ``"grid"``: on the source grid, windows averaged where they overlap, NaN where
-          none landed; the default for one target step along time.
+        - ``"grid"``: on the source grid, overlapping windows blended, NaN where none
+          landed; the default for one target step along time.
         - ``"forecast"``: the layout of forecast verification (WeatherBench 2), the default
           for several target steps along time: dims ``time`` (the init time: the label of
           the last input step) and ``prediction_timedelta`` (lead times from it), a 2-D
-          ``valid_time`` coordinate; windows averaged in space at one init time, leads
+          ``valid_time`` coordinate; windows blended in space at one init time, leads
           never. ``"auto"`` picks it when the target window has several steps after the
           last input step (a target that overlaps the inputs stays on the grid). Verify
           per lead with xarray alone:
           ``truth = dm.source[v].sel(time=forecast.valid_time)`` (the source's time dim).
+
+        Where windows overlap (``blend``): ``"gaussian"`` (default) weighs each window by a
+        Gaussian over it (sigma ``blend_width`` x the window, 0.125 by default), so that a
+        point comes mostly from the window in which it sits deepest (a model's edges are its
+        least reliable outputs); ``"cosine"``: flat in the middle, raised-cosine ramps over
+        ``blend_width`` (0.25) of the window at each edge; ``"mean"``: equal weights. Never
+        along time; a point covered by one window keeps its value.
 
         Example:
             >>> from xr_datamodule import XarrayDataModule
@@ -252,10 +265,10 @@ class DataViews:
             ...                       input_overlap={"lon": 16})
             >>> truth = [y for _, y in dm.predict_dataloader()]
             >>> grid = dm.to_xarray(truth)
-            >>> bool((grid.t2m == dm.source.t2m.sel(time=grid.time)).all())
+            >>> bool(np.allclose(grid.t2m, dm.source.t2m.sel(time=grid.time)))
             True
         """
-        return self.pipeline.to_xarray(predictions, split, layout)
+        return self.pipeline.to_xarray(predictions, split, layout, blend, blend_width)
 
     def train_batches(self, epoch: int = 0) -> list[np.ndarray]:
         """Sample numbers of every training batch of a data epoch on this rank, in order.
