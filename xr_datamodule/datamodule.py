@@ -380,7 +380,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         """
         self.pipeline.close()
         release_memory()
-        self.pipeline.layout.source.close()  # file handles; xarray reopens them on use
+        self.pipeline.close_source()
 
     def _iterable_epoch(self) -> int:
         """The epoch of the next iterable pass: the trainer's, or one more than the last."""

@@ -356,3 +356,9 @@ class DataPipeline:
         """Stop the reader's threads and free its cache; the stages stay (cheap to reuse)."""
         if self._reader is not None:
             self._reader.close()
+
+    def close_source(self) -> None:
+        """Close the source's file handles, if it was opened (xarray reopens them on use)."""
+        layout = self.__dict__.get("layout")  # a teardown after a failed setup opens nothing
+        if layout is not None:
+            layout.source.close()
