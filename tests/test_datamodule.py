@@ -250,3 +250,21 @@ def test_teardown_gives_back_threads_and_shared_memory(workers):
     assert _mapped_shared_memory() <= maps  # earlier tests' rings may go too
     X, _ = next(iter(dm.val_dataloader()))  # still usable
     assert tuple(X.shape) == (16, 1, 1, 32, 32)
+
+
+def test_one_selected_level_stays_a_named_channel(small_ds):
+    dm = XarrayDataModule(
+        small_ds,
+        input_vars=["c"],
+        input_dims={"time": 2, "lat": 4, "lon": 5},
+        select={"level": 500, "lat": slice(55, 35)},
+    )
+    assert dm.input_channel_names == ["c[level=500]"]
+    X, _ = next(iter(dm.val_dataloader()))
+    starts = dm.indices["val"].starts([0])[0]
+    region = small_ds.c.sel(level=500, lat=slice(55, 35)).transpose(*dm.window_dims)
+    sizes = {"time": 2, "lat": 4, "lon": 5}
+    window = region.isel(
+        {dim: slice(s, s + sizes[dim]) for dim, s in zip(dm.window_dims, starts, strict=True)}
+    )
+    np.testing.assert_allclose(X[0, 0].numpy(), window.values, rtol=1e-6)

@@ -209,7 +209,8 @@ def test_only_static_variables(small_ds):
         (dict(forcings="insolation"), TypeError, r"forcings must be a list of forcing names"),
         (dict(select={"level": [200, 925]}), KeyError, r"select\['level'\]: \[925\] not in"),
         (dict(select={"height": [1]}), KeyError, r"select: dim 'height' is not in the data"),
-        (dict(select={"level": 200}), TypeError, r"select\['level'\] must be a non-empty list"),
+        (dict(select={"level": []}), TypeError, r"select\['level'\] must be a label, a non-empty"),
+        (dict(select={"lat": slice(0, 10, 2)}), ValueError, r"select\['lat'\]: a range takes no"),
     ],
 )
 def test_bad_forcings_and_selections(small_ds, settings, error, message):

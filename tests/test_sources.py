@@ -81,3 +81,21 @@ def test_an_untrusted_store_with_a_link_outside_is_refused(tmp_path):
     os.symlink(tmp_path / "secret", store / "zarr.json")
     with pytest.raises(PermissionError, match=r"zarr.json. links to .*secret., outside the store"):
         check_store_tree(str(store))
+
+
+@pytest.mark.parametrize(
+    "select, expected",
+    [
+        ({"level": 850}, {"level": [850]}),  # one label: the dim stays, as size 1
+        ({"level": [850, 500]}, {"level": [850, 500]}),
+        ({"lat": slice(35, 15)}, {"lat": slice(35, 15)}),  # descending, as .sel takes it
+        ({"lat": {"start": 35, "stop": 15}}, {"lat": slice(35, 15)}),  # the YAML form
+    ],
+)
+def test_select_takes_what_sel_takes(levels, select, expected):
+    from xr_datamodule.spec import DataSpec
+
+    spec = DataSpec(levels, input_vars=["u"], input_dims={"time": 1}, select=select)
+    xr.testing.assert_identical(select_labels(levels, spec.select), levels.sel(expected))
+    with pytest.raises(ValueError, match="takes no step"):
+        DataSpec(levels, input_vars=["u"], input_dims={"time": 1}, select={"lat": slice(0, 9, 2)})

@@ -128,9 +128,10 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             never normalised. A static field (a variable without the time dim, e.g.
             ``lsm(lat, lon)``) needs no option: it is broadcast along time (channel order:
             :mod:`xr_datamodule.channels`).
-        select: Labels to keep before windowing, per dim: ``{"level": [500, 850, 1000]}``
-            or a range ``{"time": {"start": "2000", "stop": "2019"}}`` (inclusive, as
-            ``.sel``). Lazy; a selected store is read through xarray.
+        select: What ``Dataset.sel`` takes, per dim, applied before windowing: a label
+            (``{"level": 500}``: the dim stays, as size 1), a list, a ``slice`` (descending
+            for a descending coordinate) or ``{"start": ..., "stop": ...}`` (YAML).
+            Inclusive, lazy; a selected store is read through xarray.
         batch_format: ``"tuple"`` (default): batches are ``(X, y)``. ``"dict"``: ``{"x": X,
             "y": y, "sample": ..., "input_time": ..., "target_time": ..., ...}``: the sample
             numbers and, per windowed dim, the labels of every input and target window

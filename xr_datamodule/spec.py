@@ -115,7 +115,12 @@ def _forcing_names(forcings: Any) -> list[str]:
 
 
 def _selection(select: Any) -> dict[str, Any]:
-    """``{dim: [labels]}`` or ``{dim: {"start": a, "stop": b}}`` (inclusive, as ``.sel``)."""
+    """What ``Dataset.sel`` takes, per dim: a label, a list of labels, or a range.
+
+    A range is a ``slice`` (Python) or ``{"start": a, "stop": b}`` (YAML), inclusive as in
+    ``.sel``, descending for a descending coordinate; a single label keeps its dim, as size 1
+    (``{"level": 500}`` is ``{"level": [500]}``), so channel names still say ``level=500``.
+    """
     if select is None:
         return {}
     if not isinstance(select, Mapping):
@@ -129,12 +134,23 @@ def _selection(select: Any) -> dict[str, Any]:
                     f"select[{dim!r}]: a range has the keys 'start' and 'stop', "
                     f"got {sorted(unknown)}"
                 )
-            out[str(dim)] = slice(labels.get("start"), labels.get("stop"))
-        elif isinstance(labels, (list, tuple)) and labels:
+            labels = slice(labels.get("start"), labels.get("stop"))
+        if isinstance(labels, slice):
+            if labels.step is not None:
+                raise ValueError(
+                    f"select[{dim!r}]: a range takes no step, got {labels!r}; select every "
+                    "k-th label with a list, or window with a stride instead"
+                )
+            out[str(dim)] = labels
+        elif isinstance(labels, (list, tuple, np.ndarray)) and len(labels):
             out[str(dim)] = list(labels)
+        elif isinstance(labels, (str, int, float, np.generic, np.datetime64)) and not isinstance(
+            labels, bool
+        ):
+            out[str(dim)] = [labels]  # one label: the dim stays, as size 1
         else:
             raise TypeError(
-                f"select[{dim!r}] must be a non-empty list of labels or "
+                f"select[{dim!r}] must be a label, a non-empty list of labels, a slice or "
                 f"{{'start': ..., 'stop': ...}}, got {labels!r}"
             )
     return out
