@@ -10,7 +10,8 @@ window of the first split (:func:`channels_of`).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 import xarray as xr
@@ -27,7 +28,10 @@ from xr_datamodule.transforms import (
 )
 from xr_datamodule.windows import WindowGeometry
 
-__all__ = ["Channels", "channels_of"]
+if TYPE_CHECKING:
+    from xr_datamodule.families import FamilyStages
+
+__all__ = ["Channels", "channels_of", "with_families"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class Channels:
         target_variables: Likewise for ``y``.
         input_names: Readable name of each channel of ``X``, e.g. ``u[level=200]``.
         target_names: Likewise for ``y``.
+        grids: Inputs on other grids (dict batches' ``x_<family>``): shape and channel names.
+        broadcast: Channels of ``X`` that are series repeated over the window (before the
+            ``nan_mask``).
     """
 
     input_shape: tuple[int, ...]
@@ -50,6 +57,8 @@ class Channels:
     target_variables: list[str]
     input_names: list[str]
     target_names: list[str]
+    grids: dict[str, tuple[tuple[int, ...], list[str]]] = field(default_factory=dict)
+    broadcast: int = 0
 
 
 def channels_of(
@@ -103,3 +112,40 @@ def _run_first(
         {dim: slice(int(s), int(s) + n) for dim, s, n in zip(dims, first, size, strict=True)}
     )
     return transform(window)
+
+
+def with_families(
+    channels: Channels, families: Sequence[FamilyStages], nan_mask: bool, series_as: str
+) -> Channels:
+    """The channels with other grids' variables: ``y`` on its grid, inputs apart or in ``X``.
+
+    A series with ``series_as="channels"`` joins ``X``'s channels before the ``nan_mask``;
+    other inputs on other grids are ``x_<family>`` (``grids``); targets on another grid are
+    ``y``, shaped like that grid's window.
+    """
+    out = channels
+    for stages in families:
+        family, geometry = stages.family, stages.geometry
+        if family.input_vars:
+            names = stages.channel_names(family.input_vars)
+            if family.is_series and series_as == "channels":
+                end = len(out.input_names) - nan_mask
+                out = replace(
+                    out,
+                    input_shape=(out.input_shape[0] + len(names), *out.input_shape[1:]),
+                    input_variables=out.input_variables + family.input_vars,
+                    input_names=out.input_names[:end] + names + out.input_names[end:],
+                    broadcast=out.broadcast + len(names),
+                )
+            else:
+                shape = (len(names), *geometry.input_size)
+                out = replace(out, grids={**out.grids, f"x_{family.name}": (shape, names)})
+        if family.target_vars:
+            names = stages.channel_names(family.target_vars)
+            out = replace(
+                out,
+                target_shape=(len(names), *geometry.target_size),
+                target_variables=list(family.target_vars),
+                target_names=names,
+            )
+    return out

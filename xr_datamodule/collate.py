@@ -22,18 +22,18 @@ __all__ = ["DEFAULT_RING_SLOTS", "collate_batch"]
 class _WithMeta:
     """A worker's ticket and the batch's (small) metadata, unpickled as one dict."""
 
-    def __init__(self, ticket: handoff.Ticket, meta: dict[str, Any]) -> None:
-        self.ticket, self.meta = ticket, meta
+    def __init__(self, ticket: handoff.Ticket, meta: dict[str, Any], names: list[str]) -> None:
+        self.ticket, self.meta, self.names = ticket, meta, names
 
     def __reduce__(self) -> tuple[Any, tuple]:
-        return _as_dict, (self.ticket, self.meta)
+        return _as_dict, (self.ticket, self.meta, self.names)
 
 
-def _as_dict(tensors: tuple[torch.Tensor, ...], meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    inputs, targets, *mask = tensors
-    out = {"x": inputs, "y": targets}
-    if mask:
-        out["target_mask"] = mask[0]
+def _as_dict(
+    tensors: tuple[torch.Tensor, ...], meta: dict[str, Any], names: list[str]
+) -> dict[str, torch.Tensor]:
+    """``x``, ``y``, ``target_mask``, the other grids' inputs (``names``) and the metadata."""
+    out = dict(zip(names, tensors, strict=True))
     return {**out, **{k: torch.from_numpy(v) for k, v in meta.items()}}
 
 
@@ -42,7 +42,8 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
 
     A batch with metadata (``batch_format="dict"``) becomes a dict: ``x``, ``y``,
     ``target_mask`` (bool like ``y``, False where a target value was missing) and the
-    metadata (``sample``, ``input_<dim>``, ``target_<dim>``) as tensors.
+    metadata (``sample``, ``input_<dim>``, ``target_<dim>``) as tensors; inputs on other
+    grids than ``x``'s under their own keys (``x_<family>``, see :mod:`~xr_datamodule.grids`).
 
     Use it as ``collate_fn`` of a DataLoader over an
     :class:`~xr_datamodule.datasets.XarrayWindowDataset`; device placement is left to
@@ -62,12 +63,16 @@ def collate_batch(batch: Batch, ring_slots: int = DEFAULT_RING_SLOTS) -> Any:
         >>> tuple(X.shape), X.dtype
         ((2, 1, 3), torch.float32)
     """
-    arrays = [batch.inputs, batch.targets]
+    arrays, names = [batch.inputs, batch.targets], ["x", "y"]
     if batch.meta is not None and batch.target_mask is not None:
         arrays.append(batch.target_mask)
+        names.append("target_mask")
+    if batch.meta is not None and batch.grids:
+        arrays += batch.grids.values()
+        names += batch.grids
     if get_worker_info() is not None:
         ticket = handoff.send(arrays, ring_slots)
         if ticket is not None:
-            return ticket if batch.meta is None else _WithMeta(ticket, batch.meta)
+            return ticket if batch.meta is None else _WithMeta(ticket, batch.meta, names)
     tensors = tuple(torch.from_numpy(array) for array in arrays)
-    return tensors if batch.meta is None else _as_dict(tensors, batch.meta)
+    return tensors if batch.meta is None else _as_dict(tensors, batch.meta, names)

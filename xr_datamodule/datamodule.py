@@ -84,12 +84,9 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             the vectorised path: one ``isel`` and one call per sample. Not saved in
             hyperparameters.
         target_transform: Likewise for the target window.
-        transform_on: ``"sample"`` (default): the transforms run on each sample's window, with
-            its real coordinates. ``"batch"``: once per batch, on all its windows (gathered
-            the vectorised way) as one Dataset with a leading ``sample`` dim, the window
-            dims unlabelled and ``<dim>_start`` giving each window's first label; for
-            element-wise transforms, about 1/batch of the cost (see
-            :mod:`xr_datamodule.transforms`).
+        transform_on: ``"sample"`` (default): the transforms run on each sample's window.
+            ``"batch"``: once per batch, on all its windows as one Dataset with a leading
+            ``sample`` dim, about 1/batch of the cost (:mod:`xr_datamodule.transforms`).
         open_kwargs: Keyword arguments for the xarray opener (``engine``, ``chunks``,
             ``storage_options``, ...).
         normalize: ``"zscore"`` normalises each channel with the mean and standard deviation
@@ -155,10 +152,9 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         samples_per_epoch: An epoch is this many samples: consecutive epochs take
             consecutive stretches of passes over the index, so no sample repeats until
             every one has come (then a new shuffle); chunk-aware out of core.
-        random_offsets: Training windows start at random positions each epoch (not only
-            on the stride grid): within one stride of their grid start, never past the
-            split's end, reproducible from ``(seed, epoch)``; validation and test stay on
-            the grid. Out of core a moved window may reach one more cell.
+        random_offsets: Training windows start at random positions each epoch, within one
+            stride of their grid start, never past the split's end, reproducible from
+            ``(seed, epoch)``; validation and test stay on the grid.
         gaps: Irregular steps along a windowed dim (a missing day, an outage), found in
             ``setup`` from the labels (see :mod:`xr_datamodule.timeaxis`; a time axis that
             repeats a step or runs backwards is always an error). ``"drop"`` (default):
@@ -173,8 +169,12 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             batches' ``target_mask`` is False elsewhere, :meth:`to_xarray` writes NaN there
             and the verification skips those points.
         strict_store: For a local store of untrusted origin: refuse it in ``setup`` when it
-            holds a symlink leading outside it or an entry that is not a regular file (a
-            FIFO). By default links are followed wherever they point, as zarr does.
+            holds a symlink leading outside it or an entry that is not a regular file.
+        align_dims: Variables on other grids (downscaling targets, bands at other
+            resolutions; see :mod:`xr_datamodule.grids`): which windowed dim each of their
+            dims follows, e.g. ``{"lat_hr": "lat"}``; default: found from the coordinates.
+        series_as: A variable with only the time dim (``co2(time)``): ``"vector"`` (default;
+            dict batches' ``x_series``) or ``"channels"`` of ``X``, repeated over the window.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -236,6 +236,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         time_step: str | float | dict[str, Any] | None = None,
         mask: str | None = None,
         strict_store: bool = False,
+        align_dims: dict[str, str] | None = None,
+        series_as: str = "vector",
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xr_datamodule import handoff
 from xr_datamodule.extras import ExtraChannels
+from xr_datamodule.familyread import GridRead
 from xr_datamodule.gather import Cut, WindowReader
 from xr_datamodule.missing import (
     MISSING_ADVICE,
@@ -57,26 +58,29 @@ class Batch(NamedTuple):
     targets: np.ndarray
     meta: dict[str, np.ndarray] | None = None
     target_mask: np.ndarray | None = None  # bool like targets: True where the value was there
+    grids: dict[str, np.ndarray] | None = None  # inputs on other grids, by name (dict batches)
 
 
-def _with_room(channels: np.ndarray, extras: ExtraChannels | None, masked: bool) -> np.ndarray:
+def _with_room(channels: np.ndarray, extras: int, masked: bool) -> np.ndarray:
     """A cut's channels with a stand-in for each extra channel, before the mask if any.
 
     The stand-in (the cut's first channel) is read like any other and then overwritten by
     :func:`_fill_extras`: gathering the batch straight into its final layout costs those
     channels' copy instead of a second copy of the whole batch.
     """
-    if extras is None:
+    if not extras:
         return channels
     channels = np.asarray(channels, dtype=np.int64)
     data = len(channels) - masked
-    stand_in = np.full(extras.n_channels, channels[0], dtype=np.int64)  # setup refuses no channels
+    stand_in = np.full(extras, channels[0], dtype=np.int64)  # setup refuses no channels
     return np.concatenate([channels[:data], stand_in, channels[data:]])
 
 
-def _fill_extras(out: np.ndarray, extras: ExtraChannels, starts: np.ndarray, masked: bool) -> None:
-    """Write the extra channels into their place in ``out`` (before the mask, if any)."""
-    end = out.shape[1] - masked
+def _fill_extras(
+    out: np.ndarray, extras: ExtraChannels, starts: np.ndarray, masked: bool, after: int = 0
+) -> None:
+    """Write the extra channels into their place in ``out`` (before ``after`` more, the mask)."""
+    end = out.shape[1] - masked - after
     extras.fill(out[:, end - extras.n_channels : end], starts)
 
 
@@ -117,6 +121,9 @@ class XarrayWindowDataset(Dataset):
             the target mask then looks for them; otherwise it is all True unless the reader
             keeps the targets' missing-value masks (``nan_policy="fill"``).
         valid: Where targets count at all (the ``mask`` option), or None.
+        grids: Windows of other grids' variables (:mod:`~xr_datamodule.familyread`): the
+            targets (key ``"y"``), inputs of their own (``"x_<family>"``), or series
+            broadcast into ``X``'s channels after the extra ones.
     """
 
     def __init__(
@@ -136,6 +143,7 @@ class XarrayWindowDataset(Dataset):
         offsets: RandomOffsets | None = None,
         targets_may_hold_nan: bool = True,
         valid: StaticMask | None = None,
+        grids: Sequence[GridRead] = (),
     ) -> None:
         self.reader = reader
         self.targets_may_hold_nan = targets_may_hold_nan
@@ -148,7 +156,13 @@ class XarrayWindowDataset(Dataset):
         self.input_channels = reader.channels_of(self.input_vars)
         if reader.mask_channel is not None:  # the missing-value mask is the last input channel
             self.input_channels = np.append(self.input_channels, reader.mask_channel)
-        self.target_channels = reader.channels_of(self.target_vars)
+        self.target_channels = (
+            reader.channels_of(self.target_vars) if self.target_vars else np.zeros(0, np.int64)
+        )
+        self.grid_targets = next((g for g in grids if g.key == "y"), None)
+        self.grid_inputs = [g for g in grids if g.key != "y" and g.into is None]
+        self.broadcasts = [g for g in grids if g.into is not None]
+        self._n_broadcast = sum(g.n_channels for g in self.broadcasts)
         self.transform = transform
         self.target_transform = target_transform
         self.ring_slots = int(ring_slots)
@@ -191,19 +205,31 @@ class XarrayWindowDataset(Dataset):
         # go, which they then overwrite (no second copy of the batch). A transform cannot be
         # combined with them (the spec refuses it), so the reader's cut is the output.
         masked = self.reader.mask_channel is not None
+        n_extra = (self.input_extras.n_channels if self.input_extras else 0) + self._n_broadcast
+        target_here = self.grid_targets is None
         cuts = []
         if self.transform is None or batched:  # the raw input variables, for the transform
             channels = self.input_channels if self.transform is None else self._raw_inputs
-            channels = _with_room(channels, self.input_extras, masked)
-            cuts.append(Cut(channels, geometry.reach_below, geometry.input_size))
-        if self.target_transform is None or batched:
-            channels = _with_room(self.target_channels, self.target_extras, False)
+            cuts.append(Cut(_with_room(channels, n_extra, masked), *self._input_cut))
+        if target_here and (self.target_transform is None or batched):
+            target_extras = self.target_extras.n_channels if self.target_extras else 0
+            channels = _with_room(self.target_channels, target_extras, False)
             cuts.append(Cut(channels, self._target_at, geometry.target_size))
-        shapes = [(len(starts), len(cut.channels), *cut.size) for cut in cuts]
-        mask_shape = (len(starts), self.n_target_channels, *geometry.target_size)
+        batch = len(starts)
+        shapes = [(batch, len(cut.channels), *cut.size) for cut in cuts]
+        own = [self.grid_targets] if self.grid_targets else []
+        own += self.grid_inputs
+        shapes += [read.shape(batch) for read in own]
         with_mask = self.labels is not None
-        outs = self._outputs(shapes, mask_shape if with_mask else None)
+        target_shape = (
+            (batch, self.n_target_channels, *geometry.target_size)
+            if target_here
+            else self.grid_targets.shape(batch)  # type: ignore[union-attr]
+        )
+        outs = self._outputs(shapes, target_shape if with_mask else None)
         target_mask = outs.pop() if with_mask else None
+        own_outs = outs[len(cuts) :]
+        del outs[len(cuts) :]
         gathered = iter(
             self.reader.gather(
                 starts - self._reach_below, geometry.extent, cuts, outs, upcoming=ahead
@@ -212,7 +238,13 @@ class XarrayWindowDataset(Dataset):
             else []
         )
         inputs = next(gathered) if self.transform is None or batched else None
-        targets = next(gathered) if self.target_transform is None or batched else None
+        targets = None
+        if target_here and (self.target_transform is None or batched):
+            targets = next(gathered)
+        for read, out in zip(own, own_outs, strict=True):
+            read.read(starts, None if upcoming is None else ahead + self._reach_below, out)
+        if not target_here:
+            targets = own_outs[0]
         if self.transform is not None:
             inputs = self._transformed(
                 starts, self.input_vars, geometry.input_size, self.transform, inputs
@@ -227,7 +259,8 @@ class XarrayWindowDataset(Dataset):
             )
         assert inputs is not None and targets is not None
         if self.input_extras is not None:
-            _fill_extras(inputs, self.input_extras, starts, masked)
+            _fill_extras(inputs, self.input_extras, starts, masked, self._n_broadcast)
+        self._broadcast(inputs, starts, masked)
         if self.target_extras is not None:
             _fill_extras(targets, self.target_extras, starts + self._target_offset, False)
         meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
@@ -235,7 +268,21 @@ class XarrayWindowDataset(Dataset):
             self._mark_present(target_mask, targets, starts)
             if self.valid is not None:
                 target_mask &= self.valid.window(starts + self._target_offset, geometry.target_size)
-        return Batch(inputs, targets, meta, target_mask)
+        named = {read.key: out for read, out in zip(own, own_outs, strict=True) if read.key != "y"}
+        return Batch(inputs, targets, meta, target_mask, named or None)
+
+    @property
+    def _input_cut(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.geometry.reach_below, self.geometry.input_size
+
+    def _broadcast(self, inputs: np.ndarray, starts: np.ndarray, masked: bool) -> None:
+        """Read the series that ``X`` holds as channels and repeat them over the window."""
+        first = inputs.shape[1] - masked - self._n_broadcast
+        for read in self.broadcasts:
+            values = np.empty(read.shape(len(starts)), dtype=inputs.dtype)
+            read.read(starts, None, values)
+            read.broadcast(values, inputs[:, first : first + read.n_channels])
+            first += read.n_channels
 
     def _mark_present(
         self,
@@ -254,6 +301,8 @@ class XarrayWindowDataset(Dataset):
         """
         reader, geometry = self.reader, self.geometry
         missing = reader.missing_channels(self.target_channels)
+        if self.grid_targets is not None:
+            missing = None  # read by the family's reader, which keeps no masks
         if self.target_transform is None and missing is not None:
             if not reader.missing_seen:
                 mask[...] = True
@@ -291,6 +340,8 @@ class XarrayWindowDataset(Dataset):
             ):
                 positions = starts[:, axis, None] + offset + np.arange(size)
                 meta[f"{side}_{dim}"] = labels[positions]
+        for read in ([self.grid_targets] if self.grid_targets else []) + self.grid_inputs:
+            meta.update(read.meta(starts))  # the labels along the other grids' own dims
         return meta
 
     def _outputs(
@@ -319,6 +370,8 @@ class XarrayWindowDataset(Dataset):
     @property
     def n_target_channels(self) -> int:
         """Channels of ``y`` (a target transform's own, found on first use)."""
+        if self.grid_targets is not None:
+            return self.grid_targets.n_channels
         if self.target_transform is None:
             extras = 0 if self.target_extras is None else self.target_extras.n_channels
             return len(self.target_channels) + extras

@@ -18,7 +18,7 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
 
     Opens the source lazily (nothing is loaded).
     """
-    spec, geometry, plan = pipeline.spec, pipeline.geometry, pipeline.plan
+    spec, geometry, plan = pipeline.given, pipeline.geometry, pipeline.plan
     source, channels = pipeline.layout.source, pipeline.channels
     splits = {}
     for name, bounds in plan.split_bounds.items():
@@ -59,6 +59,7 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
             for dim, axis in plan.axes.items()
             if axis.unit in ("ns", "months")
         ),
+        "grids": _grids(pipeline),
         "splits": splits,
         "loader": (
             f"batch {spec.batch_size}, workers {pipeline.resources.num_workers}, style "
@@ -66,6 +67,28 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
             f"{spec.nan_policy}"
         ),
     }
+
+
+def _grids(pipeline: DataPipeline) -> list[str]:
+    """One line per other grid: its variables, where they go, its window and how it follows."""
+    lines = []
+    for stages in pipeline.families:
+        family, geometry = stages.family, stages.geometry
+        ratios = ", ".join(
+            f"{a.dim} x{a.num}/{a.den} of {a.follows}" if a.den > 1 else f"{a.dim} x{a.num}"
+            for a in family.alignments
+            if a.dim != a.follows
+        )
+        sides = [("x_" + family.name, family.input_vars, geometry.input_size)]
+        if family.is_series and pipeline.given.series_as == "channels":
+            sides = [("X channels", family.input_vars, geometry.input_size)]
+        sides.append(("y", family.target_vars, geometry.target_size))
+        for key, names, size in sides:
+            if names:
+                shape = (stages.n_channels(names), *size)
+                where = f"on {family.dims}" + (f" ({ratios})" if ratios else "")
+                lines.append(f"{key}: {', '.join(names)} -> {shape} {where}")
+    return lines
 
 
 def _reading(pipeline: DataPipeline) -> str:
@@ -78,7 +101,7 @@ def _reading(pipeline: DataPipeline) -> str:
 
 def _normalize(pipeline: DataPipeline) -> str:
     """The method, and where the statistics came from once they are known."""
-    method = pipeline.spec.normalize
+    method = pipeline.given.normalize
     origin = pipeline.statistics_origin
     return f"{method} (statistics {origin})" if method is not None and origin else str(method)
 
@@ -91,10 +114,11 @@ def summary_text(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str
     try:
         info = summary(pipeline)
     except Exception as err:
-        return f"{title}(data={pipeline.spec.data!r}) — not usable yet: {err}"
+        return f"{title}(data={pipeline.given.data!r}) — not usable yet: {err}"
     lines = [f"{title}: {info['source']} ({info['reading']})"]
     lines.append(f"  X: {info['inputs'][0]} -> {info['inputs'][1]}")
     lines.append(f"  y: {info['targets'][0]} -> {info['targets'][1]}")
+    lines.extend(f"  grid {line}" for line in info["grids"])
     lines.append(f"  windows: {info['windows']}")
     if info["axes"]:
         lines.append(f"  time axis: {info['axes']}")
@@ -114,6 +138,7 @@ def summary_html(pipeline: DataPipeline, title: str = "XarrayDataModule") -> str
         ("source", f"{info['source']} ({info['reading']})"),
         ("X", f"{info['inputs'][0]} → {info['inputs'][1]}"),
         ("y", f"{info['targets'][0]} → {info['targets'][1]}"),
+        *(("grid", line) for line in info["grids"]),
         ("windows", info["windows"]),
         *((("time axis", info["axes"]),) if info["axes"] else ()),
         *((f"split {n}", f"{w} ({c:,} samples)") for n, (w, c) in info["splits"].items()),

@@ -36,7 +36,7 @@ from xr_datamodule.spec import DataSpec
 from xr_datamodule.timeaxis import is_datetime_labels
 from xr_datamodule.windows import WindowGeometry
 
-__all__ = ["SourceLayout", "source_layout"]
+__all__ = ["SourceLayout", "open_checked", "source_layout", "static_dim_of"]
 
 
 @dataclass(frozen=True)
@@ -165,13 +165,11 @@ class SourceLayout:
         return (weights / weights.mean()).reshape(shape).astype(dtype)
 
 
-def source_layout(spec: DataSpec) -> SourceLayout:
-    """Open the spec's source lazily and check every name in the spec against it.
+def open_checked(spec: DataSpec) -> xr.Dataset:
+    """The spec's source opened lazily (``select`` applied), its variable names checked.
 
     Raises:
-        KeyError: A variable or windowed dim that the data lack (with the valid ones).
-        ValueError: A side made only of static fields; static fields with a transform; a
-            forcing whose coordinate is not windowed.
+        KeyError: A variable that the data lack (with the valid ones).
     """
     if spec.strict_store and isinstance(spec.data, (str, os.PathLike)):
         path = os.fspath(spec.data)
@@ -180,8 +178,26 @@ def source_layout(spec: DataSpec) -> SourceLayout:
     source = open_selected(spec.data, spec.open_kwargs, spec.select)
     check_variables(source, spec.input_vars, "input_vars")
     check_variables(source, spec.targets, "target_vars")
+    return source
+
+
+def static_dim_of(spec: DataSpec) -> str | None:
+    """The windowed dim static fields lack: ``split_dim``, else ``time``, if windowed."""
     static_dim = spec.split_dim or ("time" if "time" in spec.input_dims else None)
-    static_dim = static_dim if static_dim in spec.input_dims else None
+    return static_dim if static_dim in spec.input_dims else None
+
+
+def source_layout(spec: DataSpec, source: xr.Dataset | None = None) -> SourceLayout:
+    """Open the spec's source lazily (unless given) and check every name in the spec against it.
+
+    Raises:
+        KeyError: A variable or windowed dim that the data lack (with the valid ones).
+        ValueError: A side made only of static fields; static fields with a transform; a
+            forcing whose coordinate is not windowed.
+    """
+    if source is None:
+        source = open_checked(spec)
+    static_dim = static_dim_of(spec)
     dims = window_dim_order(source, spec.all_vars, tuple(spec.input_dims), static_dim=static_dim)
     for role, names in (("input_vars", spec.input_vars), ("target_vars", spec.targets)):
         if names and len(static_variables(source, names, static_dim)) == len(names):

@@ -32,10 +32,10 @@ class DemoForecaster(pl.LightningModule):
     ``nan_policy="fill"``).
 
     Window axes other than the last two (e.g. ``time``) are folded into channels, so any
-    ``(channel, ..., height, width)`` sample works as long as input and target windows share
-    the last two axes. Batches may be ``(X, y)`` or dicts (``batch_format="dict"``). In
-    LightningCLI the shapes are linked from the datamodule's ``input_shape`` and
-    ``target_shape`` (see :mod:`xr_datamodule.cli`).
+    ``(channel, ..., height, width)`` sample works; where the target lies on another grid
+    (downscaling), the inputs are first repeated onto it (nearest neighbour). Batches may be
+    ``(X, y)`` or dicts (``batch_format="dict"``). In LightningCLI the shapes are linked from
+    the datamodule's ``input_shape`` and ``target_shape`` (see :mod:`xr_datamodule.cli`).
 
     Args:
         input_shape: Shape of one input sample, ``(channel, *window)``.
@@ -55,10 +55,10 @@ class DemoForecaster(pl.LightningModule):
         self.save_hyperparameters()
         self.input_shape = tuple(int(n) for n in input_shape)
         self.target_shape = tuple(int(n) for n in target_shape)
-        if len(self.input_shape) < 3 or self.input_shape[-2:] != self.target_shape[-2:]:
+        if len(self.input_shape) < 3 or len(self.target_shape) < 3:
             raise ValueError(
-                "DemoForecaster needs input and target windows that end in the same two "
-                f"spatial axes, got input {self.input_shape} and target {self.target_shape}"
+                "DemoForecaster needs input and target windows that end in two spatial axes, "
+                f"got input {self.input_shape} and target {self.target_shape}"
             )
         in_channels = math.prod(self.input_shape[:-2])
         out_channels = math.prod(self.target_shape[:-2])
@@ -73,7 +73,10 @@ class DemoForecaster(pl.LightningModule):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Map ``(batch, *input_shape)`` to ``(batch, *target_shape)``."""
-        hidden = self.net(inputs.flatten(1, -3))
+        planes = inputs.flatten(1, -3)
+        if planes.shape[-2:] != self.target_shape[-2:]:  # another grid: work on the target's
+            planes = nn.functional.interpolate(planes, size=self.target_shape[-2:], mode="nearest")
+        hidden = self.net(planes)
         return hidden.reshape(inputs.shape[0], *self.target_shape)
 
     def _loss(self, batch: Batch, name: str) -> torch.Tensor:

@@ -29,11 +29,14 @@ from typing import Any
 import xarray as xr
 
 from xr_datamodule.cells import CellGrid, cell_grid
-from xr_datamodule.channels import Channels, channels_of
+from xr_datamodule.channels import Channels, channels_of, with_families
 from xr_datamodule.datasets import XarrayWindowDataset
 from xr_datamodule.extras import ExtraChannels
+from xr_datamodule.families import FamilyStages
+from xr_datamodule.familyread import GridRead
 from xr_datamodule.gather import ChunkedReader, Preparation, WindowReader
-from xr_datamodule.layout import SourceLayout, source_layout
+from xr_datamodule.grids import GridPlan, check_grid_options, grid_plan, primary_spec
+from xr_datamodule.layout import SourceLayout, open_checked, source_layout, static_dim_of
 from xr_datamodule.missing import StaticMask
 from xr_datamodule.normalize import Normalisation, Statistics, normalisation_of
 from xr_datamodule.order import TrainingOrder
@@ -91,20 +94,47 @@ class DataPipeline:
         order: TrainingOrder | None = None,
         world: Callable[[], tuple[int, int]] = lambda: (1, 0),
     ) -> None:
-        self.spec = spec
+        self.given = spec
         self.order = order or training_order(spec)
         self.world = world
         self.datasets: dict[str, XarrayWindowDataset] = {}
         self._normalisation: Normalisation | None = None
         self._reader: WindowReader | None = None
         self._backend: Backend | None = None
+        self._grid_reads: list[GridRead] = []
 
     # ------------------------------------------------------------------ the stages
 
     @cached_property
+    def source(self) -> xr.Dataset:
+        """The source, opened lazily with ``select`` applied; variable names checked."""
+        return open_checked(self.given)
+
+    @cached_property
+    def grids(self) -> GridPlan:
+        """Which variables lie on the windowed grid and which on other grids (families)."""
+        plan = grid_plan(self.given, self.source, static_dim_of(self.given))
+        if plan.families:
+            check_grid_options(self.given, plan)
+        return plan
+
+    @cached_property
+    def spec(self) -> DataSpec:
+        """The spec of the windowed (primary) grid's variables: the given one with one grid."""
+        return primary_spec(self.given, self.grids)  # type: ignore[return-value]
+
+    @cached_property
     def layout(self) -> SourceLayout:
         """The opened source, its variables, windowed dims and channel order."""
-        return source_layout(self.spec)
+        return source_layout(self.spec, self.source)
+
+    @cached_property
+    def families(self) -> list[FamilyStages]:
+        """The stages of every other grid's family (none with one grid)."""
+        return [
+            FamilyStages(family, self.given, self.source, self.geometry)
+            for family in self.grids.families
+        ]
 
     @cached_property
     def geometry(self) -> WindowGeometry:
@@ -114,13 +144,15 @@ class DataPipeline:
     @cached_property
     def plan(self) -> SamplePlan:
         """Split bounds, checked time axes and the sample index of every split."""
-        return plan_samples(self.spec, self.layout, self.geometry)
+        restrict = self.grids.restrict if self.grids.families else None
+        return plan_samples(self.spec, self.layout, self.geometry, restrict)
 
     @cached_property
     def channels(self) -> Channels:
         """Shapes and channel names of ``X`` and ``y``."""
         first = lambda: next(iter(self.plan.indices.values())).starts([0])[0]  # noqa: E731
-        return channels_of(self.spec, self.layout, self.geometry, first)
+        channels = channels_of(self.spec, self.layout, self.geometry, first)
+        return with_families(channels, self.families, self.spec.nan_mask, self.spec.series_as)
 
     @cached_property
     def resources(self) -> Resources:
@@ -163,8 +195,16 @@ class DataPipeline:
 
     @property
     def statistics(self) -> Statistics:
-        """Per-channel statistics (see :attr:`normalisation`)."""
-        return self.normalisation.statistics
+        """Per-channel statistics (see :attr:`normalisation`), other grids' variables too."""
+        statistics = self.normalisation.statistics
+        if not self.families:
+            return statistics
+        merged = statistics.to_dict()
+        train = self.plan.split_bounds.get("train")
+        for stages in self.families:
+            for key, values in stages.statistics_over(train).statistics.to_dict().items():
+                merged.setdefault(key, {}).update(values)
+        return Statistics.from_dict(merged)
 
     # ------------------------------------------------------------------ reading
 
@@ -202,11 +242,32 @@ class DataPipeline:
             fill_value=spec.fill_value if spec.nan_policy == "fill" else None,
             find_nan=spec.nan_policy == "check",
         )
+        self._grid_reads = self._family_reads()
         if self.cells is None:
             return read_in_memory(spec, layout, prepare)
         cache_cells = self.sampling.cache_cells(self.world()[0])  # sized before it exists
         threads, decoder = self.resources.decode_threads, self.backend.decoder
         return read_by_cell(spec, layout, prepare, self.cells, cache_cells, threads, decoder)
+
+    def _family_reads(self) -> list[GridRead]:
+        """Every family's reads, their readers built (sized like the primary reader's cache)."""
+        if not self.families:
+            return []
+        train, world_size = self.plan.split_bounds.get("train"), self.world()[0]
+        split = self.sampling.train_split() if self.sampling.has_train else None
+        threads = self.resources.decode_threads
+
+        def cache(per_sample: int, cell_bytes: int) -> int:
+            return self.order.cache_cells(split, per_sample, cell_bytes, world_size)
+
+        first = self.channels.input_shape[0] - self.spec.nan_mask - self.channels.broadcast
+        reads = []
+        for family in self.families:
+            reader = family.reader(train, cache, threads)
+            new = family.reads(reader, self.spec.series_as, first)
+            first += sum(read.n_channels for read in new if read.into is not None)
+            reads += new
+        return reads
 
     @property
     def keeps_target_mask(self) -> bool:
@@ -235,6 +296,7 @@ class DataPipeline:
                 offsets=self.sampling.random_offsets if split == "train" else None,
                 targets_may_hold_nan=spec.nan_policy == "keep",
                 valid=self.static_mask,
+                grids=self._grid_reads,  # set with the reader (an argument before)
             )
         return self.datasets[split]
 
@@ -289,13 +351,18 @@ class DataPipeline:
         """
         index, source = self.plan.index(split), self.layout.source
         order, time_dim = self.layout.target_order, self.layout.time_dim
-        forecast = is_forecast_layout(layout, self.geometry, time_dim)
-        physical = [self.scale(part, order, inverse=True) for part in predictions]
         bounds = self.plan.split_bounds[self.plan.split_for(split)]
+        geometry, scale = self.geometry, self.scale
+        holder = next((f for f in self.families if f.family.target_vars), None)
+        if holder is not None:  # y lies on another grid: back onto that grid
+            index, geometry, bounds = holder.mapped(index, bounds)
+            order, scale = holder.family.target_vars, holder.scale
+        forecast = is_forecast_layout(layout, geometry, time_dim)
+        physical = [scale(part, order, inverse=True) for part in predictions]
         out = put_back(
             physical,
             index,
-            self.geometry,
+            geometry,
             source,
             order,
             bounds,
@@ -317,10 +384,19 @@ class DataPipeline:
     def state_dict(self, batches_done: int | None, epoch: int | None) -> dict[str, Any]:
         """What a checkpoint keeps: the order's position and, once known, the statistics."""
         kept = {} if self._normalisation is None else self._normalisation.state_dict()
+        grids = {
+            stages.family.name: stages.normalisation.state_dict()["statistics"]
+            for stages in self.__dict__.get("families", [])
+            if stages.normalisation is not None
+        }
+        kept = {**kept, "grid_statistics": grids} if grids else kept
         return {**self.order.state_dict(batches_done, epoch), **kept}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a checkpoint's statistics and the order's position (checked)."""
+        for stages in self.families if state.get("grid_statistics") else []:
+            if stages.family.name in state["grid_statistics"]:
+                stages.restore(state["grid_statistics"][stages.family.name])
         if "statistics" in state:
             self.restore_statistics(Statistics.from_dict(state["statistics"]))
         sampling, world_size = self.sampling, self.world()[0]
@@ -356,6 +432,8 @@ class DataPipeline:
         """Stop the reader's threads and free its cache; the stages stay (cheap to reuse)."""
         if self._reader is not None:
             self._reader.close()
+        for stages in self.__dict__.get("families", []):
+            stages.close()
 
     def close_source(self) -> None:
         """Close the source's file handles, if it was opened (xarray reopens them on use)."""

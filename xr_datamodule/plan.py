@@ -15,7 +15,7 @@ order, the same in every process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,8 +110,16 @@ class SamplePlan:
         return self.indices[name]
 
 
-def plan_samples(spec: DataSpec, layout: SourceLayout, geometry: WindowGeometry) -> SamplePlan:
+def plan_samples(
+    spec: DataSpec,
+    layout: SourceLayout,
+    geometry: WindowGeometry,
+    restrict: Callable[[dict[str, tuple[int, int]], WindowGeometry], dict] | None = None,
+) -> SamplePlan:
     """Split bounds, checked time axes and the sample index of every split.
+
+    ``restrict`` narrows each split's bounds (other grids: where their windows fit and start
+    on their cells' edges, :meth:`~xr_datamodule.grids.GridPlan.restrict`).
 
     Raises:
         TimeAxisError: A time axis that repeats a label or runs backwards.
@@ -124,6 +132,8 @@ def plan_samples(spec: DataSpec, layout: SourceLayout, geometry: WindowGeometry)
     axes = _checked_axes(spec, layout, split_dim)  # a disordered time axis is reported first
     assert spec.splits is not None
     bounds = resolve_splits(spec.splits, split_dim, layout.source, dims)
+    if restrict is not None:
+        bounds = {name: restrict(split, geometry) for name, split in bounds.items()}
     indices = {name: _full_windows(name, geometry, split) for name, split in bounds.items()}
     indices, gap_samples = apply_gap_policy(indices, geometry, axes, spec.gaps, spec.random_offsets)
     dropped: dict[str, int] = {}

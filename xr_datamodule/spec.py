@@ -19,6 +19,7 @@ import pandas as pd
 import xarray as xr
 
 from xr_datamodule.forcings import check_forcing_names
+from xr_datamodule.grids import SERIES_AS
 from xr_datamodule.missing import NAN_POLICIES
 from xr_datamodule.normalize import METHODS
 from xr_datamodule.sources import check_source_exists
@@ -316,6 +317,8 @@ class DataSpec:
     time_step: Any = None
     mask: str | None = None
     strict_store: bool = False
+    align_dims: dict[str, str] | None = None
+    series_as: str = "vector"
 
     def __post_init__(self) -> None:
         check_source_exists(self.data)
@@ -430,6 +433,16 @@ class DataSpec:
         if self.stats is not None and self.normalize is None:
             self.normalize = "zscore"  # explicit statistics mean: normalise with them
         self.strict_store = _flag(self.strict_store, "strict_store")
+        _choice(self.series_as, SERIES_AS, "series_as")
+        if self.align_dims is not None and not (
+            isinstance(self.align_dims, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.align_dims.items())
+        ):
+            raise TypeError(
+                "align_dims must map a dim of another grid to the windowed dim it follows, "
+                f"e.g. {{'lat_hr': 'lat'}}, got {self.align_dims!r}"
+            )
+        self.align_dims = dict(self.align_dims or {})
         if self.mask is not None and not isinstance(self.mask, str):
             raise TypeError(f"mask must be the name of a variable or None, got {self.mask!r}")
         _choice(self.nan_policy, NAN_POLICIES, "nan_policy")

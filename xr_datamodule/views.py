@@ -157,6 +157,18 @@ class DataViews:
         return self.pipeline.channels.target_names
 
     @property
+    def grids(self) -> dict[str, dict[str, Any]]:
+        """Inputs on other grids than ``X``'s (dict batches' ``x_<family>``): shape, channels.
+
+        Known before ``setup``, e.g. ``{"x_y20_x20": {"shape": (2, 1, 6, 6), "channels":
+        ["b11", "b12"]}}``; empty with one grid. See :mod:`xr_datamodule.grids`.
+        """
+        return {
+            key: {"shape": shape, "channels": names}
+            for key, (shape, names) in self.pipeline.channels.grids.items()
+        }
+
+    @property
     def area_weights(self) -> torch.Tensor:
         """Latitude weights (cos latitude over its mean) shaped to broadcast against ``y``.
 
