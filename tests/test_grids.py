@@ -350,3 +350,73 @@ def test_clear_errors_for_grids_that_cannot_be_read_together():
             target_vars=["t2m"],
             input_dims={"time": 1, "lat_hr": 5, "lon_hr": 32},
         ).setup()
+
+
+def test_the_fine_grid_is_cut_into_cells_like_the_coarse_one_and_decoded_once(pair_zarr):
+    dm = XarrayDataModule(str(pair_zarr), load=False, num_workers=0, **DOWNSCALE)
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    fine = dataset.grid_targets.reader
+    np.testing.assert_array_equal(fine.grid.edges[0], dataset.reader.grid.edges[0])
+    for _ in dm.train_dataloader():
+        pass
+    cells = int(np.prod(fine.grid.grid_shape))
+    assert fine.cells_read == cells  # one chunk-aware epoch: each cell of either grid once
+    assert dataset.reader.cells_read == int(np.prod(dataset.reader.grid.grid_shape))
+
+
+def test_three_grids_out_of_core_with_workers_in_dict_batches(tmp_path):
+    scene = eo_scene(n_time=8)
+    path = tmp_path / "scene.zarr"
+    scene.chunk({"time": 1}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["b04", "b11", "b01"],
+        target_vars=["label"],
+        input_dims={"time": 1, "y": 12, "x": 12},
+        splits={"train": 0.5, "val": 0.5},
+        batch_size=4,
+        batch_format="dict",
+        load=False,
+        num_workers=2,
+    )
+    dm.setup("fit")
+    follows = {"y20": "y", "x20": "x", "y60": "y", "x60": "x"}
+    seen = []
+    for batch in dm.train_dataloader():
+        seen += batch["sample"].tolist()
+        labels = {
+            "time": batch["input_time"][0].numpy().astype("datetime64[ns]"),
+            "y": batch["input_y"][0].numpy(),
+            "x": batch["input_x"][0].numpy(),
+        }
+        for key, var in (("x", "b04"), ("x_y20_x20", "b11"), ("x_y60_x60", "b01")):
+            np.testing.assert_array_equal(
+                batch[key][0, 0].numpy(), cells_of(scene, var, labels, follows)
+            )
+        np.testing.assert_array_equal(batch["y"][0, 0].numpy(), scene["label"].sel(labels))
+    assert sorted(seen) == list(range(len(dm.datasets["train"])))
+
+
+def test_a_series_as_channels_through_a_trainer_out_of_core(tmp_path):
+    ds = downscaling_pair(24)[["t2m"]].isel(lat=slice(0, 8), lon=slice(0, 8))
+    ds["co2"] = ("time", np.linspace(370, 380, 24).astype("f4"))
+    path = tmp_path / "series.zarr"
+    ds.chunk({"time": 4}).to_zarr(path)
+    dm = XarrayDataModule(
+        str(path),
+        input_vars=["t2m", "co2"],
+        target_vars=["t2m"],
+        input_dims={"time": 2, "lat": 8, "lon": 8},
+        target_dims={"time": 1, "lat": 8, "lon": 8},
+        target_offset={"time": 2},
+        series_as="channels",
+        normalize="zscore",
+        load=False,
+        batch_size=4,
+    )
+    model = DemoForecaster(dm.input_shape, dm.target_shape, hidden_channels=4)
+    trainer = cpu_trainer(max_epochs=1)
+    trainer.fit(model, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert "co2" in str(dm) and "X channels" in str(dm)

@@ -208,8 +208,18 @@ def cell_grid(
     extent: Sequence[int],
     n_channels: int,
     itemsize: int,
+    first_edges: np.ndarray | None = None,
 ) -> CellGrid:
-    """The cell grid of the variables ``names`` (cut along the first one's chunks)."""
+    """The cell grid of the variables ``names`` (cut along the first one's chunks).
+
+    ``first_edges``: cell edges along the first dim to share (another grid's, along the
+    same time dim), so that the training order's walk over that grid's cells is a walk over
+    these too; taken where they fall on chunk edges here.
+    """
     extent = tuple(int(e) for e in extent)
     edges = cell_edges(ds, names[0], window_dims, extent, itemsize, n_channels)
+    if first_edges is not None and len(edges[0]) > 2:
+        chunks = cell_edges(ds, names[0], window_dims, extent, itemsize, n_channels, 1)[0]
+        if np.isin(first_edges, chunks).all() and first_edges[-1] == chunks[-1]:
+            edges[0] = np.asarray(first_edges, dtype=np.int64)
     return CellGrid(tuple(edges), extent, n_channels * itemsize)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from xr_datamodule.cells import cell_grid
+from xr_datamodule.cells import CellGrid, cell_grid
 from xr_datamodule.familyread import GridRead
 from xr_datamodule.gather import Preparation, WindowReader
 from xr_datamodule.grids import GridFamily, family_spec
@@ -72,6 +72,7 @@ class FamilyStages:
         train: Mapping[str, tuple[int, int]] | None,
         cache_cells: Callable[[int, int], int],
         threads: int,
+        primary_cells: CellGrid | None = None,
     ) -> WindowReader:
         """Its reader (built once): in memory when it fits, else by cell.
 
@@ -79,9 +80,11 @@ class FamilyStages:
             train: The training split's primary bounds (for statistics).
             cache_cells: Cells to cache, from (cells a sample touches, bytes per cell).
             threads: Decode threads out of core.
+            primary_cells: The primary grid's cells out of core: along a shared first dim
+                (time) its cells are cut alike, so the chunk-aware order walks both.
         """
         if self._reader is None:
-            self._reader = self._build(train, cache_cells, threads)
+            self._reader = self._build(train, cache_cells, threads, primary_cells)
         return self._reader
 
     def _build(
@@ -89,6 +92,7 @@ class FamilyStages:
         train: Mapping[str, tuple[int, int]] | None,
         cache_cells: Callable[[int, int], int],
         threads: int,
+        primary_cells: CellGrid | None,
     ) -> WindowReader:
         spec, layout = self.spec, self.layout
         normalised = spec.normalize is not None
@@ -102,6 +106,7 @@ class FamilyStages:
         if resources.loads_into_memory:
             return read_in_memory(spec, layout, prepare)
         names = layout.reader_vars
+        shared = primary_cells is not None and layout.window_dims[0] == self.primary_dims[0]
         cells = cell_grid(
             layout.source,
             names,
@@ -109,6 +114,7 @@ class FamilyStages:
             self.geometry.extent,
             layout.n_channels(names),
             spec.array_dtype.itemsize,
+            primary_cells.edges[0] if shared else None,  # type: ignore[union-attr]
         )
         self.backend = choose_decoder(spec, layout, resources)
         cache = cache_cells(cells.cells_per_sample, cells.cell_bytes)

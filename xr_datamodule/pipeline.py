@@ -263,7 +263,7 @@ class DataPipeline:
         first = self.channels.input_shape[0] - self.spec.nan_mask - self.channels.broadcast
         reads = []
         for family in self.families:
-            reader = family.reader(train, cache, threads)
+            reader = family.reader(train, cache, threads, self.cells)
             new = family.reads(reader, self.spec.series_as, first)
             first += sum(read.n_channels for read in new if read.into is not None)
             reads += new
