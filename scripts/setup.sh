@@ -3,7 +3,7 @@
 #
 #   scripts/setup.sh            # into .venv (or $VENV)
 #
-# Only Python >= 3.10 is needed beforehand. PyTorch is installed first, and only when the
+# Only Python >= 3.11 is needed beforehand. PyTorch is installed first, and only when the
 # environment has none: the CPU build of torch==2.13.0 from PyTorch's CPU index
 # ($TORCH_INDEX), or, where that index cannot be reached, torch==2.13.0 from the default
 # index (a CPU build on a machine whose index holds no CUDA wheels). For a CUDA build,
@@ -18,9 +18,9 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 TORCH_INDEX="${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
 
-"$PYTHON" - <<'PY' || { echo "xr_datamodule needs Python >= 3.10" >&2; exit 1; }
+"$PYTHON" - <<'PY' || { echo "xr_datamodule needs Python >= 3.11" >&2; exit 1; }
 import sys
-sys.exit(sys.version_info < (3, 10))
+sys.exit(sys.version_info < (3, 11))
 PY
 if [ ! -x "$VENV/bin/python" ]; then
     echo "creating the virtual environment $VENV"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
@@ -87,8 +87,10 @@ def reference_windows(
     return np.stack(samples)
 
 
-def cpu_trainer(**kwargs) -> pl.Trainer:
+def cpu_trainer(**kwargs) -> Any:
     """A quiet CPU trainer; ``kwargs`` override the defaults."""
+    import lightning.pytorch as pl  # here: the reading tests also run where torch is not
+
     settings = dict(
         accelerator="cpu",
         devices=1,

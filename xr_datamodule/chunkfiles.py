@@ -54,7 +54,6 @@ CHUNK_FILES_SWITCH = "XR_DATAMODULE_CHUNK_FILES"  # "0": leave local zarr to the
 # zarr v3 compressors (codec name) read here and the numcodecs codec that decodes each: those
 # whose chunk files say how many bytes they hold decoded, checked before decoding into place
 # (a shorter chunk would otherwise leave stale bytes unnoticed). Others go to zarr-python.
-_V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc"}
 _V2_COMPRESSORS = {"zstd", "blosc"}  # numcodecs ids
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _NO_CHUNK = 2**64 - 1  # a shard index's offset and length of a chunk that was not written
@@ -110,100 +109,123 @@ def chunk_files(array: Any, folder: str) -> ChunkFiles | None:
     filters or array-to-array codecs, a compressor not listed here, nested sharding or a
     shard index with other codecs, Fortran order, or a dtype that is not a plain number;
     and for every array when ``XR_DATAMODULE_CHUNK_FILES=0`` is in the environment.
-    """
-    import numcodecs
 
+    The layout is recognised through zarr-python's public API, the same from 3.1 to 3.4
+    (``Array.chunks``, ``.shards``, ``.filters``, ``.serializer``, ``.compressors``,
+    ``.order``, ``.fill_value``, ``metadata.encode_chunk_key``; codecs by their classes in
+    ``zarr.codecs``), never by class names or private modules.
+    """
     if switched_off(CHUNK_FILES_SWITCH):
         return None
-
-    metadata = array.metadata
     try:
-        dtype = np.dtype(metadata.dtype.to_native_dtype())
-    except (AttributeError, TypeError):
+        dtype = np.dtype(array.dtype)
+        chunks = tuple(int(n) for n in array.chunks)  # raises for a grid that is not regular
+        shards = array.shards
+        filters, compressors = tuple(array.filters), tuple(array.compressors)
+    except (AttributeError, TypeError, ValueError, NotImplementedError):
         return None
-    if dtype.kind not in "biuf" or len(array.shape) == 0:
+    if dtype.kind not in "biuf" or not chunks or filters or len(compressors) > 1:
         return None
-    if metadata.zarr_format == 3:
-        described = _v3_layout(metadata, dtype, numcodecs)
+    if getattr(array.metadata, "storage_transformers", None) or array.order != "C":
+        return None
+    keys = _chunk_keys(array.metadata, len(chunks))
+    if keys is None:
+        return None
+    if array.metadata.zarr_format == 3:
+        described = _v3_layout(array, dtype, compressors, shards, chunks)
     else:
-        described = _v2_layout(metadata, dtype, numcodecs)
+        described = _v2_layout(dtype, compressors)
     if described is None:
         return None
-    fill = metadata.fill_value
+    fill = array.fill_value
     return ChunkFiles(
         folder=folder,
         shape=tuple(int(n) for n in array.shape),
-        chunks=tuple(int(n) for n in array.chunks),
+        chunks=chunks,
         fill_value=0 if fill is None else fill,
+        key_prefix=keys[0],
+        separator=keys[1],
         **described,
     )
 
 
-def _v3_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> dict | None:
-    if metadata.storage_transformers or type(metadata.chunk_grid).__name__ != "RegularChunkGrid":
+def _chunk_keys(metadata: Any, ndim: int) -> tuple[str, str] | None:
+    """The key prefix and separator of chunk file names, read off zarr's own keys."""
+    probe = tuple(range(11, 11 + ndim))  # distinct multi-digit positions
+    key = metadata.encode_chunk_key(probe)
+    first = key.find(str(probe[0]))
+    if first < 0:
         return None
-    encoding = metadata.chunk_key_encoding
-    if encoding.name not in ("default", "v2"):
-        return None
-    separator = str(encoding.separator)
-    layout: dict[str, Any] = {
-        "key_prefix": "c" + separator if encoding.name == "default" else "",
-        "separator": separator,
-    }
-    codecs = [codec.to_dict() for codec in metadata.codecs]
-    if len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed":
-        config = codecs[0]["configuration"]
-        shard = metadata.chunk_grid.chunk_shape
-        index_codecs = [codec["name"] for codec in _as_dicts(config["index_codecs"])]
-        endian = (_as_dicts(config["index_codecs"])[0].get("configuration") or {}).get("endian")
-        if index_codecs not in (["bytes"], ["bytes", "crc32c"]) or endian == "big":
+    prefix = key[:first]
+    separator = key[first + len(str(probe[0])) : key.find(str(probe[1]))] if ndim > 1 else "/"
+    for position in (probe, (0,) * ndim):
+        if metadata.encode_chunk_key(position) != prefix + separator.join(map(str, position)):
             return None
-        layout.update(
-            per_shard=tuple(
-                int(s) // int(c) for s, c in zip(shard, config["chunk_shape"], strict=True)
-            ),
-            index_at_end=config.get("index_location", "end") == "end",
-            index_checksum=index_codecs[-1] == "crc32c",
-        )
-        codecs = _as_dicts(config["codecs"])
-    described = _v3_chunk_codecs(codecs, dtype, numcodecs)
-    if described is None:
+    return prefix, separator
+
+
+def _endian(codec: Any) -> str:
+    """A ``bytes`` codec's byte order as text (an enum up to zarr 3.1, a string since)."""
+    endian = getattr(codec, "endian", None)
+    return str(getattr(endian, "value", endian) or "little")
+
+
+def _v3_layout(
+    array: Any,
+    dtype: np.dtype,
+    compressors: tuple,
+    shards: tuple[int, ...] | None,
+    chunks: tuple[int, ...],
+) -> dict | None:
+    from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec
+
+    serializer = array.serializer
+    if not isinstance(serializer, BytesCodec):
+        return None  # nested sharding, or another array-to-bytes codec
+    described = _v3_chunk_codecs(_endian(serializer), compressors, dtype)
+    if described is None or shards is None:
+        return described
+    (sharding,) = [c for c in array.metadata.codecs if isinstance(c, ShardingCodec)] or [None]
+    if sharding is None:
         return None
-    return {**layout, **described}
+    index = tuple(sharding.index_codecs)
+    plain = len(index) in (1, 2) and isinstance(index[0], BytesCodec)
+    if not plain or _endian(index[0]) == "big":
+        return None
+    if len(index) == 2 and not isinstance(index[1], Crc32cCodec):
+        return None
+    location = sharding.index_location
+    return {
+        **described,
+        "per_shard": tuple(int(s) // int(c) for s, c in zip(shards, chunks, strict=True)),
+        "index_at_end": str(getattr(location, "value", location)) == "end",
+        "index_checksum": len(index) == 2,
+    }
 
 
-def _as_dicts(codecs: Sequence[Any]) -> list[dict]:
-    return [codec if isinstance(codec, dict) else codec.to_dict() for codec in codecs]
+def _v3_chunk_codecs(endian: str, compressors: tuple, dtype: np.dtype) -> dict | None:
+    """The stored dtype and compressor of a chunk: ``bytes``, then zstd, blosc or none."""
+    import numcodecs
+    from zarr.codecs import BloscCodec, ZstdCodec
 
-
-def _v3_chunk_codecs(codecs: list[dict], dtype: np.dtype, numcodecs: Any) -> dict | None:
-    """The stored dtype and compressor of a chunk's codecs: ``bytes`` and one compressor."""
-    if not codecs or codecs[0]["name"] != "bytes" or len(codecs) > 2:
-        return None  # array-to-array codecs (transpose), nested sharding, or a codec chain
-    endian = (codecs[0].get("configuration") or {}).get("endian", "little")
     if dtype.itemsize > 1:
         dtype = dtype.newbyteorder("<" if endian == "little" else ">")
     compressor = None
-    if len(codecs) == 2:
-        name = _V3_COMPRESSORS.get(codecs[1]["name"])
-        if name is None:
+    if compressors:
+        if isinstance(compressors[0], ZstdCodec):
+            compressor = numcodecs.Zstd()  # decoding needs no settings
+        elif isinstance(compressors[0], BloscCodec):
+            compressor = numcodecs.Blosc()
+        else:
             return None
-        compressor = getattr(numcodecs, name)()  # decoding needs no settings
     return {"dtype": dtype, "compressor": compressor}
 
 
-def _v2_layout(metadata: Any, dtype: np.dtype, numcodecs: Any) -> dict | None:
-    if metadata.filters or metadata.order != "C":
+def _v2_layout(dtype: np.dtype, compressors: tuple) -> dict | None:
+    compressor = compressors[0] if compressors else None
+    if compressor is not None and getattr(compressor, "codec_id", None) not in _V2_COMPRESSORS:
         return None
-    compressor = metadata.compressor
-    if compressor is not None and compressor.codec_id not in _V2_COMPRESSORS:
-        return None
-    return {
-        "dtype": dtype,
-        "compressor": compressor,
-        "key_prefix": "",
-        "separator": str(metadata.dimension_separator or "."),
-    }
+    return {"dtype": dtype, "compressor": compressor}
 
 
 def decoded_size(codec_id: str, raw: memoryview) -> int | None:

@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from xr_datamodule.chunkfiles import ChunkFileDecoder, chunk_files
-from xr_datamodule.collate import DEFAULT_RING_SLOTS
 from xr_datamodule.decode import (
     CellDecoder,
     TensorStoreDecoder,
@@ -94,6 +93,9 @@ def choose_resources(spec: DataSpec, layout: SourceLayout) -> Resources:
         cores = os.cpu_count() or 1
         workers = min(AUTO_WORKERS_MAX, max(2, cores // 2)) if cores >= 2 else 0
     threads = 1 if workers > 0 else min(DECODE_THREADS_MAX, os.cpu_count() or 1)
+    # Imported here: choosing a decoder (below) needs no torch; handing batches over does.
+    from xr_datamodule.handoff import DEFAULT_RING_SLOTS
+
     slots = (spec.prefetch_factor or DEFAULT_RING_SLOTS - 2) + 2
     return Resources(loads, workers, threads, slots)
 

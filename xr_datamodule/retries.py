@@ -129,7 +129,9 @@ def retrying(call: Callable[[], T], what: str) -> T:
 
 def worker_place() -> str:
     """`` in DataLoader worker 1 (pid 4242)`` inside a worker, else an empty string."""
-    from torch.utils.data import get_worker_info
-
+    try:
+        from torch.utils.data import get_worker_info
+    except ImportError:  # reading without torch (no DataLoader, so no worker either)
+        return ""
     worker = get_worker_info()
     return f" in DataLoader worker {worker.id} (pid {os.getpid()})" if worker else ""
