@@ -35,6 +35,7 @@ def XarrayDataModule(*args, **kwargs):
 
     return datamodule(*args, **kwargs)
 
+
 # (zarr format, compressor, byte order on disk, chunk key separator)
 LAYOUTS = [
     (3, "zstd", "little", "/"),
