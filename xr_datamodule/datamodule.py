@@ -134,13 +134,12 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             numbers and, per windowed dim, the labels of every input and target window
             position (times as int64 nanoseconds), for conditioning on lead time or
             evaluating per season.
-        sampler: The training order, instead of the shuffle: a torch ``Sampler`` class, its
-            import path or ``{"class_path": ..., "init_args": {...}}`` (YAML), built in
-            ``setup`` with ``data_source=range(n)`` and ``weights=`` (from
-            ``sample_weights``) when it takes them; or a callable ``f(index, rng)`` given
-            the split's :class:`~xr_datamodule.windows.SampleIndex` and a numpy generator,
-            returning sample numbers. Seeded from ``(seed, epoch)``: ranks take disjoint
-            blocks of one order, and a resume continues exactly. Not chunk-aware.
+        sampler: The training order instead of the shuffle: a torch ``Sampler`` class, its
+            import path or ``{"class_path", "init_args"}`` (YAML), built with
+            ``data_source=range(n)`` (and ``weights=`` from ``sample_weights``), or
+            ``f(index, rng)`` given the split's :class:`~xr_datamodule.windows.SampleIndex`,
+            returning sample numbers. Seeded from ``(seed, epoch)``, sharded by rank,
+            resumable; not chunk-aware.
         sample_weights: Weighted draws for rare events: ``{"by": "target_max", "quantile":
             0.99, "boost": 10}`` gives the samples whose statistic (``input_``/``target_``
             + ``max``/``min``/``mean`` over the window's variables and channels) reaches the
@@ -317,6 +316,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             epoch=int(trainer.current_epoch) if trainer is not None else None,
             epoch_of=self._iterable_epoch,
             pin_memory=self._trainer_on_cuda(),
+            position=lambda: self.pipeline.order.state_dict(*trained_so_far(self.trainer)),
         )
 
     def val_dataloader(self) -> DataLoader | list:

@@ -121,7 +121,32 @@ class XarrayDataLoader(DataLoader):
         return _AdvisingIterator(self)
 
 
-class _EpochLoader(XarrayDataLoader):
+class _Resumable:
+    """A training loader resumable in Lightning's eyes: ``state_dict``, ``load_state_dict``.
+
+    Lightning asks the training DataLoader for them (and warns "not resumable" without them
+    when it resumes mid-epoch). The position itself is the datamodule's to keep: its
+    ``state_dict`` holds the data epoch and the batches done, and on resume it is restored
+    before this loader is built, whose sampler starts where the checkpoint stopped (tested
+    batch for batch in ``tests/test_exactly_once.py``). So ``state_dict`` reports that same
+    position, and ``load_state_dict`` has nothing left to restore.
+    """
+
+    _position: Callable[[], dict[str, Any]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The training order's position (a copy of what the datamodule's state keeps)."""
+        return {} if self._position is None else self._position()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to do: the datamodule restored the position before this loader was built."""
+
+
+class _TrainLoader(_Resumable, XarrayDataLoader):
+    """The map-style training loader (see :class:`_Resumable`)."""
+
+
+class _EpochLoader(_Resumable, XarrayDataLoader):
     """A DataLoader over an :class:`XarrayIterableDataset` that sets its epoch on each pass.
 
     Lightning calls ``set_epoch`` only on samplers, and an iterable dataset has none; the
@@ -202,6 +227,7 @@ def train_loader(
     epoch: int | None = None,
     epoch_of: Callable[[], int] | None = None,
     pin_memory: bool = False,
+    position: Callable[[], dict[str, Any]] | None = None,
 ) -> DataLoader:
     """The training loader: shuffled whole batches in the pipeline's training order.
 
@@ -211,6 +237,7 @@ def train_loader(
             ``set_epoch`` afterwards, a plain loop may too.
         epoch_of: ``style="iterable"``: returns the epoch of each new pass.
         pin_memory: Page-lock batches when the spec leaves it open.
+        position: Returns the order's position for the loader's ``state_dict``.
     """
     dataset = pipeline.dataset("train")
     _warn_if_workers_lose_tensorstore(pipeline, dataset)
@@ -234,20 +261,23 @@ def train_loader(
         if pipeline.resources.num_workers > 0:
             settings["persistent_workers"] = False  # each pass must see the new epoch
         passes = iter(range(sys.maxsize))
-        return _EpochLoader(
+        loader: _Resumable = _EpochLoader(
             XarrayIterableDataset(dataset, sampler),
             epoch_of=epoch_of or (lambda: next(passes)),
             batch_size=None,
             collate_fn=collate,
             **settings,
         )
-    return XarrayDataLoader(
-        dataset,
-        sampler=sampler,
-        batch_size=None,  # the sampler yields whole batches
-        collate_fn=collate,  # one Batch, not a list
-        **settings,
-    )
+    else:
+        loader = _TrainLoader(
+            dataset,
+            sampler=sampler,
+            batch_size=None,  # the sampler yields whole batches
+            collate_fn=collate,  # one Batch, not a list
+            **settings,
+        )
+    loader._position = position
+    return loader  # type: ignore[return-value]
 
 
 def eval_loader(
