@@ -38,14 +38,14 @@ def test_valid_base_config_builds(small_ds):
             r"dimension 'height' does not exist\. Expected one or more of",
         ),
         (
-            dict(target_dims={"time": 1, "depth": 3}),
+            dict(target_dims={"time": 1, "level": 3}),  # a dim of the data, not windowed
             KeyError,
             r"target_dims must have the same dims",
         ),
         (
-            dict(target_offset={"depth": 1}),
+            dict(target_offset={"level": 1}),
             KeyError,
-            r"target_offset: dim 'depth' is not in input_dims",
+            r"target_offset: dim 'level' is not in input_dims",
         ),
         (
             dict(input_overlap={"lon": 1}),
@@ -252,3 +252,20 @@ def test_unknown_stage(small_ds):
     dm = XarrayDataModule(small_ds, **BASE)
     with pytest.raises(ValueError, match=r"unknown stage 'train'\. Valid: \('fit'"):
         dm.setup("train")
+
+
+def test_misspelled_names_are_reported_at_construction_with_the_closest_valid_one(small_ds):
+    with pytest.raises(KeyError, match=r"input_vars: variable 'aa' .* did you mean 'a'\?"):
+        XarrayDataModule(small_ds, input_vars=["aa"], input_dims={"time": 2})
+    # The unknown dim first: not "target_dims must have the same dims as input_dims".
+    with pytest.raises(KeyError, match=r"input_dims: dimension 'latitude' .* did you mean 'lat'"):
+        XarrayDataModule(
+            small_ds,
+            input_vars=["a"],
+            input_dims={"time": 4, "latitude": 5, "lon": 5},
+            target_dims={"time": 1, "lat": 5, "lon": 5},
+        )
+    with pytest.raises(KeyError, match=r"target_offset: dimension 'tim' .* did you mean 'time'"):
+        XarrayDataModule(
+            small_ds, input_vars=["a"], input_dims={"time": 2}, target_offset={"tim": 2}
+        )

@@ -15,6 +15,7 @@ import xarray as xr
 from torch.utils.data import DataLoader
 
 from xr_datamodule.handoff import release_memory
+from xr_datamodule.layout import preview_source
 from xr_datamodule.loaders import eval_loader, on_cuda, train_loader, trained_so_far, world_of
 from xr_datamodule.pipeline import DataPipeline, training_order
 from xr_datamodule.spec import STAGE_SPLITS, DataSpec, hyperparameters
@@ -34,7 +35,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
     Args:
         data: A zarr store, a netCDF file, a glob of netCDF files, an fsspec URL, an
             ``xr.Dataset``, or ``"synthetic://weather"`` (the embedded synthetic data).
-        input_vars: Variables that form ``X``.
+        input_vars: Variables that form ``X`` (names are checked against the data here).
         input_dims: Window length per dim (xbatcher's ``input_dims``).
         target_vars: Variables that form ``y``; default: ``input_vars``.
         input_overlap: Overlap of consecutive windows per dim (default 0), so the stride is
@@ -61,8 +62,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         drop_last: Drop the last, smaller training batch.
         load: ``"auto"`` (default) loads the selected variables into memory when they take
             at most a quarter of the available memory, ``True`` always loads, ``False``
-            never does: the data are then read out of core, cell by cell (groups of storage
-            chunks), with chunk-aware shuffling for training.
+            never does: the data are then read out of core, cell by cell (docs/reading.md).
         shuffle: How training samples are shuffled. ``"auto"`` (default): ``"full"`` for data
             in memory, ``"chunks"`` out of core. ``"chunks"``: a chunk-aware order that
             decodes each storage chunk about once per epoch; every batch mixes
@@ -163,10 +163,9 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         time_step: The regular step of the time axis (``"1h"``, ``"6h"``, ``"1D"``, ``"1M"``
             for monthly data, a number for numeric labels), or ``{dim: step}``; default: the
             most common step of each windowed dim.
-        mask: A static variable of the data (no time dim) that is true (nonzero) where
-            targets count, e.g. ``ds.assign(ocean=ds.lsm < 0.5)`` for an ocean model: dict
-            batches' ``target_mask`` is False elsewhere, :meth:`to_xarray` writes NaN there
-            and the verification skips those points.
+        mask: A static variable, nonzero where targets count (``ds.assign(ocean=ds.lsm <
+            0.5)``): elsewhere dict batches' ``target_mask`` is False, :meth:`to_xarray`
+            writes NaN and the verification skips the points.
         strict_store: For a local store of untrusted origin: refuse it in ``setup`` when it
             holds a symlink leading outside it or an entry that is not a regular file.
         align_dims: Variables on other grids (downscaling targets, bands at other
@@ -241,9 +240,10 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}
         self.save_hyperparameters(hyperparameters(arguments))
+        opened = preview_source(arguments)  # opened early to check names against the data
         self.spec = DataSpec(**arguments)
         self.order = training_order(self.spec)
-        self.pipeline = DataPipeline(self.spec, self.order, world=self._world)
+        self.pipeline = DataPipeline(self.spec, self.order, world=self._world, opened=opened)
         self._iterable_passes = 0
 
     @classmethod

@@ -15,9 +15,10 @@ its non-windowed dims flattened in C order (:class:`~xr_datamodule.sources.Varia
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -26,9 +27,13 @@ from xr_datamodule.forcings import check_forcings, coordinate_dims
 from xr_datamodule.sources import (
     VariableLayout,
     channel_layouts,
+    check_names,
     check_store_tree,
     check_variables,
+    is_remote,
     open_selected,
+    open_source,
+    select_labels,
     static_variables,
     window_dim_order,
 )
@@ -36,7 +41,7 @@ from xr_datamodule.spec import DataSpec
 from xr_datamodule.timeaxis import is_datetime_labels
 from xr_datamodule.windows import WindowGeometry
 
-__all__ = ["SourceLayout", "open_checked", "source_layout", "static_dim_of"]
+__all__ = ["SourceLayout", "open_checked", "preview_source", "source_layout", "static_dim_of"]
 
 
 @dataclass(frozen=True)
@@ -165,8 +170,38 @@ class SourceLayout:
         return (weights / weights.mean()).reshape(shape).astype(dtype)
 
 
-def open_checked(spec: DataSpec) -> xr.Dataset:
+def preview_source(arguments: Mapping[str, Any]) -> xr.Dataset | None:
+    """The source opened lazily where the datamodule is constructed, its names checked.
+
+    Variables and dims are checked against the data before the arguments are checked
+    against each other, so that a misspelled name is reported for what it is (with the
+    closest valid one), not as, say, ``target_dims`` disagreeing with ``input_dims``. Only
+    what opens without a network or a store of untrusted origin (``strict_store`` checks its
+    tree first, in ``setup``): an ``xr.Dataset``, a local file or store, the synthetic data.
+    None otherwise, and when it does not open (``setup`` then says why, in full).
+
+    Raises:
+        KeyError: An unknown variable or dim.
+    """
+    data = arguments.get("data")
+    if arguments.get("strict_store") or data is None or is_remote(data):
+        return None
+    try:
+        source = open_source(data, arguments.get("open_kwargs"))
+    except Exception:  # reported by setup, which opens it again
+        return None
+    variables = {role: arguments.get(role) for role in ("input_vars", "target_vars")}
+    dims = ("input_dims", "target_dims", "input_overlap", "target_offset")
+    check_names(source, variables, {role: arguments.get(role) for role in dims})
+    return source
+
+
+def open_checked(spec: DataSpec, opened: xr.Dataset | None = None) -> xr.Dataset:
     """The spec's source opened lazily (``select`` applied), its variable names checked.
+
+    Args:
+        spec: The spec.
+        opened: The source already opened (without ``select``), if it was.
 
     Raises:
         KeyError: A variable that the data lack (with the valid ones).
@@ -175,7 +210,10 @@ def open_checked(spec: DataSpec) -> xr.Dataset:
         path = os.fspath(spec.data)
         if os.path.isdir(path):
             check_store_tree(path)
-    source = open_selected(spec.data, spec.open_kwargs, spec.select)
+    if opened is None:
+        source = open_selected(spec.data, spec.open_kwargs, spec.select)
+    else:
+        source = select_labels(opened, spec.select) if spec.select else opened
     check_variables(source, spec.input_vars, "input_vars")
     check_variables(source, spec.targets, "target_vars")
     return source

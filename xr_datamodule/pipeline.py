@@ -76,6 +76,7 @@ class DataPipeline:
         spec: What to read and how (validated).
         order: The training order (seed, chunk layout, resume point); a new one by default.
         world: Returns (world size, global rank) when asked; default a single process.
+        opened: The source, already opened (without ``select``), if it was.
 
     Example:
         >>> import numpy as np
@@ -93,8 +94,10 @@ class DataPipeline:
         spec: DataSpec,
         order: TrainingOrder | None = None,
         world: Callable[[], tuple[int, int]] = lambda: (1, 0),
+        opened: xr.Dataset | None = None,
     ) -> None:
         self.given = spec
+        self.opened = opened
         self.order = order or training_order(spec)
         self.world = world
         self.datasets: dict[str, XarrayWindowDataset] = {}
@@ -108,7 +111,7 @@ class DataPipeline:
     @cached_property
     def source(self) -> xr.Dataset:
         """The source, opened lazily with ``select`` applied; variable names checked."""
-        return open_checked(self.given)
+        return open_checked(self.given, self.opened)
 
     @cached_property
     def grids(self) -> GridPlan:

@@ -13,6 +13,7 @@ instead of channels, window it with length 1.
 
 from __future__ import annotations
 
+import difflib
 import glob
 import json
 import os
@@ -219,6 +220,45 @@ def is_in_memory(ds: xr.Dataset, names: Sequence[str]) -> bool:
     return all(getattr(ds[name].variable, "_in_memory", False) for name in names)
 
 
+def did_you_mean(name: str, valid: Sequence[str]) -> str:
+    """``; did you mean 'lat'?`` for the closest of ``valid``, or nothing when none is close."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_names(ds: xr.Dataset, variables: Mapping[str, Any], dims: Mapping[str, Any]) -> None:
+    """Unknown variables and dims, each named with the valid ones and the closest of them.
+
+    Run where the datamodule is constructed, before the arguments are checked against each
+    other, so that a misspelled name is reported for what it is (and not, say, as
+    ``target_dims`` disagreeing with ``input_dims``).
+
+    Args:
+        ds: The source.
+        variables: ``{argument: names}``, e.g. ``{"input_vars": ["t2m"]}``.
+        dims: ``{argument: {dim: ...}}``, e.g. ``{"input_dims": {"time": 2}}``.
+
+    Raises:
+        KeyError: The first unknown name.
+    """
+    valid_vars = tuple(str(name) for name in ds.data_vars)
+    for role, names in variables.items():
+        for name in names if isinstance(names, (list, tuple)) else ():
+            if isinstance(name, str) and name not in ds.data_vars:
+                raise KeyError(
+                    f"{role}: variable {name!r} is not in the data. Valid: {valid_vars}"
+                    + did_you_mean(name, valid_vars)
+                )
+    valid_dims = tuple(str(dim) for dim in ds.dims)
+    for role, given in dims.items():
+        for dim in given if isinstance(given, Mapping) else ():
+            if dim not in ds.dims:
+                raise KeyError(
+                    f"{role}: dimension {dim!r} does not exist. Expected one or more of "
+                    f"{valid_dims}" + did_you_mean(dim, valid_dims)
+                )
+
+
 def check_variables(ds: xr.Dataset, names: Sequence[str], role: str) -> list[str]:
     """Check that the named variables exist, are numeric and are not listed twice.
 
@@ -241,7 +281,10 @@ def check_variables(ds: xr.Dataset, names: Sequence[str], role: str) -> list[str
     valid = tuple(str(name) for name in ds.data_vars)
     for name in names:
         if name not in ds.data_vars:
-            raise KeyError(f"{role}: variable {name!r} is not in the data. Valid: {valid}")
+            raise KeyError(
+                f"{role}: variable {name!r} is not in the data. Valid: {valid}"
+                + did_you_mean(name, valid)
+            )
         dtype = ds[name].dtype
         if not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
             raise TypeError(
