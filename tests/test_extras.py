@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import xarray as xr
 
 from tests.conftest import reference_windows
@@ -224,3 +225,31 @@ def test_extras_sit_between_the_variables_and_the_missing_value_mask(small_ds, l
     np.testing.assert_allclose(X[:, 2], np.broadcast_to(cos_lat[:, None, :, None], X[:, 2].shape))
     np.testing.assert_array_equal(X[:, 3], np.isnan(raw[:, 0]).astype(float))
     assert X[:, 3].any()
+
+
+def test_patches_carry_their_own_latitude_weights_in_dict_batches():
+    source = make_weather(n_time=24)
+    global_weights = np.cos(np.radians(source.lat.values))
+    global_weights /= global_weights.mean()
+    patches = XarrayDataModule(
+        source,
+        input_vars=["t2m"],
+        input_dims={"time": 1, "lat": 16, "lon": 16},
+        batch_format="dict",
+        batch_size=8,
+    )
+    patches.setup("fit")
+    batch = next(iter(patches.val_dataloader()))
+    weights = batch["target_area_weight"]
+    assert tuple(weights.shape) == (8, 1, 1, 16, 1)  # broadcasts against y
+    for k in range(8):
+        rows = [np.flatnonzero(source.lat.values == lat)[0] for lat in batch["target_lat"][k]]
+        np.testing.assert_allclose(weights[k].numpy().ravel(), global_weights[rows], rtol=1e-6)
+    loss = ((batch["y"] - 0) ** 2 * weights).mean()  # a latitude-weighted patch loss
+    assert torch.isfinite(loss)
+    full = XarrayDataModule(
+        source, input_vars=["t2m"], input_dims={"time": 1, "lat": 32, "lon": 64}
+    )
+    np.testing.assert_allclose(
+        full.area_weights.numpy().ravel(), global_weights, rtol=1e-6
+    )  # the same weights as the whole-field ones

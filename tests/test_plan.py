@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pandas as pd
@@ -118,3 +119,33 @@ def test_every_sample_of_a_split_is_a_point_of_its_start_grid(data):
     lo, hi = plan.split_bounds["val"]["time"]
     grid = itertools.product(range(lo, hi - 2), [0], [0, 2, 4])
     assert [tuple(s) for s in index.starts(np.arange(len(index))).tolist()] == list(grid)
+
+
+def test_a_forecast_that_skips_start_times_says_so_once(caplog):
+    from xr_datamodule import XarrayDataModule
+
+    forecast = dict(
+        input_vars=["t2m"],
+        input_dims={"time": 2, "lat": 32, "lon": 32},
+        target_dims={"time": 1, "lat": 32, "lon": 32},
+        target_offset={"time": 2},
+    )
+    with caplog.at_level(logging.WARNING, logger="xr_datamodule.plan"):
+        dm = XarrayDataModule("synthetic://weather", **forecast)
+        dm.setup("fit")
+        text = str(dm)
+    notices = [r.getMessage() for r in caplog.records if "forecast start times" in r.getMessage()]
+    assert notices == [
+        "windows start every 2 steps along 'time' (input_dims 2, input_overlap 0): only 1 in 2 "
+        "forecast start times is a sample; input_overlap={'time': 1} uses every one"
+    ]
+    assert "time 2 (stride 2: 1 in 2 start times" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="xr_datamodule.plan"):
+        every = XarrayDataModule("synthetic://weather", input_overlap={"time": 1}, **forecast)
+        every.setup("fit")
+        assert "start times" not in str(every)
+    assert not caplog.records
+    skipping, all_starts = (m.indices["train"].axis_starts[0] for m in (dm, every))
+    assert set(np.diff(skipping)) == {2} and set(np.diff(all_starts)) == {1}
+    assert set(skipping) < set(all_starts)

@@ -121,6 +121,9 @@ class XarrayWindowDataset(Dataset):
             the target mask then looks for them; otherwise it is all True unless the reader
             keeps the targets' missing-value masks (``nan_policy="fill"``).
         valid: Where targets count at all (the ``mask`` option), or None.
+        latitude_weights: With ``labels``: the latitude axis and cos(latitude) over its
+            mean per position, for each sample's ``target_area_weight`` (its target window's
+            weights, shaped to broadcast against ``y``).
         grids: Windows of other grids' variables (:mod:`~xr_datamodule.familyread`): the
             targets (key ``"y"``), inputs of their own (``"x_<family>"``), or series
             broadcast into ``X``'s channels after the extra ones.
@@ -144,8 +147,10 @@ class XarrayWindowDataset(Dataset):
         targets_may_hold_nan: bool = True,
         valid: StaticMask | None = None,
         grids: Sequence[GridRead] = (),
+        latitude_weights: tuple[int, np.ndarray] | None = None,
     ) -> None:
         self.reader = reader
+        self.latitude_weights = latitude_weights
         self.targets_may_hold_nan = targets_may_hold_nan
         self.valid = valid
         self.offsets = offsets
@@ -342,6 +347,13 @@ class XarrayWindowDataset(Dataset):
                 meta[f"{side}_{dim}"] = labels[positions]
         for read in ([self.grid_targets] if self.grid_targets else []) + self.grid_inputs:
             meta.update(read.meta(starts))  # the labels along the other grids' own dims
+        if self.latitude_weights is not None and self.grid_targets is None:
+            axis, weights = self.latitude_weights
+            size = geometry.target_size[axis]
+            positions = starts[:, axis, None] + geometry.target_offset[axis] + np.arange(size)
+            shape = [len(starts), 1] + [1] * len(geometry.dims)
+            shape[2 + axis] = size
+            meta["target_area_weight"] = weights[positions].astype(self.reader.dtype).reshape(shape)
         return meta
 
     def _outputs(

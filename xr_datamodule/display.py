@@ -9,6 +9,7 @@ from typing import Any
 import xarray as xr
 
 from xr_datamodule.pipeline import DataPipeline
+from xr_datamodule.plan import skipped_starts
 
 __all__ = ["summary", "summary_html", "summary_text"]
 
@@ -43,7 +44,8 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
         "inputs": (", ".join(channels.input_variables), channels.input_shape),
         "targets": (", ".join(channels.target_variables), channels.target_shape),
         "windows": ", ".join(
-            f"{dim} {size} (stride {stride}, target {tsize} at {offset:+d})"
+            f"{dim} {size} (stride {stride}{_used(pipeline, dim, stride)}, target {tsize} at "
+            f"{offset:+d})"
             for dim, size, stride, tsize, offset in zip(
                 geometry.dims,
                 geometry.input_size,
@@ -67,6 +69,12 @@ def summary(pipeline: DataPipeline) -> dict[str, Any]:
             f"{spec.nan_policy}"
         ),
     }
+
+
+def _used(pipeline: DataPipeline, dim: str, stride: int) -> str:
+    """``: 1 in 2 start times`` along time where a forecast skips start times."""
+    skipped = dim == pipeline.layout.time_dim and skipped_starts(pipeline.layout, pipeline.geometry)
+    return f": 1 in {stride} start times" if skipped and stride > 1 else ""
 
 
 def _grids(pipeline: DataPipeline) -> list[str]:

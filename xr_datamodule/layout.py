@@ -145,6 +145,18 @@ class SourceLayout:
         """Grid points of the windowed dims at one position of the first."""
         return int(np.prod([self.source.sizes[dim] for dim in self.window_dims[1:]]))
 
+    def latitude_weights(self) -> tuple[int, np.ndarray] | None:
+        """(axis, cos(latitude) over its mean over the whole grid) of a windowed latitude dim.
+
+        Per position of the dim, for the weights of each sample's window (patches); None
+        without a windowed latitude dim.
+        """
+        dim = coordinate_dims(self.source, self.window_dims).get("lat")
+        if dim is None or dim not in self.source.coords:
+            return None
+        weights = np.cos(np.radians(np.asarray(self.source[dim].values, dtype=np.float64)))
+        return self.window_dims.index(dim), weights / weights.mean()
+
     def area_weights(self, geometry: WindowGeometry, dtype: np.dtype) -> np.ndarray:
         """Cosine of latitude over its mean, shaped ``(1, 1, *target window)`` to weight ``y``.
 
@@ -162,7 +174,7 @@ class SourceLayout:
             raise ValueError(
                 f"area_weights: the target window spans {geometry.target_size[axis]} of "
                 f"the {self.source.sizes[dim]} latitudes; weights differ from sample to sample "
-                "then: take np.cos(np.radians(latitudes)) of each sample's window instead"
+                "then: use dict batches' per-sample target_area_weight instead"
             )
         weights = np.cos(np.radians(np.asarray(self.source[dim].values, dtype=np.float64)))
         shape = [1] * (2 + len(self.window_dims))

@@ -283,6 +283,7 @@ class DataPipeline:
         split = self.plan.split_for(split)
         if split not in self.datasets:
             spec, layout = self.spec, self.layout
+            dict_batches = spec.batch_format == "dict"
             self.datasets[split] = XarrayWindowDataset(
                 self.reader,
                 index,
@@ -295,11 +296,12 @@ class DataPipeline:
                 transform_on=spec.transform_on,
                 input_extras=self._extras(spec.input_vars, spec.forcings or []),
                 target_extras=self._extras(spec.targets, []),
-                labels=layout.window_labels if spec.batch_format == "dict" else None,
+                labels=layout.window_labels if dict_batches else None,
                 offsets=self.sampling.random_offsets if split == "train" else None,
                 targets_may_hold_nan=spec.nan_policy == "keep",
                 valid=self.static_mask,
                 grids=self._grid_reads,  # set with the reader (an argument before)
+                latitude_weights=layout.latitude_weights() if dict_batches else None,
             )
         return self.datasets[split]
 

@@ -33,7 +33,7 @@ from xr_datamodule.splits import resolve_splits
 from xr_datamodule.timeaxis import AxisCheck, apply_gap_policy, check_axis
 from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index, reduce_windows
 
-__all__ = ["SamplePlan", "plan_samples", "window_geometry"]
+__all__ = ["SamplePlan", "plan_samples", "skipped_starts", "window_geometry"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ def plan_samples(
         MissingValueError: ``nan_policy="error"`` and a missing value in the data.
     """
     dims = geometry.dims
+    _notice_skipped_starts(layout, geometry)
     split_dim = spec.split_dim or ("time" if "time" in dims else dims[0])
     axes = _checked_axes(spec, layout, split_dim)  # a disordered time axis is reported first
     assert spec.splits is not None
@@ -142,6 +143,37 @@ def plan_samples(
     if spec.nan_policy == "drop":
         indices, dropped = _drop_missing(spec, layout, geometry, indices)
     return SamplePlan(geometry, split_dim, bounds, axes, indices, gap_samples, dropped)
+
+
+def skipped_starts(layout: SourceLayout, geometry: WindowGeometry) -> int:
+    """The stride along time of a forecasting set-up (a target after the inputs), else 1.
+
+    Windows start every ``stride`` steps, so only 1 in ``stride`` forecast start times is
+    a sample: ``input_overlap={time: input_dims[time] - 1}`` makes every one a sample.
+    """
+    time_dim = layout.time_dim
+    if time_dim is None:
+        return 1
+    axis = geometry.dims.index(time_dim)
+    return geometry.stride[axis] if geometry.target_offset[axis] > 0 else 1
+
+
+def _notice_skipped_starts(layout: SourceLayout, geometry: WindowGeometry) -> None:
+    stride = skipped_starts(layout, geometry)
+    if stride > 1:
+        time_dim = layout.time_dim
+        size = geometry.input_size[geometry.dims.index(time_dim)]  # type: ignore[arg-type]
+        logger.warning(
+            "windows start every %d steps along %r (input_dims %d, input_overlap %d): only 1 "
+            "in %d forecast start times is a sample; input_overlap={%r: %d} uses every one",
+            stride,
+            time_dim,
+            size,
+            size - stride,
+            stride,
+            time_dim,
+            size - 1,
+        )
 
 
 def _checked_axes(spec: DataSpec, layout: SourceLayout, split_dim: str) -> dict[str, AxisCheck]:
