@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,17 +23,30 @@ def test_notebook_is_committed_without_outputs():
 @pytest.mark.timeout(600)
 def test_quickstart_notebook_executes(tmp_path):
     nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("nbclient")
     pytest.importorskip("matplotlib")
     pytest.importorskip("ipykernel")
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(tmp_path)}},
+    pytest.importorskip("nbconvert")
+    # What the README says to run (nbconvert executes it through nbclient).
+    executed = tmp_path / "quickstart.ipynb"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--ExecutePreprocessor.timeout=600",
+            f"--output-dir={tmp_path}",
+            str(NOTEBOOK),
+        ],
+        check=True,  # a failing cell fails the command
+        cwd=tmp_path,
+        capture_output=True,
     )
-    client.execute()  # raises CellExecutionError on any failing cell
+    notebook = nbformat.read(executed, as_version=4)
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs]
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 4  # splits, windows, prediction beside the truth, rare-event weights
