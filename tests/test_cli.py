@@ -31,10 +31,19 @@ def run(*args: str, **environment: str) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=240, env=env)
 
 
-def test_fit_synthetic_config_fast_dev_run():
+def test_fit_synthetic_config_fast_dev_run_on_a_quiet_console():
     result = run("fit", "--config", SYNTHETIC, "--trainer.fast_dev_run=true")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "fast_dev_run" in result.stderr + result.stdout
+    console = result.stderr + result.stdout
+    assert console.startswith("XarrayDataModule: synthetic://weather")  # ours first
+    assert "climatology" in console  # the report
+    # Neither Lightning's informational lines nor its LeafSpec deprecation (see quiet_console).
+    for noise in ("GPU available", "Tip:", "Trainable params", "LeafSpec", "Warning"):
+        assert noise not in console
+    verbose = run(
+        "fit", "--config", SYNTHETIC, "--trainer.fast_dev_run=true", XR_DATAMODULE_VERBOSE="1"
+    )
+    assert "fast_dev_run" in verbose.stderr + verbose.stdout  # Lightning's lines are back
 
 
 def test_fit_netcdf_config_fast_dev_run(era_path):

@@ -297,6 +297,10 @@ class _AllGrids(pl.LightningModule):
         self.log("train_loss", loss, batch_size=len(batch["y"]))
         return loss
 
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss = ((self.net(self._inputs(batch)) - batch["y"].flatten(1, -3)) ** 2).mean()
+        self.log("val_loss", loss, batch_size=len(batch["y"]))
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
@@ -311,7 +315,7 @@ def test_three_grids_through_a_trainer():
         batch_size=4,
         batch_format="dict",
     )
-    trainer = cpu_trainer(max_epochs=1, limit_val_batches=0)
+    trainer = cpu_trainer(max_epochs=1)
     trainer.fit(_AllGrids(channels=3), datamodule=dm)
     assert torch.isfinite(trainer.callback_metrics["train_loss"])
     assert dm.grids == {

@@ -13,9 +13,11 @@ built (``apply_on="instantiate"``), so a model given by ``class_path`` must acce
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from itertools import islice
 from typing import Any
@@ -45,6 +47,7 @@ EPILOG = (
     "whole traceback."
 )
 TRACEBACK_SWITCH = "XR_DATAMODULE_TRACEBACK"
+VERBOSE_SWITCH = "XR_DATAMODULE_VERBOSE"  # 1: keep Lightning's informational lines
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -182,6 +185,25 @@ def _message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def quiet_console() -> None:
+    """What the command prints: our lines, Lightning's progress bars, warnings and errors.
+
+    Lightning's informational lines (the seed, the devices found, a tip for its cloud
+    logger, the model summary) are left out unless ``XR_DATAMODULE_VERBOSE=1``. Lightning
+    2.x's batch-size helper uses torch's ``LeafSpec``, which torch >= 2.10 deprecates: the
+    warning came at every fit, is harmless and is not ours to fix (the command owns its
+    console; a notebook or script still sees it).
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+    )
+    if os.environ.get(VERBOSE_SWITCH, "") in ("", "0"):
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main() -> None:
     """Console-script entry point of ``xr-datamodule``.
 
@@ -189,6 +211,7 @@ def main() -> None:
     message (exit status 2), as LightningCLI's own argument errors do; set
     ``XR_DATAMODULE_TRACEBACK=1`` for the whole traceback.
     """
+    quiet_console()
     try:
         if sys.argv[1:2] == ["bench"]:
             bench(sys.argv[2:])
