@@ -21,8 +21,9 @@ def test_print_and_repr_give_the_summary(small_ds):
 
 
 def test_a_broken_configuration_is_shown_not_raised(small_ds):
-    dm = XarrayDataModule(small_ds, input_vars=["nope"], **SETTINGS)
-    assert "not usable yet" in str(dm) and "'nope' is not in the data" in str(dm)
+    # What only setup can find (names are checked at construction): a window too long.
+    dm = XarrayDataModule(small_ds, input_vars=["a"], **{**SETTINGS, "input_dims": {"time": 99}})
+    assert "not usable yet" in str(dm) and "input_dims['time'] = 99 is larger" in str(dm)
 
 
 def test_channel_names_follow_the_transform(small_ds):

@@ -106,7 +106,7 @@ def test_forcings_equal_a_direct_formula():
         t0, y0, x0 = starts[sample]
         for step in range(2):
             when = pd.Timestamp(source.time.values[t0 + step])
-            day = when.dayofyear - 1 + when.hour / 24
+            day = when.day_of_year - 1 + when.hour / 24
             days = 366 if when.is_leap_year else 365
             for row in range(8):
                 for column in range(8):
@@ -243,7 +243,8 @@ def test_patches_carry_their_own_latitude_weights_in_dict_batches():
     weights = batch["target_area_weight"]
     assert tuple(weights.shape) == (8, 1, 1, 16, 1)  # broadcasts against y
     for k in range(8):
-        rows = [np.flatnonzero(source.lat.values == lat)[0] for lat in batch["target_lat"][k]]
+        lats = batch["target_lat"][k].numpy()
+        rows = [np.flatnonzero(source.lat.values == lat)[0] for lat in lats]
         np.testing.assert_allclose(weights[k].numpy().ravel(), global_weights[rows], rtol=1e-6)
     loss = ((batch["y"] - 0) ** 2 * weights).mean()  # a latitude-weighted patch loss
     assert torch.isfinite(loss)

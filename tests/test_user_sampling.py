@@ -319,6 +319,7 @@ def test_a_sampler_from_yaml_reaches_the_datamodule_as_the_class_it_names(tmp_pa
 
     config = tmp_path / "sampled.yaml"
     config.write_text(
+        "seed_everything: 0\n"
         "data:\n"
         "  data: synthetic://weather\n"
         "  input_vars: [t2m]\n"
