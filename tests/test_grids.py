@@ -71,6 +71,17 @@ def eo_scene(n_time: int = 6, side: int = 48, seed: int = 1) -> xr.Dataset:
     )
 
 
+# Bands at 10, 20 and 60 m in, a 10 m label out; dict batches (inputs on three grids).
+BANDS = dict(
+    input_vars=["b04", "b11", "b01"],
+    target_vars=["label"],
+    input_dims={"time": 1, "y": 12, "x": 12},
+    splits={"train": 0.5, "val": 0.5},
+    batch_size=4,
+    batch_format="dict",
+)
+
+
 def cells_of(ds: xr.Dataset, var: str, labels: dict[str, np.ndarray], follows: dict) -> np.ndarray:
     """Brute force: ``var`` over the region of the primary cells ``labels`` (by ``sel``)."""
     where = {}
@@ -143,12 +154,7 @@ def test_three_grids_of_bands_equal_sel_and_windows_start_on_the_coarsest_cells(
     ds = eo_scene()
     dm = XarrayDataModule(
         ds,
-        input_vars=["b04", "b11", "b01"],
-        target_vars=["label"],
-        input_dims={"time": 1, "y": 12, "x": 12},
-        splits={"train": 0.5, "val": 0.5},
-        batch_size=4,
-        batch_format="dict",
+        **BANDS,
     )
     dm.setup("fit")
     batch = next(iter(dm.val_dataloader()))
@@ -308,12 +314,7 @@ class _AllGrids(pl.LightningModule):
 def test_three_grids_through_a_trainer():
     dm = XarrayDataModule(
         eo_scene(),
-        input_vars=["b04", "b11", "b01"],
-        target_vars=["label"],
-        input_dims={"time": 1, "y": 12, "x": 12},
-        splits={"train": 0.5, "val": 0.5},
-        batch_size=4,
-        batch_format="dict",
+        **BANDS,
     )
     trainer = cpu_trainer(max_epochs=1)
     trainer.fit(_AllGrids(channels=3), datamodule=dm)
@@ -375,12 +376,7 @@ def test_three_grids_out_of_core_with_workers_in_dict_batches(tmp_path):
     scene.chunk({"time": 1}).to_zarr(path)
     dm = XarrayDataModule(
         str(path),
-        input_vars=["b04", "b11", "b01"],
-        target_vars=["label"],
-        input_dims={"time": 1, "y": 12, "x": 12},
-        splits={"train": 0.5, "val": 0.5},
-        batch_size=4,
-        batch_format="dict",
+        **BANDS,
         load=False,
         num_workers=2,
     )
