@@ -143,6 +143,12 @@ def test_the_main_job_leaves_a_checkpoint_metrics_and_predictions_on_the_grid(tm
 
     predicted = run("predict", "--config", SYNTHETIC, "--ckpt_path", str(best))
     assert predicted.returncode == 0, predicted.stderr[-3000:]
+    # test and predict logged into the fit's run, which keeps its own metrics.
+    runs = tmp_path / "lightning_logs" / "demo"
+    assert [p.name for p in runs.glob("version_*")] == [best.parent.parent.name]
+    assert "test_loss" in (best.parent.parent / "test" / "metrics.csv").read_text().splitlines()[0]
+    assert (best.parent.parent / "predict" / "config.yaml").exists()
+    assert "val_loss" in metrics.read_text().splitlines()[0]
     output = tmp_path / "lightning_logs" / "demo" / "predictions.nc"
     assert f"predictions: {output.relative_to(tmp_path)}" in predicted.stdout
     assert (tmp_path / "lightning_logs" / "demo" / "prediction.png").stat().st_size > 0

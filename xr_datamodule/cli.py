@@ -3,7 +3,7 @@
 Example (shell)::
 
     xr-datamodule fit --config examples/synthetic.yaml
-    xr-datamodule fit --config examples/netcdf.yaml --data.data ../shared/data/eraint_uvz.nc
+    xr-datamodule fit --config examples/netcdf.yaml
     xr-datamodule bench --config examples/synthetic.yaml --workers 0 2
 
 The model's ``input_shape`` and ``target_shape`` are linked from the datamodule once it is
@@ -20,6 +20,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,12 +60,43 @@ class XarrayCLI(LightningCLI):
         kwargs.setdefault("epilog", EPILOG)
         return super().init_parser(**kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """``test``/``predict``/``validate`` of a fit's checkpoint log into that fit's run.
+
+        With ``--ckpt_path <save_dir>/<name>/version_N/checkpoints/x.ckpt`` and a logger of
+        that ``save_dir`` and ``name``, the logger writes into ``version_N/<subcommand>``
+        (its config and metrics) rather than into a new ``version_N+1`` beside the fit's; a
+        logger writing into ``version_N`` itself would delete the fit's ``metrics.csv``.
+        """
+        subcommand = self.subcommand
+        if subcommand not in ("test", "predict", "validate"):
+            return
+        config = self.config[subcommand]
+        run_dir = _run_dir_of(config.get("ckpt_path"))
+        logger = config.trainer.get("logger")
+        init = getattr(logger, "init_args", None) if logger is not None else None
+        if run_dir is None or init is None or init.get("version") is not None:
+            return
+        save_dir, name = init.get("save_dir"), init.get("name")
+        if save_dir is not None and Path(save_dir, name or "") == run_dir.parent:
+            init["version"] = f"{run_dir.name}/{subcommand}"
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Link ``data`` → ``model.init_args.{input,target}_shape`` after instantiation."""
         for target, compute in (("input_shape", _input_shape), ("target_shape", _target_shape)):
             parser.link_arguments(
                 "data", f"model.init_args.{target}", compute_fn=compute, apply_on="instantiate"
             )
+
+
+def _run_dir_of(ckpt_path: Any) -> Path | None:
+    """The run folder of ``.../version_N/checkpoints/x.ckpt`` (a fit's), or None."""
+    if not ckpt_path:
+        return None
+    path = Path(str(ckpt_path))
+    if path.parent.name != "checkpoints" or not path.parent.parent.name.startswith("version_"):
+        return None
+    return path.parent.parent
 
 
 def run_cli(args: Sequence[str] | None = None) -> XarrayCLI:
