@@ -21,19 +21,18 @@ from xr_datamodule.models import DemoForecaster
 COARSE, FINE = 5.625, 2.8125  # ClimateLearn's downscaling pair
 
 
-def downscaling_pair(n_time: int = 16, seed: int = 0) -> xr.Dataset:
-    """Global t2m at 5.625 deg and at 2.8125 deg (4x the points), latitude north to south."""
+def downscaling_pair(n_time: int = 16, seed: int = 0, factor: int = 2) -> xr.Dataset:
+    """Global t2m at 5.625 deg and on a grid ``factor`` times finer per axis, north to south."""
     rng = np.random.default_rng(seed)
+    fine_step = COARSE / factor
     lat = 90 - COARSE / 2 - COARSE * np.arange(32)
     lon = COARSE * np.arange(64)
-    lat_hr = 90 - FINE / 2 - FINE * np.arange(64)
-    lon_hr = -FINE / 2 + FINE * np.arange(128)
+    lat_hr = 90 - fine_step / 2 - fine_step * np.arange(32 * factor)
+    lon_hr = -COARSE / 2 + fine_step / 2 + fine_step * np.arange(64 * factor)
     time = pd.date_range("2000-01-01", periods=n_time, freq="6h")
-    fine = rng.standard_normal((n_time, 64, 128)).astype("f4") * 3 + 280
-    coarse = fine.reshape(n_time, 32, 2, 64, 2).mean(axis=(2, 4)) + rng.standard_normal(
-        (n_time, 32, 64)
-    ).astype("f4")
-    coarse = np.roll(coarse, -0, axis=2)
+    fine = rng.standard_normal((n_time, 32 * factor, 64 * factor)).astype("f4") * 3 + 280
+    coarse = fine.reshape(n_time, 32, factor, 64, factor).mean(axis=(2, 4))
+    coarse += rng.standard_normal((n_time, 32, 64)).astype("f4")
     return xr.Dataset(
         {
             "t2m": (("time", "lat", "lon"), coarse),
@@ -116,9 +115,10 @@ def test_alignment_of_nested_grids_and_the_errors_for_others():
         align_dim(odd, "lon_hr", "lon")
 
 
+@pytest.mark.parametrize("factor", [2, 4])
 @pytest.mark.parametrize("window", [{"lat": 8, "lon": 16}, {"lat": 32, "lon": 64}])
-def test_downscaling_windows_equal_sel_on_the_fine_grid(window):
-    ds = downscaling_pair()
+def test_downscaling_windows_equal_sel_on_the_fine_grid(window, factor):
+    ds = downscaling_pair(factor=factor)
     dm = XarrayDataModule(
         ds,
         input_vars=["t2m"],
@@ -128,7 +128,7 @@ def test_downscaling_windows_equal_sel_on_the_fine_grid(window):
         batch_format="dict",
     )
     dm.setup("fit")
-    assert dm.target_shape == (1, 1, 2 * window["lat"], 2 * window["lon"])
+    assert dm.target_shape == (1, 1, factor * window["lat"], factor * window["lon"])
     follows = {"lat_hr": "lat", "lon_hr": "lon"}
     seen = 0
     for batch in dm.val_dataloader():
