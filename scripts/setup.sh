@@ -39,5 +39,6 @@ if ! python -c "import torch" 2>/dev/null; then
         || python -m pip install -q "$TORCH_SPEC"
 fi
 echo "installing xr_datamodule with its dev extra into $VENV"
-python -m pip install -q -e ".[dev]"
+# setuptools' banner about editable installs (a warning in its build backend) is left out.
+PYTHONWARNINGS="ignore:Editable installation" python -m pip install -q -e ".[dev]"
 touch "$stamp"
