@@ -240,6 +240,10 @@ def test_downscaling_through_a_trainer_and_back_on_the_fine_grid(pair_zarr, load
     assert tuple(predicted[0].shape[1:]) == dm.target_shape == (1, 1, 32, 64)
     # The targets themselves, put back, are the fine grid's values: y's windows cover it.
     truth = [y for _, y in dm.predict_dataloader()]
+    first = dm.denormalize(truth[0])[0, 0, 0].numpy()  # in kelvin again, on the fine grid
+    start = dm.indices["test"].starts([0])[0]
+    fine = xr.open_zarr(pair_zarr)["t2m_hr"].isel(time=start[0], lat_hr=slice(0, 32))
+    np.testing.assert_allclose(first, fine.isel(lon_hr=slice(0, 64)).values, rtol=1e-5)
     back = dm.to_xarray(truth)["t2m_hr"]
     assert back.dims[-2:] == ("lat_hr", "lon_hr")
     expected = xr.open_zarr(pair_zarr)["t2m_hr"].sel(time=back.time)

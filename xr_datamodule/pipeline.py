@@ -331,7 +331,17 @@ class DataPipeline:
         """
         if self.spec.normalize is None:
             return values
+        for stages in self.families:  # variables of another grid: its statistics
+            if names and set(names) <= set(stages.layout.reader_vars):
+                stages.statistics_over(self.plan.split_bounds.get("train"))
+                return stages.scale(values, list(names), inverse)
         return self.normalisation.scale(values, names, inverse, unscaled)
+
+    @property
+    def target_order(self) -> list[str]:
+        """The variables of ``y``'s channels, on whichever grid ``y`` lies."""
+        holder = self.grids.target_family
+        return list(holder.target_vars) if holder is not None else self.layout.target_order
 
     def scale_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
         """Normalise a batch ``(X, y)`` (``normalize_on="device"``); forcings stay as they are."""
@@ -361,7 +371,7 @@ class DataPipeline:
         holder = next((f for f in self.families if f.family.target_vars), None)
         if holder is not None:  # y lies on another grid: back onto that grid
             index, geometry, bounds = holder.mapped(index, bounds)
-            order, scale = holder.family.target_vars, holder.scale
+            order = holder.family.target_vars
         forecast = is_forecast_layout(layout, geometry, time_dim)
         physical = [scale(part, order, inverse=True) for part in predictions]
         out = put_back(

@@ -233,7 +233,7 @@ class DataViews:
             >>> bool(abs(dm.denormalize(y)[0, 0, 0].numpy() - raw.values).max() < 1e-4)
             True
         """
-        return self.pipeline.scale(values, names or self.pipeline.layout.target_order, inverse=True)
+        return self.pipeline.scale(values, names or self.pipeline.target_order, inverse=True)
 
     def to_xarray(
         self,
