@@ -84,6 +84,97 @@ def _fill_extras(
     extras.fill(out[:, end - extras.n_channels : end], starts)
 
 
+def _outputs(
+    shapes: Sequence[tuple[int, ...]],
+    dtype: np.dtype,
+    ring_slots: int,
+    mask_shape: tuple[int, ...] | None = None,
+) -> list[np.ndarray]:
+    """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`).
+
+    With ``mask_shape``, a last bool array of that shape (the target mask) too.
+    """
+    dtypes = [dtype] * len(shapes)
+    shapes = list(shapes)
+    if mask_shape is not None:
+        shapes.append(mask_shape)
+        dtypes.append(np.dtype(bool))
+    sizes = [
+        int(np.prod(shape)) * kind.itemsize for shape, kind in zip(shapes, dtypes, strict=True)
+    ]
+    offsets = np.cumsum([0] + [handoff.aligned(size) for size in sizes])
+    buffer = handoff.allocate(int(offsets[-1]), ring_slots)
+    return [
+        buffer[offset : offset + size].view(kind).reshape(shape)
+        for offset, size, shape, kind in zip(offsets, sizes, shapes, dtypes, strict=False)
+    ]
+
+
+def _meta(
+    ids: np.ndarray,
+    starts: np.ndarray,
+    labels: dict[str, np.ndarray],
+    geometry: WindowGeometry,
+    grid_reads: Sequence[GridRead],
+) -> dict[str, np.ndarray]:
+    """Sample numbers and the labels of every window position, per windowed dim.
+
+    Also along the other grids' own dims (``grid_reads``).
+    """
+    meta = {"sample": ids.astype(np.int64)}
+    for axis, dim in enumerate(geometry.dims):
+        for side, offset, size in (
+            ("input", 0, geometry.input_size[axis]),
+            ("target", geometry.target_offset[axis], geometry.target_size[axis]),
+        ):
+            positions = starts[:, axis, None] + offset + np.arange(size)
+            meta[f"{side}_{dim}"] = labels[dim][positions]
+    for read in grid_reads:
+        meta.update(read.meta(starts))
+    return meta
+
+
+def _area_weight(
+    latitude_weights: tuple[int, np.ndarray],
+    starts: np.ndarray,
+    geometry: WindowGeometry,
+    dtype: np.dtype,
+) -> np.ndarray:
+    """Each sample's latitude weights over its target window, shaped to broadcast against y."""
+    axis, weights = latitude_weights
+    size = geometry.target_size[axis]
+    positions = starts[:, axis, None] + geometry.target_offset[axis] + np.arange(size)
+    shape = [len(starts), 1] + [1] * len(geometry.dims)
+    shape[2 + axis] = size
+    return weights[positions].astype(dtype).reshape(shape)
+
+
+def _transformed(
+    reader: WindowReader,
+    dims: Sequence[str],
+    starts: np.ndarray,
+    names: list[str],
+    size: Sequence[int],
+    transform: Transform,
+    gathered: np.ndarray | None,
+) -> np.ndarray:
+    """The transform's channels: per window, or once on the gathered batch."""
+    source, dtype = reader.dataset, reader.dtype
+    if gathered is None:
+        # The windows are read for the transform, not by the reader: look at its output.
+        out = transformed_windows(source[names], starts, dims, size, transform, dtype)
+        if reader.find_nan and holds_nan(out):
+            first = first_nan(out)
+            raise MissingValueError(
+                f"the transform's output for the window of {names} starting at "
+                f"{label_at(source, dims, starts[first[0]])} has a "
+                f"{describe_missing(out[tuple(first)])}; {MISSING_ADVICE}"
+            )
+        return out
+    batch = batch_dataset(source, names, dims, starts, gathered)
+    return batch_to_channels(transform(batch), dims, size, dtype)
+
+
 class XarrayWindowDataset(Dataset):
     """The samples of one split: input and target windows cut from a :class:`WindowReader`.
 
@@ -215,7 +306,8 @@ class XarrayWindowDataset(Dataset):
         cuts = []
         if self.transform is None or batched:  # the raw input variables, for the transform
             channels = self.input_channels if self.transform is None else self._raw_inputs
-            cuts.append(Cut(_with_room(channels, n_extra, masked), *self._input_cut))
+            channels = _with_room(channels, n_extra, masked)
+            cuts.append(Cut(channels, geometry.reach_below, geometry.input_size))
         if target_here and (self.target_transform is None or batched):
             target_extras = self.target_extras.n_channels if self.target_extras else 0
             channels = _with_room(self.target_channels, target_extras, False)
@@ -231,7 +323,9 @@ class XarrayWindowDataset(Dataset):
             if target_here
             else self.grid_targets.shape(batch)  # type: ignore[union-attr]
         )
-        outs = self._outputs(shapes, target_shape if with_mask else None)
+        outs = _outputs(
+            shapes, self.reader.dtype, self.ring_slots, target_shape if with_mask else None
+        )
         target_mask = outs.pop() if with_mask else None
         own_outs = outs[len(cuts) :]
         del outs[len(cuts) :]
@@ -251,11 +345,19 @@ class XarrayWindowDataset(Dataset):
         if not target_here:
             targets = own_outs[0]
         if self.transform is not None:
-            inputs = self._transformed(
-                starts, self.input_vars, geometry.input_size, self.transform, inputs
+            inputs = _transformed(
+                self.reader,
+                self.geometry.dims,
+                starts,
+                self.input_vars,
+                geometry.input_size,
+                self.transform,
+                inputs,
             )
         if self.target_transform is not None:
-            targets = self._transformed(
+            targets = _transformed(
+                self.reader,
+                self.geometry.dims,
                 starts + self._target_offset,
                 self.target_vars,
                 geometry.target_size,
@@ -268,17 +370,20 @@ class XarrayWindowDataset(Dataset):
         self._broadcast(inputs, starts, masked)
         if self.target_extras is not None:
             _fill_extras(targets, self.target_extras, starts + self._target_offset, False)
-        meta = None if self.labels is None else self._meta(np.asarray(indices), starts)
+        meta = None
+        if self.labels is not None:
+            own = ([self.grid_targets] if self.grid_targets else []) + self.grid_inputs
+            meta = _meta(np.asarray(indices), starts, self.labels, geometry, own)
+            if self.latitude_weights is not None and self.grid_targets is None:
+                meta["target_area_weight"] = _area_weight(
+                    self.latitude_weights, starts, geometry, self.reader.dtype
+                )
         if target_mask is not None:
             self._mark_present(target_mask, targets, starts)
             if self.valid is not None:
                 target_mask &= self.valid.window(starts + self._target_offset, geometry.target_size)
         named = {read.key: out for read, out in zip(own, own_outs, strict=True) if read.key != "y"}
         return Batch(inputs, targets, meta, target_mask, named or None)
-
-    @property
-    def _input_cut(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return self.geometry.reach_below, self.geometry.input_size
 
     def _broadcast(self, inputs: np.ndarray, starts: np.ndarray, masked: bool) -> None:
         """Read the series that ``X`` holds as channels and repeat them over the window."""
@@ -332,53 +437,6 @@ class XarrayWindowDataset(Dataset):
             return starts
         return self.offsets.apply(starts, np.asarray(ids, dtype=np.int64), epoch or 0, seed)
 
-    def _meta(self, ids: np.ndarray, starts: np.ndarray) -> dict[str, np.ndarray]:
-        """Sample numbers and the labels of every window position, per windowed dim."""
-        assert self.labels is not None
-        geometry = self.geometry
-        meta = {"sample": ids.astype(np.int64)}
-        for axis, dim in enumerate(geometry.dims):
-            labels = self.labels[dim]
-            for side, offset, size in (
-                ("input", 0, geometry.input_size[axis]),
-                ("target", geometry.target_offset[axis], geometry.target_size[axis]),
-            ):
-                positions = starts[:, axis, None] + offset + np.arange(size)
-                meta[f"{side}_{dim}"] = labels[positions]
-        for read in ([self.grid_targets] if self.grid_targets else []) + self.grid_inputs:
-            meta.update(read.meta(starts))  # the labels along the other grids' own dims
-        if self.latitude_weights is not None and self.grid_targets is None:
-            axis, weights = self.latitude_weights
-            size = geometry.target_size[axis]
-            positions = starts[:, axis, None] + geometry.target_offset[axis] + np.arange(size)
-            shape = [len(starts), 1] + [1] * len(geometry.dims)
-            shape[2 + axis] = size
-            meta["target_area_weight"] = weights[positions].astype(self.reader.dtype).reshape(shape)
-        return meta
-
-    def _outputs(
-        self, shapes: Sequence[tuple[int, ...]], mask_shape: tuple[int, ...] | None = None
-    ) -> list[np.ndarray]:
-        """One buffer for all of a batch's windows (see :func:`~xr_datamodule.handoff.allocate`).
-
-        With ``mask_shape``, a last bool array of that shape (the target mask) too.
-        """
-        dtypes = [self.reader.dtype] * len(shapes)
-        shapes = list(shapes)
-        if mask_shape is not None:
-            shapes.append(mask_shape)
-            dtypes.append(np.dtype(bool))
-        sizes = [
-            int(np.prod(shape)) * dtype.itemsize
-            for shape, dtype in zip(shapes, dtypes, strict=True)
-        ]
-        offsets = np.cumsum([0] + [handoff.aligned(size) for size in sizes])
-        buffer = handoff.allocate(int(offsets[-1]), self.ring_slots)
-        return [
-            buffer[offset : offset + size].view(dtype).reshape(shape)
-            for offset, size, shape, dtype in zip(offsets, sizes, shapes, dtypes, strict=False)
-        ]
-
     @property
     def n_target_channels(self) -> int:
         """Channels of ``y`` (a target transform's own, found on first use)."""
@@ -388,7 +446,9 @@ class XarrayWindowDataset(Dataset):
             extras = 0 if self.target_extras is None else self.target_extras.n_channels
             return len(self.target_channels) + extras
         if not hasattr(self, "_n_transformed_targets"):
-            probe = self._transformed(
+            probe = _transformed(
+                self.reader,
+                self.geometry.dims,
                 self.index.starts([0]) + self._target_offset,
                 self.target_vars,
                 self.geometry.target_size,
@@ -413,30 +473,6 @@ class XarrayWindowDataset(Dataset):
         meta = None if batch.meta is None else {k: v[0] for k, v in batch.meta.items()}
         mask = None if batch.target_mask is None else batch.target_mask[0]
         return Batch(batch.inputs[0], batch.targets[0], meta, mask)
-
-    def _transformed(
-        self,
-        starts: np.ndarray,
-        names: list[str],
-        size: Sequence[int],
-        transform: Transform,
-        gathered: np.ndarray | None,
-    ) -> np.ndarray:
-        """The transform's channels: per window, or once on the gathered batch."""
-        source, dims, dtype = self.reader.dataset, self.geometry.dims, self.reader.dtype
-        if gathered is None:
-            # The windows are read for the transform, not by the reader: look at its output.
-            out = transformed_windows(source[names], starts, dims, size, transform, dtype)
-            if self.reader.find_nan and holds_nan(out):
-                first = first_nan(out)
-                raise MissingValueError(
-                    f"the transform's output for the window of {names} starting at "
-                    f"{label_at(source, dims, starts[first[0]])} has a "
-                    f"{describe_missing(out[tuple(first)])}; {MISSING_ADVICE}"
-                )
-            return out
-        batch = batch_dataset(source, names, dims, starts, gathered)
-        return batch_to_channels(transform(batch), dims, size, dtype)
 
 
 class XarrayIterableDataset(IterableDataset):

@@ -9,7 +9,7 @@ sample index: its windows follow the primary one (:class:`~xr_datamodule.familyr
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +26,7 @@ from xr_datamodule.resources import Backend, choose_decoder, choose_resources
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.windows import SampleIndex, WindowGeometry
 
-__all__ = ["FamilyStages"]
+__all__ = ["FamilyStages", "family_reads", "merged_statistics"]
 
 
 class FamilyStages:
@@ -183,3 +183,40 @@ class FamilyStages:
         """Stop its reader's threads and free its cache."""
         if self._reader is not None:
             self._reader.close()
+
+
+def family_reads(
+    families: Sequence[FamilyStages],
+    train: Mapping[str, tuple[int, int]] | None,
+    cache_cells: Callable[[int, int], int],
+    threads: int,
+    primary_cells: CellGrid | None,
+    series_as: str,
+    first_channel: int,
+) -> list[GridRead]:
+    """Every family's reads, their readers built (see :meth:`FamilyStages.reader`).
+
+    ``first_channel``: where in ``X`` the first series repeated as channels goes.
+    """
+    reads = []
+    for stages in families:
+        reader = stages.reader(train, cache_cells, threads, primary_cells)
+        new = stages.reads(reader, series_as, first_channel)
+        first_channel += sum(read.n_channels for read in new if read.into is not None)
+        reads += new
+    return reads
+
+
+def merged_statistics(
+    primary: Statistics,
+    families: Sequence[FamilyStages],
+    train: Mapping[str, tuple[int, int]] | None,
+) -> Statistics:
+    """The primary grid's statistics and every family's, as one :class:`Statistics`."""
+    if not families:
+        return primary
+    merged = primary.to_dict()
+    for stages in families:
+        for key, values in stages.statistics_over(train).statistics.to_dict().items():
+            merged.setdefault(key, {}).update(values)
+    return Statistics.from_dict(merged)

@@ -32,7 +32,7 @@ from xr_datamodule.cells import CellGrid, cell_grid
 from xr_datamodule.channels import Channels, channels_of, with_families
 from xr_datamodule.datasets import XarrayWindowDataset
 from xr_datamodule.extras import ExtraChannels
-from xr_datamodule.families import FamilyStages
+from xr_datamodule.families import FamilyStages, family_reads, merged_statistics
 from xr_datamodule.familyread import GridRead
 from xr_datamodule.gather import ChunkedReader, Preparation, WindowReader
 from xr_datamodule.grids import GridPlan, check_grid_options, grid_plan, primary_spec
@@ -40,18 +40,12 @@ from xr_datamodule.layout import SourceLayout, open_checked, source_layout, stat
 from xr_datamodule.missing import StaticMask
 from xr_datamodule.normalize import Normalisation, Statistics, normalisation_of
 from xr_datamodule.order import TrainingOrder
+from xr_datamodule.outputs import PipelineOutputs
 from xr_datamodule.plan import SamplePlan, plan_samples, window_geometry
 from xr_datamodule.reading import extra_channels, read_by_cell, read_in_memory
 from xr_datamodule.resources import Backend, Resources, choose_decoder, choose_resources
 from xr_datamodule.sampling import Sampling
 from xr_datamodule.spec import DataSpec
-from xr_datamodule.stitch import (
-    DEFAULT_BLEND,
-    is_forecast_layout,
-    masked_like,
-    put_back,
-    truth_at,
-)
 from xr_datamodule.windows import WindowGeometry
 
 __all__ = ["DataPipeline", "training_order"]
@@ -69,7 +63,7 @@ def training_order(spec: DataSpec) -> TrainingOrder:
     )
 
 
-class DataPipeline:
+class DataPipeline(PipelineOutputs):
     """The stages of a spec, and the reader and datasets they lead to.
 
     Args:
@@ -199,15 +193,8 @@ class DataPipeline:
     @property
     def statistics(self) -> Statistics:
         """Per-channel statistics (see :attr:`normalisation`), other grids' variables too."""
-        statistics = self.normalisation.statistics
-        if not self.families:
-            return statistics
-        merged = statistics.to_dict()
         train = self.plan.split_bounds.get("train")
-        for stages in self.families:
-            for key, values in stages.statistics_over(train).statistics.to_dict().items():
-                merged.setdefault(key, {}).update(values)
-        return Statistics.from_dict(merged)
+        return merged_statistics(self.normalisation.statistics, self.families, train)
 
     # ------------------------------------------------------------------ reading
 
@@ -256,21 +243,16 @@ class DataPipeline:
         """Every family's reads, their readers built (sized like the primary reader's cache)."""
         if not self.families:
             return []
-        train, world_size = self.plan.split_bounds.get("train"), self.world()[0]
+        world_size = self.world()[0]
         split = self.sampling.train_split() if self.sampling.has_train else None
-        threads = self.resources.decode_threads
 
         def cache(per_sample: int, cell_bytes: int) -> int:
             return self.order.cache_cells(split, per_sample, cell_bytes, world_size)
 
         first = self.channels.input_shape[0] - self.spec.nan_mask - self.channels.broadcast
-        reads = []
-        for family in self.families:
-            reader = family.reader(train, cache, threads, self.cells)
-            new = family.reads(reader, self.spec.series_as, first)
-            first += sum(read.n_channels for read in new if read.into is not None)
-            reads += new
-        return reads
+        train = self.plan.split_bounds.get("train")
+        threads, series_as = self.resources.decode_threads, self.spec.series_as
+        return family_reads(self.families, train, cache, threads, self.cells, series_as, first)
 
     @property
     def keeps_target_mask(self) -> bool:
@@ -319,80 +301,6 @@ class DataPipeline:
         if name is None:
             return None
         return StaticMask(layout.source, name, layout.window_dims, layout.time_dim)
-
-    # ------------------------------------------------------------------ values back
-
-    def scale(
-        self, values: Any, names: Sequence[str], inverse: bool = False, unscaled: int = 0
-    ) -> Any:
-        """Normalise (or, ``inverse``, denormalise) ``(batch, channel, ...)`` values.
-
-        Identity without normalisation; ``unscaled`` last channels are left as they are.
-        """
-        if self.spec.normalize is None:
-            return values
-        for stages in self.families:  # variables of another grid: its statistics
-            if names and set(names) <= set(stages.layout.reader_vars):
-                stages.statistics_over(self.plan.split_bounds.get("train"))
-                return stages.scale(values, list(names), inverse)
-        return self.normalisation.scale(values, names, inverse, unscaled)
-
-    @property
-    def target_order(self) -> list[str]:
-        """The variables of ``y``'s channels, on whichever grid ``y`` lies."""
-        holder = self.grids.target_family
-        return list(holder.target_vars) if holder is not None else self.layout.target_order
-
-    def scale_batch(self, inputs: Any, targets: Any) -> tuple[Any, Any]:
-        """Normalise a batch ``(X, y)`` (``normalize_on="device"``); forcings stay as they are."""
-        unscaled = len(self.spec.forcings or []) + self.spec.nan_mask
-        x = self.scale(inputs, self.layout.input_order, unscaled=unscaled)
-        return x, self.scale(targets, self.layout.target_order)
-
-    def to_xarray(
-        self,
-        predictions: Sequence[Any],
-        split: str = "predict",
-        layout: str = "auto",
-        blend: str = DEFAULT_BLEND,
-        blend_width: float | None = None,
-    ) -> xr.Dataset:
-        """Predictions of every sample of ``split`` in order, in physical units.
-
-        On the grid (overlapping windows blended, see :mod:`xr_datamodule.stitch`) or, with
-        several target steps after the last input step or ``layout="forecast"``, per init and
-        lead time. NaN where the target itself was missing, under ``nan_policy`` ``"fill"``
-        or ``"keep"``, and outside ``mask``.
-        """
-        index, source = self.plan.index(split), self.layout.source
-        order, time_dim = self.layout.target_order, self.layout.time_dim
-        bounds = self.plan.split_bounds[self.plan.split_for(split)]
-        geometry, scale = self.geometry, self.scale
-        holder = next((f for f in self.families if f.family.target_vars), None)
-        if holder is not None:  # y lies on another grid: back onto that grid
-            index, geometry, bounds = holder.mapped(index, bounds)
-            order = holder.family.target_vars
-        forecast = is_forecast_layout(layout, geometry, time_dim)
-        physical = [scale(part, order, inverse=True) for part in predictions]
-        out = put_back(
-            physical,
-            index,
-            geometry,
-            source,
-            order,
-            bounds,
-            time_dim,
-            forecast,
-            blend,
-            blend_width,
-        )
-        valid = None if self.static_mask is None else self.static_mask.field
-        truth = self.spec.nan_policy in ("fill", "keep")  # only then can targets be missing
-        return masked_like(out, source, time_dim, truth, valid)
-
-    def truth_for(self, predicted: xr.DataArray) -> xr.DataArray:
-        """The source's values where ``predicted`` (from :meth:`to_xarray`) lies, same shape."""
-        return truth_at(self.layout.source, predicted, self.layout.time_dim)
 
     # ------------------------------------------------------------------ state and lifecycle
 
