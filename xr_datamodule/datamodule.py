@@ -15,6 +15,7 @@ import xarray as xr
 from torch.utils.data import DataLoader
 
 from xr_datamodule.handoff import release_memory
+from xr_datamodule.interop import xbatcher_arguments
 from xr_datamodule.layout import preview_source
 from xr_datamodule.loaders import eval_loader, on_cuda, train_loader, trained_so_far, world_of
 from xr_datamodule.pipeline import DataPipeline, training_order
@@ -245,6 +246,27 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         self.order = training_order(self.spec)
         self.pipeline = DataPipeline(self.spec, self.order, world=self._world, opened=opened)
         self._iterable_passes = 0
+
+    @classmethod
+    def from_xbatcher(cls, generator: Any, target: Any = None, **options: Any) -> XarrayDataModule:
+        """The datamodule of an ``xbatcher.BatchGenerator``: its data, windows and batch size.
+
+        Samples are the generator's windows, element for element: each dim outside its
+        ``input_dims`` is windowed with length 1, as xbatcher makes each of its positions a
+        sample (:mod:`xr_datamodule.interop`; the differences: ``docs/xbatcher.md``).
+
+        Args:
+            generator: The inputs' ``BatchGenerator``.
+            target: ``y``: ``None`` (the inputs), variable names, or the targets' generator.
+            **options: Other arguments (``splits``, ``batch_size``, ``num_workers``, ...).
+
+        Example:
+            >>> import xbatcher  # doctest: +SKIP
+            >>> generator = xbatcher.BatchGenerator(ds, input_dims={"lat": 32, "lon": 32},
+            ...                                     batch_dims={"time": 16})  # doctest: +SKIP
+            >>> dm = XarrayDataModule.from_xbatcher(generator, target=["t2m"])  # doctest: +SKIP
+        """
+        return cls(**xbatcher_arguments(generator, target, **options))
 
     @classmethod
     def load_from_checkpoint(  # type: ignore[override]

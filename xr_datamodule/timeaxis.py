@@ -316,7 +316,11 @@ def apply_gap_policy(
         TimeAxisError: A gap under ``"error"``; a split whose every sample crosses one.
         ValueError: Samples left out with ``random_offsets`` (a moved window may cross one).
     """
-    report = gap_report(axes, geometry.dims)
+    # A window one position long along a dim cannot span a step of it (a level picked one
+    # at a time, as xbatcher's sample dims are), so only longer spans are checked.
+    lengths = zip(geometry.dims, geometry.extent, strict=True)
+    spanning = [dim for dim, extent in lengths if extent > 1]
+    report = gap_report(axes, spanning)
     if not report or policy == "allow":
         return dict(indices), {}
     if policy == "error":
