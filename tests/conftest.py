@@ -42,6 +42,13 @@ FORECAST = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _statistics_cache(tmp_path_factory, monkeypatch):
+    """Each test its own statistics cache: nothing computed by one test is found by another,
+    nor left in the user's cache folder."""
+    monkeypatch.setenv("XR_DATAMODULE_CACHE", str(tmp_path_factory.mktemp("stats_cache")))
+
+
 @pytest.fixture
 def small_ds() -> xr.Dataset:
     return make_dataset()

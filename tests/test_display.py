@@ -46,7 +46,11 @@ def test_the_summary_says_how_a_store_is_read_and_where_the_statistics_came_from
     fast.setup("fit")
     text = str(fast)
     assert "(out of core, by chunk, through its zarr chunk files)" in text.splitlines()[0]
-    assert "normalize zscore (statistics computed)" in text
+    assert "normalize zscore (statistics computed, cached in " in text
+    again = XarrayDataModule(str(zarr_path), normalize="zscore", **settings)
+    again.setup("fit")
+    cached = str(fast).split("cached in ")[1].split(")")[0]
+    assert f"normalize zscore (statistics from cache {cached})" in str(again)
     selected = XarrayDataModule(
         str(zarr_path), select={"lat": {"start": 90, "stop": 0}}, **settings
     )

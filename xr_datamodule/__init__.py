@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         ShardedBatchSampler,
     )
     from xr_datamodule.sources import SYNTHETIC_SOURCE
+    from xr_datamodule.statcache import write_statistics
     from xr_datamodule.synthetic import make_weather
     from xr_datamodule.windows import SampleIndex, WindowGeometry, build_index
 
@@ -38,6 +39,7 @@ _HOMES = {
     "XarrayIterableDataset": "datasets",
     "XarrayWindowDataset": "datasets",
     "build_index": "windows",
+    "write_statistics": "statcache",
     "collate_batch": "collate",
     "make_weather": "synthetic",
 }
@@ -58,6 +60,7 @@ __all__ = [
     "build_index",
     "collate_batch",
     "make_weather",
+    "write_statistics",
 ]
 
 __version__ = "0.1.0"

@@ -5,6 +5,7 @@ Example (shell)::
     xr-datamodule fit --config examples/synthetic.yaml
     xr-datamodule fit --config examples/netcdf.yaml
     xr-datamodule bench --config examples/synthetic.yaml --workers 0 2
+    xr-datamodule stats --config examples/synthetic.yaml --output stats.json
 
 The model's ``input_shape`` and ``target_shape`` are linked from the datamodule once it is
 built (``apply_on="instantiate"``), so a model given by ``class_path`` must accept both.
@@ -29,6 +30,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from tqdm import tqdm
 
 from xr_datamodule.datamodule import XarrayDataModule
+from xr_datamodule.statcache import write_statistics
 
 __all__ = ["XarrayCLI", "bench", "main", "run_cli"]
 
@@ -43,7 +45,9 @@ def _target_shape(datamodule: XarrayDataModule) -> tuple[int, ...]:
 
 EPILOG = (
     "Also: xr-datamodule bench --config CONFIG [--workers 0 2] [--shuffle chunks full] times "
-    "the configured training loader and recommends a setting (xr-datamodule bench --help). "
+    "the configured training loader and recommends a setting (xr-datamodule bench --help); "
+    "xr-datamodule stats --config CONFIG [--output statistics.json] computes the statistics "
+    "once into the file data.stats takes (xr-datamodule stats --help). "
     "Errors in the configuration are shown in one line; XR_DATAMODULE_TRACEBACK=1 shows the "
     "whole traceback."
 )
@@ -188,6 +192,49 @@ def bench(args: Sequence[str] | None = None) -> dict[tuple[int, str], float]:
     return rates
 
 
+def stats(args: Sequence[str] | None = None) -> Path:
+    """``xr-datamodule stats``: compute the training split's statistics once, into a file.
+
+    Builds the datamodule from the config's ``data`` section (``normalize="zscore"`` if it
+    has none), computes the statistics of its training split on the dask scheduler in
+    effect (``--scheduler`` connects to a ``distributed`` cluster first), with a progress bar
+    in a terminal, and writes the JSON file that ``data.stats`` takes. They are also left in
+    the statistics cache (unless the config turns it off), so the next ``fit`` finds them.
+
+    Returns:
+        The file written.
+    """
+    parser = argparse.ArgumentParser(prog="xr-datamodule stats", description=stats.__doc__)
+    parser.add_argument("--config", required=True, help="a YAML config with a 'data' section")
+    parser.add_argument("--output", default="statistics.json", help="the JSON file to write")
+    parser.add_argument(
+        "--scheduler", default=None, help="a dask distributed scheduler's address to compute on"
+    )
+    options = parser.parse_args(args)
+    data_args = _data_arguments(options.config)
+    data_args.setdefault("normalize", "zscore")
+    data_args["normalize"] = data_args["normalize"] or "zscore"
+    data_args.pop("stats", None)  # computed here, not read
+    client = None
+    if options.scheduler:
+        from distributed import Client
+
+        client = Client(options.scheduler)
+    try:
+        began = time.perf_counter()
+        dm = XarrayDataModule(**data_args)
+        path = write_statistics(dm, options.output)
+    finally:
+        if client is not None:
+            client.close()
+    print(
+        f"statistics of {len(dm.statistics.mean)} variables ({dm.pipeline.statistics_origin}) "
+        f"in {time.perf_counter() - began:.1f} s: {path}\n"
+        f"use them with: data.stats: {path}  (or stats={str(path)!r} in Python)"
+    )
+    return path
+
+
 def our_error(error: BaseException) -> BaseException | None:
     """The error this package raised about the configuration, if ``error`` comes from one.
 
@@ -247,6 +294,8 @@ def main() -> None:
     try:
         if sys.argv[1:2] == ["bench"]:
             bench(sys.argv[2:])
+        elif sys.argv[1:2] == ["stats"]:
+            stats(sys.argv[2:])
         else:
             run_cli()
     except Exception as error:

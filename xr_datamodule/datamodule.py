@@ -117,8 +117,15 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         nan_mask: With ``nan_policy="fill"``, add a last input channel that is 1 where any
             input variable or channel was missing (before filling) and 0 elsewhere.
         stats: Explicit statistics instead of computing them: ``{"mean": {var: value or
-            [per channel]}, "std": {...}}`` or the path of a JSON file holding that; implies
-            ``normalize="zscore"``.
+            [per channel]}, "std": {...}}`` or the path of a JSON file holding that (what
+            ``xr-datamodule stats`` writes); implies ``normalize="zscore"``.
+        stats_cache: Computed statistics are kept in a cache folder, keyed by the source
+            (path, metadata, labels), variables, split and methods, and loaded by the next
+            ``fit`` on the same data (:mod:`xr_datamodule.statcache`). ``True`` (default):
+            ``$XR_DATAMODULE_CACHE`` or ``~/.cache/xr_datamodule``; a folder; ``False``: off.
+        stats_sample: Estimate the statistics from part of the training split, with standard
+            errors (logged): ``{"every": k}`` steps or ``{"fraction": f}`` of its chunks
+            (:mod:`xr_datamodule.estimate`).
         forcings: Input channels computed from the coordinates, after the variables: any
             of ``cos_latitude``, ``sin_latitude``, ``cos_longitude``, ``sin_longitude``,
             ``cos_julian_day``, ``sin_julian_day``, ``cos_local_time``, ``sin_local_time``,
@@ -218,6 +225,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         normalize: str | dict[str, str] | None = None,
         normalize_on: str = "gather",
         stats: dict[str, Any] | str | None = None,
+        stats_cache: bool | str = True,
+        stats_sample: dict[str, Any] | None = None,
         nan_policy: str | None = "check",
         fill_value: float = 0.0,
         nan_mask: bool = False,
@@ -251,20 +260,15 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
     def from_xbatcher(cls, generator: Any, target: Any = None, **options: Any) -> XarrayDataModule:
         """The datamodule of an ``xbatcher.BatchGenerator``: its data, windows and batch size.
 
-        Samples are the generator's windows, element for element: each dim outside its
-        ``input_dims`` is windowed with length 1, as xbatcher makes each of its positions a
-        sample (:mod:`xr_datamodule.interop`; the differences: ``docs/xbatcher.md``).
+        Each dim outside its ``input_dims`` is windowed with length 1 (xbatcher makes each of
+        its positions a sample): the samples are the generator's windows. ``target``: ``None``
+        (the inputs), variable names, or the targets' generator; ``options``: other
+        arguments. See :mod:`xr_datamodule.interop` and ``docs/xbatcher.md``.
 
-        Args:
-            generator: The inputs' ``BatchGenerator``.
-            target: ``y``: ``None`` (the inputs), variable names, or the targets' generator.
-            **options: Other arguments (``splits``, ``batch_size``, ``num_workers``, ...).
+        Example (not run)::
 
-        Example:
-            >>> import xbatcher  # doctest: +SKIP
-            >>> generator = xbatcher.BatchGenerator(ds, input_dims={"lat": 32, "lon": 32},
-            ...                                     batch_dims={"time": 16})  # doctest: +SKIP
-            >>> dm = XarrayDataModule.from_xbatcher(generator, target=["t2m"])  # doctest: +SKIP
+            generator = xbatcher.BatchGenerator(ds, {"lat": 32, "lon": 32}, batch_dims={"time": 16})
+            dm = XarrayDataModule.from_xbatcher(generator, target=["t2m"], splits={"train": 0.8})
         """
         return cls(**xbatcher_arguments(generator, target, **options))
 

@@ -40,7 +40,16 @@ import dask
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.estimate import (
+    SampledEstimate,
+    chunk_length,
+    groups_of,
+    positions_of,
+    sampled_statistics,
+)
+from xr_datamodule.progress import scan_progress
 from xr_datamodule.sources import channel_layouts
+from xr_datamodule.statcache import cache_directory, load_cached, statistics_key, store_cached
 
 __all__ = ["METHODS", "Normalisation", "Statistics", "normalisation_of", "zscore_statistics"]
 
@@ -49,6 +58,8 @@ logger = logging.getLogger(__name__)
 METHODS = ("zscore", "std", "minmax", "max", "none")
 
 PASS_CHUNK_BYTES = 64 * 2**20  # chunk size of the reduction pass over a store without chunks
+# A training split beyond this many bytes gets a note on sampled statistics (results unchanged).
+SUGGEST_SAMPLE_BYTES = 50 * 10**9
 
 
 @dataclass
@@ -256,8 +267,10 @@ class Normalisation:
     Args:
         spec: The spec (``normalize``, the methods per variable).
         statistics: The statistics in use.
-        origin: Where they came from: ``"computed"`` (from the training split), ``"given"``
-            (``stats=``) or ``"checkpoint"``.
+        origin: Where they came from: ``"computed"`` (from the training split, and where
+            they were cached), ``"from cache <file>"``, ``"estimated from ..."``
+            (``stats_sample``), ``"given"`` (``stats=``) or ``"checkpoint"``.
+        estimate: With ``stats_sample``: the estimate, with its standard errors.
 
     Example:
         >>> import xarray as xr
@@ -269,10 +282,17 @@ class Normalisation:
         array([[1.]])
     """
 
-    def __init__(self, spec: Any, statistics: Statistics, origin: str) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        statistics: Statistics,
+        origin: str,
+        estimate: SampledEstimate | None = None,
+    ) -> None:
         self.spec = spec
         self.statistics = statistics
         self.origin = origin
+        self.estimate = estimate  # with stats_sample: the estimate and its standard errors
         self._affines: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def affine(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -326,5 +346,86 @@ def normalisation_of(
         return Normalisation(spec, given, "given")
     if train is None:
         raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
-    computed = zscore_statistics(source, spec.all_vars, window_dims, train)
-    return Normalisation(spec, computed, "computed")
+    folder = cache_directory(spec.stats_cache)
+    key = None if folder is None else _cache_key(spec, source, window_dims, train)
+    if key is not None and folder is not None:
+        hit = load_cached(key, folder)
+        if hit is not None:
+            return Normalisation(spec, Statistics.from_dict(hit[0]), f"from cache {hit[1]}")
+    normalisation = _described(spec, source, window_dims, train)
+    if key is not None and folder is not None:
+        try:
+            path = store_cached(key, normalisation.statistics.to_dict(), folder)
+            normalisation.origin += f", cached in {path}"
+        except OSError as error:
+            logger.warning("statistics not cached in %s: %s", folder, error)
+    return normalisation
+
+
+def _cache_key(
+    spec: Any, source: xr.Dataset, window_dims: Sequence[str], train: Mapping[str, Any]
+) -> dict[str, Any] | None:
+    sample = spec.stats_sample
+    described = {
+        "normalize": spec.normalize,
+        "nan_policy": spec.nan_policy,
+        "select": spec.select,
+        "stats_sample": sample,
+        "seed": spec.seed if sample is not None and "fraction" in sample else None,
+    }
+    options = (spec.open_kwargs or {}).get("storage_options")
+    return statistics_key(spec.data, source, spec.all_vars, window_dims, train, described, options)
+
+
+def _described(
+    spec: Any, source: xr.Dataset, window_dims: Sequence[str], train: Mapping[str, Any]
+) -> Normalisation:
+    """Statistics over the training split: the whole of it, or estimated from a sample."""
+    names, sample = spec.all_vars, spec.stats_sample
+    if sample is None:
+        _suggest_sampling(source, names, train)
+        with scan_progress("statistics of the training split"):
+            return Normalisation(
+                spec, zscore_statistics(source, names, window_dims, train), "computed"
+            )
+    first = window_dims[0]
+    lower, upper = train[first]
+    chunk = chunk_length(source[names[0]], first)
+    positions = positions_of(sample, lower, upper, chunk, spec.seed) - lower
+    region = source[list(names)].isel({d: slice(lo, hi) for d, (lo, hi) in train.items()})
+    with scan_progress(f"statistics from {len(positions)} of {upper - lower} steps"):
+        estimate = sampled_statistics(
+            region, channel_layouts(source, names, window_dims), window_dims, positions,
+            groups_of(sample, positions + lower, chunk), upper - lower,
+        )  # fmt: skip
+    _, share = estimate.largest_relative_error()
+    origin = (
+        f"estimated from {estimate.steps} of {estimate.of_steps} steps, standard error of "
+        f"the means <= {100 * share:.2g} % of the std"
+    )
+    logger.warning("normalize: statistics %s; %s", origin, _error_report(estimate))
+    statistics = Statistics(estimate.mean, estimate.std, estimate.min, estimate.max)
+    return Normalisation(spec, statistics, origin, estimate)
+
+
+def _error_report(estimate: SampledEstimate) -> str:
+    """Per variable, the largest standard error of its means and stds in % of its std."""
+    parts = []
+    for name, stds in estimate.std.items():
+        mean = max(e / s for e, s in zip(estimate.mean_error[name], stds, strict=True))
+        std = max(e / s for e, s in zip(estimate.std_error[name], stds, strict=True))
+        parts.append(f"{name}: mean {100 * mean:.2g} %, std {100 * std:.2g} %")
+    return "standard error (largest over channels, in % of the std): " + ", ".join(parts)
+
+
+def _suggest_sampling(source: xr.Dataset, names: Sequence[str], train: Mapping) -> None:
+    """Say so when the split is large enough that a sampled estimate is worth a thought."""
+    region = source[list(names)].isel({d: slice(lo, hi) for d, (lo, hi) in train.items()})
+    nbytes = sum(region[name].size * region[name].dtype.itemsize for name in names)
+    if nbytes > SUGGEST_SAMPLE_BYTES:
+        logger.warning(
+            "normalize: the training split holds %.0f GB, read whole for its statistics "
+            "(once: they are cached). stats_sample={'every': k} estimates them from every "
+            "k-th step with standard errors, or precompute them: xr-datamodule stats",
+            nbytes / 1e9,
+        )

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from xr_datamodule.estimate import check_sample
 from xr_datamodule.forcings import check_forcing_names
 from xr_datamodule.grids import SERIES_AS
 from xr_datamodule.missing import NAN_POLICIES
@@ -300,6 +301,8 @@ class DataSpec:
     normalize: str | dict[str, str] | None = None
     normalize_on: str = "gather"
     stats: dict[str, Any] | str | None = None
+    stats_cache: bool | str = True
+    stats_sample: dict[str, Any] | None = None
     nan_policy: str | None = "check"
     fill_value: float = 0.0
     nan_mask: bool = False
@@ -432,6 +435,13 @@ class DataSpec:
             )
         if self.stats is not None and self.normalize is None:
             self.normalize = "zscore"  # explicit statistics mean: normalise with them
+        if not isinstance(self.stats_cache, (bool, str, os.PathLike)):
+            raise TypeError(
+                f"stats_cache must be True, False or a folder, got {self.stats_cache!r}"
+            )
+        check_sample(self.stats_sample)
+        if self.stats_sample is not None and self.stats is not None:
+            raise ValueError("stats_sample estimates statistics; with stats= none are computed")
         self.strict_store = _flag(self.strict_store, "strict_store")
         _choice(self.series_as, SERIES_AS, "series_as")
         if self.align_dims is not None and not (
