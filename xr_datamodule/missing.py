@@ -24,8 +24,6 @@ import dask
 import numpy as np
 import xarray as xr
 
-from xr_datamodule.progress import scan_progress
-
 __all__ = [
     "MISSING_ADVICE",
     "NAN_POLICIES",
@@ -144,8 +142,7 @@ def _is_missing(ds: xr.Dataset, name: str, window_dims: Sequence[str]) -> xr.Dat
 
 def missing_mask(ds: xr.Dataset, names: Sequence[str], window_dims: Sequence[str]) -> np.ndarray:
     """Boolean over the windowed dims: True where any selected variable/channel is NaN/±Inf."""
-    with scan_progress("missing values (nan_policy)"):
-        parts = dask.compute(*[_is_missing(ds, name, window_dims) for name in names])
+    parts = dask.compute(*[_is_missing(ds, name, window_dims) for name in names])
     mask = np.zeros(tuple(ds.sizes[dim] for dim in window_dims), dtype=bool)
     for part in parts:
         mask |= np.asarray(part)

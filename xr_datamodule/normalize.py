@@ -408,14 +408,22 @@ def _described(
     return Normalisation(spec, statistics, origin, estimate)
 
 
-def _error_report(estimate: SampledEstimate) -> str:
-    """Per variable, the largest standard error of its means and stds in % of its std."""
-    parts = []
+def _error_report(estimate: SampledEstimate, shown: int = 5) -> str:
+    """The largest standard errors of the means and stds, per variable, in % of its std."""
+    rows = []
     for name, stds in estimate.std.items():
         mean = max(e / s for e, s in zip(estimate.mean_error[name], stds, strict=True))
         std = max(e / s for e, s in zip(estimate.std_error[name], stds, strict=True))
-        parts.append(f"{name}: mean {100 * mean:.2g} %, std {100 * std:.2g} %")
-    return "standard error (largest over channels, in % of the std): " + ", ".join(parts)
+        rows.append((mean, std, name))
+    rows.sort(reverse=True)
+    parts = [f"{name}: mean {100 * m:.2g} %, std {100 * s:.2g} %" for m, s, name in rows[:shown]]
+    if len(rows) > shown:
+        rest = rows[shown:]
+        parts.append(
+            f"the other {len(rest)}: mean <= {100 * rest[0][0]:.2g} %, std <= "
+            f"{100 * max(s for _, s, _ in rest):.2g} %"
+        )
+    return "standard error (largest over channels, in % of the std): " + "; ".join(parts)
 
 
 def _suggest_sampling(source: xr.Dataset, names: Sequence[str], train: Mapping) -> None:

@@ -28,6 +28,7 @@ from xr_datamodule.missing import (
     first_missing,
     missing_mask,
 )
+from xr_datamodule.progress import scan_progress
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.splits import resolve_splits
 from xr_datamodule.timeaxis import AxisCheck, apply_gap_policy, check_axis
@@ -210,7 +211,8 @@ def _full_windows(
 
 
 def _fail_on_missing(layout: SourceLayout, names: Sequence[str], dims: Sequence[str]) -> None:
-    found = first_missing(layout.source, layout.dynamic(names), dims)
+    with scan_progress("missing values (nan_policy='error')"):
+        found = first_missing(layout.source, layout.dynamic(names), dims)
     if found is not None:
         name, where = found
         place = ", ".join(f"{dim}={label}" for dim, label in where.items())
@@ -265,4 +267,6 @@ def _windows_with_nan(
         return missing_mask(source.isel({dims[0]: slice(lo, hi)}), names, dims)
 
     step_bytes = layout.points_per_step() * (len(names) + 3)  # one byte per point and name
-    return reduce_windows(index, offset, size, mask_of, box_any, step_bytes).astype(bool)
+    with scan_progress("missing values in the windows (nan_policy='drop')"):
+        found = reduce_windows(index, offset, size, mask_of, box_any, step_bytes)
+    return found.astype(bool)

@@ -21,6 +21,7 @@ from xr_datamodule.cells import CellGrid
 from xr_datamodule.layout import SourceLayout
 from xr_datamodule.order import TrainingOrder, TrainSplit
 from xr_datamodule.plan import SamplePlan
+from xr_datamodule.progress import scan_progress
 from xr_datamodule.samplers import RandomOffsets, batch_spread, build_sampler
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.weights import WindowStatistics, box_reduce, point_field, weights_from
@@ -90,7 +91,8 @@ class Sampling:
 
         # float64 per point and variable, their counts for a mean, the box sums' arrays
         step_bytes = layout.points_per_step() * 8 * (2 * len(names) + 4)
-        return reduce_windows(index, offset, size, field_of, reduce, step_bytes)
+        with scan_progress(f"window statistics ({side}_{stat}) for weighted draws"):
+            return reduce_windows(index, offset, size, field_of, reduce, step_bytes)
 
     @cached_property
     def sample_weights(self) -> np.ndarray | None:

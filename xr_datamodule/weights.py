@@ -23,7 +23,6 @@ import numpy as np
 import xarray as xr
 
 from xr_datamodule.missing import scannable
-from xr_datamodule.progress import scan_progress
 
 __all__ = ["WindowStatistics", "box_reduce", "point_field", "weights_from"]
 
@@ -47,12 +46,10 @@ def point_field(
             valid = var.notnull()
             counts.append((valid.sum(extra) if extra else valid).transpose(*window_dims))
         parts.append(part.transpose(*window_dims))
-    with scan_progress(f"window statistic ({stat}) for weighted draws"):
-        values = [np.asarray(a, dtype=np.float64) for a in dask.compute(*parts)]
-        found = dask.compute(*counts) if stat == "mean" else ()
+    values = [np.asarray(a, dtype=np.float64) for a in dask.compute(*parts)]
     if stat == "mean":
         total = sum(np.nan_to_num(v) for v in values)
-        count = sum(np.asarray(c, dtype=np.float64) for c in found)
+        count = sum(np.asarray(c, dtype=np.float64) for c in dask.compute(*counts))
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(count > 0, total / np.maximum(count, 1), np.nan)
     combine = np.fmax if stat == "max" else np.fmin
