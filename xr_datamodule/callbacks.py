@@ -34,6 +34,7 @@ import xarray as xr
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_only
 
+from xr_datamodule.coordinates import weight_field
 from xr_datamodule.datamodule import XarrayDataModule
 from xr_datamodule.forcings import coordinate_dims
 from xr_datamodule.loaders import eval_loader
@@ -207,9 +208,19 @@ def verify(
         forecasts["climatology"] = _climatology(dm, model, time_dim)
     else:
         skipped["climatology"] = "no 'train' split to take the mean of"
-    lat_dim = coordinate_dims(dm.source, dm.window_dims).get("lat")
     space = [dim for dim in dm.window_dims if dim != time_dim]
-    return rmse_table(forecasts, truth, lat_dim, space), skipped
+    return rmse_table(forecasts, truth, _area_weighting(dm), space), skipped
+
+
+def _area_weighting(dm: Any) -> str | xr.DataArray | None:
+    """The latitude dim of a regular grid; else the area weights over a cell or 2-D grid."""
+    lat_dim = coordinate_dims(dm.source, dm.window_dims).get("lat")
+    if lat_dim is not None:
+        return lat_dim
+    field = weight_field(dm.source, dm.window_dims, dm.spec.coordinates)
+    if field is None:
+        return None
+    return xr.DataArray(field.values, dims=[dm.window_dims[axis] for axis in field.axes])
 
 
 def _region_of(values: xr.DataArray, like: xr.DataArray) -> xr.DataArray:

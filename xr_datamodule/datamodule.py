@@ -181,6 +181,11 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
             dims follows, e.g. ``{"lat_hr": "lat"}``; default: found from the coordinates.
         series_as: A variable with only the time dim (``co2(time)``): ``"vector"`` (default;
             dict batches' ``x_series``) or ``"channels"`` of ``X``, repeated over the window.
+        coordinates: Where latitude and longitude live when not recognised, and a cell-area
+            variable for area weights: ``{"lat": "nav_lat", "lon": "nav_lon", "area":
+            "cell_area"}``. Recognised by name, CF ``standard_name`` or ``units``: 1-D dim
+            coordinates, 1-D on a cell dim (unstructured grids), 2-D (curvilinear); see
+            :mod:`xr_datamodule.coordinates`.
 
     Example:
         >>> dm = XarrayDataModule(
@@ -246,6 +251,7 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         strict_store: bool = False,
         align_dims: dict[str, str] | None = None,
         series_as: str = "vector",
+        coordinates: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         arguments = {k: v for k, v in locals().items() if k in DataSpec.__dataclass_fields__}
@@ -260,15 +266,9 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
     def from_xbatcher(cls, generator: Any, target: Any = None, **options: Any) -> XarrayDataModule:
         """The datamodule of an ``xbatcher.BatchGenerator``: its data, windows and batch size.
 
-        Each dim outside its ``input_dims`` is windowed with length 1 (xbatcher makes each of
-        its positions a sample): the samples are the generator's windows. ``target``: ``None``
-        (the inputs), variable names, or the targets' generator; ``options``: other
-        arguments. See :mod:`xr_datamodule.interop` and ``docs/xbatcher.md``.
-
-        Example (not run)::
-
-            generator = xbatcher.BatchGenerator(ds, {"lat": 32, "lon": 32}, batch_dims={"time": 16})
-            dm = XarrayDataModule.from_xbatcher(generator, target=["t2m"], splits={"train": 0.8})
+        ``target``: ``None`` (the inputs), variable names or the targets' generator;
+        ``options``: other arguments. The samples are the generator's windows
+        (:mod:`xr_datamodule.interop`; what differs: ``docs/xbatcher.md``).
         """
         return cls(**xbatcher_arguments(generator, target, **options))
 

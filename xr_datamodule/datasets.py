@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xr_datamodule import handoff
+from xr_datamodule.coordinates import CoordinateField
 from xr_datamodule.extras import ExtraChannels
 from xr_datamodule.familyread import GridRead
 from xr_datamodule.gather import Cut, WindowReader
@@ -135,18 +136,14 @@ def _meta(
 
 
 def _area_weight(
-    latitude_weights: tuple[int, np.ndarray],
+    weights: CoordinateField,
     starts: np.ndarray,
     geometry: WindowGeometry,
     dtype: np.dtype,
 ) -> np.ndarray:
-    """Each sample's latitude weights over its target window, shaped to broadcast against y."""
-    axis, weights = latitude_weights
-    size = geometry.target_size[axis]
-    positions = starts[:, axis, None] + geometry.target_offset[axis] + np.arange(size)
-    shape = [len(starts), 1] + [1] * len(geometry.dims)
-    shape[2 + axis] = size
-    return weights[positions].astype(dtype).reshape(shape)
+    """Each sample's area weights over its target window, shaped to broadcast against y."""
+    values = weights.windows(starts, geometry.target_size, geometry.target_offset)
+    return values.astype(dtype)[:, None]
 
 
 def _transformed(
@@ -212,9 +209,9 @@ class XarrayWindowDataset(Dataset):
             the target mask then looks for them; otherwise it is all True unless the reader
             keeps the targets' missing-value masks (``nan_policy="fill"``).
         valid: Where targets count at all (the ``mask`` option), or None.
-        latitude_weights: With ``labels``: the latitude axis and cos(latitude) over its
-            mean per position, for each sample's ``target_area_weight`` (its target window's
-            weights, shaped to broadcast against ``y``).
+        latitude_weights: With ``labels``: each grid point's area weight
+            (:func:`~xr_datamodule.coordinates.weight_field`), for each sample's
+            ``target_area_weight`` (its target window's, shaped to broadcast against ``y``).
         grids: Windows of other grids' variables (:mod:`~xr_datamodule.familyread`): the
             targets (key ``"y"``), inputs of their own (``"x_<family>"``), or series
             broadcast into ``X``'s channels after the extra ones.
@@ -238,7 +235,7 @@ class XarrayWindowDataset(Dataset):
         targets_may_hold_nan: bool = True,
         valid: StaticMask | None = None,
         grids: Sequence[GridRead] = (),
-        latitude_weights: tuple[int, np.ndarray] | None = None,
+        latitude_weights: CoordinateField | None = None,
     ) -> None:
         self.reader = reader
         self.latitude_weights = latitude_weights

@@ -10,12 +10,13 @@ coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
-from xr_datamodule.forcings import FORCINGS, coordinate_dims
+from xr_datamodule.coordinates import find_coordinates
+from xr_datamodule.forcings import FORCINGS
 from xr_datamodule.gather import gather_windows
 from xr_datamodule.missing import (
     MISSING_ADVICE,
@@ -41,6 +42,8 @@ class ExtraChannels:
         dtype: Output dtype.
         affine: Optional ``(mean, std)`` per static channel: the statics are normalised
             once, when read. Forcings are never normalised.
+        coordinates: Latitude and longitude named by the user (``coordinates=``); else
+            recognised (:mod:`xr_datamodule.coordinates`: 1-D, on a cell dim, or 2-D).
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class ExtraChannels:
         forcings: Sequence[str] = (),
         dtype: np.dtype | str = "float32",
         affine: tuple[np.ndarray, np.ndarray] | None = None,
+        coordinates: Mapping[str, str] | None = None,
     ) -> None:
         self.window_dims = tuple(window_dims)
         self.statics = list(statics)
@@ -60,9 +64,7 @@ class ExtraChannels:
         self._static_axis = self.window_dims.index(static_dim) if self.statics else -1
         self._present = [a for a in range(len(self.window_dims)) if a != self._static_axis]
         self._block = self._read_statics(source, affine) if self.statics else None
-        roles = coordinate_dims(source, self.window_dims)
-        self._coords = {role: np.asarray(source[dim].values) for role, dim in roles.items()}
-        self._axes = {role: self.window_dims.index(dim) for role, dim in roles.items()}
+        self._fields = find_coordinates(source, self.window_dims, coordinates)
         n_static = 0 if self._block is None else self._block.shape[0]
         self.n_channels = n_static + len(self.forcings)
         layouts = channel_layouts(source, self.statics, self.window_dims)
@@ -125,13 +127,7 @@ class ExtraChannels:
         """(lat, lon, time) of every window position, shaped to broadcast to (batch, *size)."""
         found = []
         for role, empty in (("lat", 0.0), ("lon", 0.0), ("time", np.datetime64(0, "ns"))):
-            if role not in self._axes:
-                found.append(np.asarray(empty))
-                continue
-            axis = self._axes[role]
-            positions = starts[:, axis, None] + np.arange(size[axis])
-            shape = [len(starts)] + [1] * len(size)
-            shape[1 + axis] = size[axis]
-            found.append(self._coords[role][positions].reshape(shape))
+            field = self._fields.get(role)
+            found.append(np.asarray(empty) if field is None else field.windows(starts, size))
         lat, lon, time = found
         return lat, lon, time

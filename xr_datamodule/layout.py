@@ -23,7 +23,12 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from xr_datamodule.forcings import check_forcings, coordinate_dims
+from xr_datamodule.coordinates import (
+    CoordinateField,
+    check_coordinates,
+    check_forcings,
+    weight_field,
+)
 from xr_datamodule.sources import (
     VariableLayout,
     channel_layouts,
@@ -55,6 +60,7 @@ class SourceLayout:
         static_dim: The dim static fields lack (and are broadcast along), or None.
         input_vars: The spec's input variables, as given.
         target_vars: The spec's target variables, as given.
+        coordinates: Latitude, longitude and cell area named by the user (``coordinates=``).
 
     Example:
         >>> spec = DataSpec("synthetic://weather", input_vars=["t2m", "u10"],
@@ -70,6 +76,7 @@ class SourceLayout:
     static_dim: str | None
     input_vars: list[str]
     target_vars: list[str]
+    coordinates: Mapping[str, str] | None = None
 
     @cached_property
     def window_labels(self) -> dict[str, np.ndarray]:
@@ -145,41 +152,39 @@ class SourceLayout:
         """Grid points of the windowed dims at one position of the first."""
         return int(np.prod([self.source.sizes[dim] for dim in self.window_dims[1:]]))
 
-    def latitude_weights(self) -> tuple[int, np.ndarray] | None:
-        """(axis, cos(latitude) over its mean over the whole grid) of a windowed latitude dim.
+    def latitude_weights(self) -> CoordinateField | None:
+        """Each grid point's area weight over its mean over the whole grid (or None).
 
-        Per position of the dim, for the weights of each sample's window (patches); None
-        without a windowed latitude dim.
+        A cell-area variable named in ``coordinates``, else cos(latitude), from a 1-D, cell
+        or 2-D latitude (:func:`~xr_datamodule.coordinates.weight_field`); gathered per
+        sample for patches' ``target_area_weight``. None without either.
         """
-        dim = coordinate_dims(self.source, self.window_dims).get("lat")
-        if dim is None or dim not in self.source.coords:
-            return None
-        weights = np.cos(np.radians(np.asarray(self.source[dim].values, dtype=np.float64)))
-        return self.window_dims.index(dim), weights / weights.mean()
+        return weight_field(self.source, self.window_dims, self.coordinates)
 
     def area_weights(self, geometry: WindowGeometry, dtype: np.dtype) -> np.ndarray:
-        """Cosine of latitude over its mean, shaped ``(1, 1, *target window)`` to weight ``y``.
+        """The area weights, shaped ``(1, 1, *target window)`` to weight ``y``.
 
-        Needs a latitude dim that the target window spans whole (a global field), so that
-        every sample has the same weights.
+        Needs the target window to span the dims the weights vary along whole (a global
+        field, or every cell), so that every sample has the same weights.
         """
-        dims = coordinate_dims(self.source, self.window_dims)
-        if "lat" not in dims:
+        field = self.latitude_weights()
+        if field is None:
             raise ValueError(
-                f"area_weights needs a latitude dim among the windowed dims {self.window_dims}"
+                f"area_weights needs a latitude coordinate over the windowed dims "
+                f"{self.window_dims} (1-D, on a cell dim or 2-D), or a cell-area variable: "
+                "coordinates={'area': name}"
             )
-        dim = dims["lat"]
-        axis = self.window_dims.index(dim)
-        if geometry.target_size[axis] != self.source.sizes[dim]:
-            raise ValueError(
-                f"area_weights: the target window spans {geometry.target_size[axis]} of "
-                f"the {self.source.sizes[dim]} latitudes; weights differ from sample to sample "
-                "then: use dict batches' per-sample target_area_weight instead"
-            )
-        weights = np.cos(np.radians(np.asarray(self.source[dim].values, dtype=np.float64)))
-        shape = [1] * (2 + len(self.window_dims))
-        shape[2 + axis] = len(weights)
-        return (weights / weights.mean()).reshape(shape).astype(dtype)
+        shape = [1, 1] + [1] * len(self.window_dims)
+        for axis, length in zip(field.axes, field.values.shape, strict=True):
+            dim = self.window_dims[axis]
+            if geometry.target_size[axis] != length:
+                raise ValueError(
+                    f"area_weights: the target window spans {geometry.target_size[axis]} of "
+                    f"the {length} positions of {dim!r}; weights differ from sample to sample "
+                    "then: use dict batches' per-sample target_area_weight instead"
+                )
+            shape[2 + axis] = length
+        return field.values.reshape(shape).astype(dtype)
 
 
 def preview_source(arguments: Mapping[str, Any]) -> xr.Dataset | None:
@@ -255,7 +260,8 @@ def source_layout(spec: DataSpec, source: xr.Dataset | None = None) -> SourceLay
                 f"{role}: {list(names)} are all static fields (they lack {static_dim!r}); at "
                 "least one must vary along it, the static fields are broadcast beside it"
             )
-    check_forcings(spec.forcings or [], source, dims)
+    check_coordinates(source, dims, spec.coordinates)
+    check_forcings(spec.forcings or [], source, dims, spec.coordinates)
     statics = static_variables(source, spec.all_vars, static_dim)
     if statics and (spec.transform or spec.target_transform):
         raise ValueError(
@@ -264,4 +270,6 @@ def source_layout(spec: DataSpec, source: xr.Dataset | None = None) -> SourceLay
         )
     data = spec.data
     origin = "the xr.Dataset" if isinstance(data, xr.Dataset) else repr(os.fspath(data))
-    return SourceLayout(source, origin, dims, static_dim, spec.input_vars, spec.targets)
+    return SourceLayout(
+        source, origin, dims, static_dim, spec.input_vars, spec.targets, spec.coordinates
+    )

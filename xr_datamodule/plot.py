@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.coordinates import find_coordinates
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -152,11 +154,41 @@ def _units(field: xr.DataArray) -> str:
     return f"{field.name} ({units})" if units else str(field.name)
 
 
+def _grid_coordinates(field: xr.DataArray) -> dict[str, xr.DataArray] | None:
+    """Latitude and longitude coordinates that are not dims: a cell dim's or 2-D ones."""
+    found = find_coordinates(field.coords.to_dataset(), field.dims)
+    lat, lon = found.get("lat"), found.get("lon")
+    if lat is None or lon is None or lat.name in field.dims:
+        return None
+    return {"lat": field[lat.name], "lon": field[lon.name]}
+
+
+def _draw(axis: Any, field: xr.DataArray, grid: dict | None, style: dict) -> None:
+    """A regular grid on its dims, a curvilinear one on its 2-D coordinates (pcolormesh), an
+    unstructured one on a triangulation of its cells' longitudes and latitudes (tripcolor).
+    """
+    label = {"label": _units(field)}
+    if grid is None:
+        y, x = field.dims
+        field.plot.pcolormesh(ax=axis, x=x, y=y, add_colorbar=True, cbar_kwargs=label, **style)
+        return
+    if grid["lat"].ndim == 2:
+        x, y = str(grid["lon"].name), str(grid["lat"].name)
+        field.plot.pcolormesh(ax=axis, x=x, y=y, add_colorbar=True, cbar_kwargs=label, **style)
+        return
+    lon, lat = grid["lon"].values, grid["lat"].values
+    mesh = axis.tripcolor(lon, lat, field.values, shading="gouraud", **style)
+    axis.figure.colorbar(mesh, ax=axis, **label)
+    axis.set_xlabel(f"{grid['lon'].name} (degrees east)")
+    axis.set_ylabel(f"{grid['lat'].name} (degrees north)")
+
+
 def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: Any) -> Figure:
     """A 2-D field of a prediction beside the truth and their difference, on coordinates.
 
     Drawn with the data's coordinates (xarray's ``pcolormesh``): north up whatever the
-    storage order, degree axes; a sequential colour map shared by prediction and truth, a
+    storage order, degree axes; a curvilinear grid on its 2-D latitude and longitude, an
+    unstructured one (a cell dim) as a triangulation of its cells (``tripcolor``); a sequential colour map shared by prediction and truth, a
     diverging one centred on 0 with its own scale for the error; units from the attributes.
 
     Args:
@@ -168,8 +200,10 @@ def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: 
     """
     plt = _pyplot()
     predicted = prediction.sel(**selection) if selection else prediction
-    while predicted.ndim > 2:
-        predicted = predicted.isel({predicted.dims[0]: 0})
+    grid = _grid_coordinates(predicted)
+    cell = grid["lat"].dims[0] if grid and grid["lat"].ndim == 1 else None
+    while predicted.ndim > (1 if cell else 2):
+        predicted = predicted.isel({next(d for d in predicted.dims if d != cell): 0})
     if "valid_time" in predicted.coords:  # the forecast layout: the truth at the valid time
         time_dim = next(d for d in truth.dims if d not in predicted.dims and d != "level")
         actual = truth.sel({time_dim: predicted["valid_time"].values})
@@ -185,11 +219,11 @@ def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: 
         for name, coord in predicted.coords.items()
         if coord.ndim == 0 and name in actual.dims
     }
-    actual = actual.sel(others).sel({dim: predicted[dim] for dim in predicted.dims})
+    indexed = {dim: predicted[dim] for dim in predicted.dims if dim in predicted.indexes}
+    actual = actual.sel(others).sel(indexed)
     actual = actual.transpose(*predicted.dims).compute()
     error = (predicted - actual.values).rename(f"{prediction.name} error")
     error.attrs = dict(truth.attrs)
-    y, x = predicted.dims
     low, high = np.nanpercentile(actual.values, [1, 99])
     spread = float(np.nanpercentile(np.abs(error.values), 99)) or 1.0
     figure, axes = plt.subplots(1, 3, figsize=(15, 3.8), constrained_layout=True)
@@ -202,9 +236,7 @@ def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: 
         field = field.copy()
         field.attrs = dict(truth.attrs)
         field.name = prediction.name
-        field.plot.pcolormesh(
-            ax=axis, x=x, y=y, add_colorbar=True, cbar_kwargs={"label": _units(field)}, **style
-        )
+        _draw(axis, field, grid, style)
         axis.set_title(title)
     when = ", ".join(
         f"{name} {_readable(coord.values)}"

@@ -77,6 +77,7 @@ def extra_channels(
         forcings,
         spec.array_dtype,
         affine=affine,
+        coordinates=spec.coordinates,
     )
     if spec.nan_policy in ("check", "error"):
         extras.fail_on_nan(layout.source)

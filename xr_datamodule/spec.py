@@ -321,6 +321,7 @@ class DataSpec:
     mask: str | None = None
     strict_store: bool = False
     align_dims: dict[str, str] | None = None
+    coordinates: dict[str, str] | None = None
     series_as: str = "vector"
 
     def __post_init__(self) -> None:
@@ -453,6 +454,16 @@ class DataSpec:
                 f"e.g. {{'lat_hr': 'lat'}}, got {self.align_dims!r}"
             )
         self.align_dims = dict(self.align_dims or {})
+        if self.coordinates is not None and not (
+            isinstance(self.coordinates, Mapping)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.coordinates.items())
+        ):
+            raise TypeError(
+                "coordinates must map a role ('lat', 'lon', 'area') to a variable's name, "
+                f"e.g. {{'lat': 'nav_lat', 'lon': 'nav_lon'}}, got {self.coordinates!r}"
+            )
+        if self.coordinates is not None:
+            self.coordinates = dict(self.coordinates)
         if self.mask is not None and not isinstance(self.mask, str):
             raise TypeError(f"mask must be the name of a variable or None, got {self.mask!r}")
         _choice(self.nan_policy, NAN_POLICIES, "nan_policy")

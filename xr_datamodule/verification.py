@@ -53,7 +53,7 @@ def latitude_weights(latitudes: Any) -> np.ndarray:
 def weighted_rmse(
     forecast: xr.DataArray,
     truth: xr.DataArray,
-    lat_dim: str | None,
+    lat_dim: str | xr.DataArray | None,
     keep: Sequence[str] = (),
 ) -> xr.DataArray:
     """Latitude-weighted RMSE over every dim but ``keep``, skipping missing points.
@@ -61,14 +61,17 @@ def weighted_rmse(
     Args:
         forecast: The forecast.
         truth: The truth on the same dims and coordinates.
-        lat_dim: The latitude dim (weights ``cos(lat)`` over their mean), or None for equal
+        lat_dim: The latitude dim (weights ``cos(lat)`` over their mean), the area weights
+            themselves over the grid's dims (a cell dim, 2-D ``(y, x)``), or None for equal
             weights.
         keep: Dims not averaged over (e.g. ``prediction_timedelta``, ``level``).
     """
     squared = (forecast - truth.values) ** 2
     present = squared.notnull()
     weights = xr.ones_like(squared)
-    if lat_dim is not None:
+    if isinstance(lat_dim, xr.DataArray):
+        weights = weights * lat_dim
+    elif lat_dim is not None:
         lat = latitude_weights(forecast[lat_dim].values)
         weights = weights * xr.DataArray(lat, dims=(lat_dim,))
     weights = weights.where(present, 0.0)
@@ -107,7 +110,7 @@ def lead_label(lead: Any) -> str:
 def rmse_table(
     forecasts: Mapping[str, xr.Dataset],
     truth: xr.Dataset,
-    lat_dim: str | None,
+    lat_dim: str | xr.DataArray | None,
     space_dims: Sequence[str],
 ) -> dict[str, dict[str, dict[str, float]]]:
     """RMSE of several forecasts against one truth: ``{forecast: {channel: {lead: rmse}}}``.
@@ -115,7 +118,7 @@ def rmse_table(
     Args:
         forecasts: Named forecasts in the forecast layout (the same variables as ``truth``).
         truth: The truth at each forecast's valid time, same layout.
-        lat_dim: The latitude dim, or None.
+        lat_dim: The latitude dim, the area weights over the grid's dims, or None.
         space_dims: The dims of the grid (averaged over with the init times); other dims
             of a variable (e.g. ``level``) are kept apart, as channels.
 
