@@ -164,8 +164,10 @@ def _grid_coordinates(field: xr.DataArray) -> dict[str, xr.DataArray] | None:
 
 
 def _draw(axis: Any, field: xr.DataArray, grid: dict | None, style: dict) -> None:
-    """A regular grid on its dims, a curvilinear one on its 2-D coordinates (pcolormesh), an
-    unstructured one on a triangulation of its cells' longitudes and latitudes (tripcolor).
+    """Draw one panel: a regular grid on its dims, a curvilinear one on its 2-D coordinates.
+
+    ``pcolormesh`` for both; an unstructured grid (a cell dim) as ``tripcolor`` on a
+    triangulation of its cells' longitudes and latitudes.
     """
     label = {"label": _units(field)}
     if grid is None:
@@ -188,8 +190,9 @@ def plot_prediction(prediction: xr.DataArray, truth: xr.DataArray, **selection: 
 
     Drawn with the data's coordinates (xarray's ``pcolormesh``): north up whatever the
     storage order, degree axes; a curvilinear grid on its 2-D latitude and longitude, an
-    unstructured one (a cell dim) as a triangulation of its cells (``tripcolor``); a sequential colour map shared by prediction and truth, a
-    diverging one centred on 0 with its own scale for the error; units from the attributes.
+    unstructured one (a cell dim) as a triangulation of its cells (``tripcolor``); a
+    sequential colour map shared by prediction and truth, a diverging one centred on 0 with
+    its own scale for the error; units from the attributes.
 
     Args:
         prediction: E.g. ``dm.to_xarray(trainer.predict(...))["t2m"]``, on the grid or in
