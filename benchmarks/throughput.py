@@ -1,6 +1,6 @@
 """Throughput of our train loader against the hardware limit and what users write otherwise.
 
-Three scenarios, each with 0 and 2 DataLoader workers:
+Four scenarios, each with 0 and 2 DataLoader workers:
 
 * **patch** (``../shared/NOTES.md`` §1): four float32 variables on ``(time=2048, lat=128,
   lon=128)`` (inputs t2m, u10, v10; target t2m_next), random normal, seed 0; samples are
@@ -13,13 +13,16 @@ Three scenarios, each with 0 and 2 DataLoader workers:
 * **downscaling** (``downscaling.py``): 8 variables on a 32 x 64 grid in, 2 on a grid 4x
   finer per axis out, one zarr v3 store, one step per chunk, batches of 16; against a
   hand-written per-sample zarr Dataset.
+* **unstructured** (``unstructured.py``): an anemoi-datasets store on an O96 grid (40,320
+  cells, 80 variables along a dim, one step per chunk), the state at ``t`` -> ``t + 1``,
+  batches of 4; against a hand-written per-sample zarr Dataset.
 
 Delivered bytes are those of X plus y. Each case of our loader runs in its own forked child.
 
     python benchmarks/throughput.py                       # everything
     python benchmarks/throughput.py --stores zarr --workers 0 --n-time 512
     python benchmarks/throughput.py --stores global global4 --epochs 3
-    python benchmarks/throughput.py --stores downscaling
+    python benchmarks/throughput.py --stores downscaling unstructured
 
 Each figure comes from this one run; compare ratios, not absolute numbers across machines.
 """
@@ -330,7 +333,7 @@ def run_store(
 PATCH_STORES = ["memory", "zarr", "zarr-sharded", "netcdf"]
 SHARD_STEPS = 512  # the sharded store: 8 chunks of 64 steps per shard file
 GLOBAL_STORES = {"global": 1, "global4": 4}  # chunk length in time steps
-OTHER_STORES = ["downscaling"]
+OTHER_STORES = ["downscaling", "unstructured"]
 
 
 def main() -> None:
@@ -341,7 +344,8 @@ def main() -> None:
         default=[*PATCH_STORES, *GLOBAL_STORES, *OTHER_STORES],
         choices=[*PATCH_STORES, *GLOBAL_STORES, *OTHER_STORES],
         help="patch scenario: memory, zarr, zarr-sharded, netcdf; global scenario: global "
-        "(chunks of one step), global4 (chunks of 4 steps); downscaling (two grids)",
+        "(chunks of one step), global4 (chunks of 4 steps); downscaling (two grids); "
+        "unstructured (an anemoi store on an O96 grid)",
     )
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument("--n-time", type=int, default=2048, help="patch scenario: time steps")
@@ -349,6 +353,9 @@ def main() -> None:
     parser.add_argument("--global-time", type=int, default=730, help="global scenario: steps")
     parser.add_argument(
         "--downscaling-time", type=int, default=1460, help="downscaling scenario: steps"
+    )
+    parser.add_argument(
+        "--unstructured-time", type=int, default=160, help="unstructured scenario: steps"
     )
     parser.add_argument("--epochs", type=int, default=3, help="epochs of our loader per case")
     parser.add_argument("--seconds", type=float, default=20.0, help="time cap per measurement")
@@ -369,6 +376,7 @@ def main() -> None:
     summary: list[dict] = []
     global_rows: list[dict] = []
     downscaling_rows: list[dict] = []
+    unstructured_rows: list[dict] = []
     total = 0
     try:
         if any(store in PATCH_STORES for store in args.stores):
@@ -398,6 +406,12 @@ def main() -> None:
             downscaling_rows = downscaling.run_downscaling(
                 workdir, args.workers, args.epochs, args.downscaling_time
             )
+        if "unstructured" in args.stores:
+            import unstructured
+
+            unstructured_rows = unstructured.run_unstructured(
+                workdir, args.workers, args.epochs, args.unstructured_time
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -410,12 +424,13 @@ def main() -> None:
         print_targets(summary, total)
     if global_rows:
         print_global_targets(global_rows)
-    for row in downscaling_rows:
-        ahead = row["ours"]["rate"] / row["hand"]["rate"]
-        print(
-            f"  {'met    ' if ahead >= 1.5 else 'NOT MET'}  downscaling, {row['workers']} workers:"
-            f" >= 1.5x the hand-written Dataset: {ahead:.1f}x"
-        )
+    for name, rows in (("downscaling", downscaling_rows), ("unstructured", unstructured_rows)):
+        for row in rows:
+            ahead = row["ours"]["rate"] / row["hand"]["rate"]
+            print(
+                f"  {'met    ' if ahead >= 1.5 else 'NOT MET'}  {name}, {row['workers']} "
+                f"workers: >= 1.5x the hand-written Dataset: {ahead:.1f}x"
+            )
 
 
 def run_patch(args: argparse.Namespace, workdir: Path) -> tuple[list[dict], int]:

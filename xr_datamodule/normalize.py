@@ -40,6 +40,7 @@ import dask
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.anemoi import STORED, stored_statistics
 from xr_datamodule.estimate import (
     SampledEstimate,
     chunk_length,
@@ -151,7 +152,9 @@ class Statistics:
             KeyError: A variable has no mean or std.
             ValueError: A variable's list has the wrong number of channels, or a std is <= 0.
         """
-        if not isinstance(value, Mapping):
+        if isinstance(value, str) and value == STORED:
+            value = stored_statistics(ds, names, window_dims)
+        elif not isinstance(value, Mapping):
             value = _stats_file(value)
         layouts = {layout.name: layout for layout in channel_layouts(ds, names, window_dims)}
         parsed: dict[str, dict[str, list[float]]] = {"mean": {}, "std": {}, "min": {}, "max": {}}
@@ -343,7 +346,8 @@ def normalisation_of(
             )
     if spec.stats is not None:
         given = Statistics.from_value(spec.stats, source, spec.all_vars, window_dims)
-        return Normalisation(spec, given, "given")
+        stored = isinstance(spec.stats, str) and spec.stats == STORED
+        return Normalisation(spec, given, "stored in the data" if stored else "given")
     if train is None:
         raise ValueError("normalize='zscore' needs a 'train' split (or explicit stats)")
     folder = cache_directory(spec.stats_cache)

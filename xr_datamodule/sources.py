@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from xr_datamodule.anemoi import is_anemoi, labelled
 from xr_datamodule.retries import retrying
 
 __all__ = [
@@ -103,6 +104,8 @@ def check_source_exists(data: DataSource) -> None:
 def open_source(data: DataSource, open_kwargs: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Open a source lazily.
 
+    An anemoi-datasets store gets its labels (:mod:`xr_datamodule.anemoi`).
+
     Args:
         data: A zarr store (path or URL ending in ``.zarr``, or a folder with zarr metadata),
             a netCDF file, a glob of netCDF files, another fsspec URL (opened with zarr), an
@@ -132,7 +135,8 @@ def open_source(data: DataSource, open_kwargs: Mapping[str, Any] | None = None) 
 
         return make_global(**kwargs)
     try:
-        return retrying(partial(_open_path, path, kwargs), repr(path))
+        opened = retrying(partial(_open_path, path, kwargs), repr(path))
+        return labelled(opened) if is_anemoi(opened) else opened
     except OSError as err:
         raise OSError(f"data: could not open {path!r}: {err}") from err
     except ValueError as err:
