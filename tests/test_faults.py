@@ -120,10 +120,37 @@ def test_a_worker_killed_by_a_signal_ends_with_what_to_try(small_ds):
     assert "Try fewer workers (num_workers)" in str(raised.value)
 
 
-def test_a_worker_killed_while_the_main_process_trains_ends_with_what_to_try(small_ds):
+@pytest.mark.parametrize("after_a_fit", [False, True])
+def test_a_worker_killed_while_the_main_process_trains_ends_with_what_to_try(
+    small_ds, after_a_fit
+):
     import os
     import signal
     import time
+
+    if after_a_fit:  # a fit restores every signal handler when it ends (a notebook's 2nd run)
+        import lightning.pytorch as pl
+        import torch
+
+        from tests.conftest import cpu_trainer
+
+        class Mean(pl.LightningModule):
+            def __init__(self):
+                super().__init__()
+                self.bias = torch.nn.Parameter(torch.zeros(()))
+
+            def training_step(self, batch, _):
+                return ((batch[0] - self.bias) ** 2).mean()
+
+            def configure_optimizers(self):
+                return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        cpu_trainer(limit_train_batches=2).fit(
+            Mean(), datamodule=two_workers(small_ds, persistent_workers=False)
+        )
+        # What the fit leaves when its loader was the process's first with workers (the
+        # handler it saved at its start was the default one); made certain here.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     dm = two_workers(small_ds, persistent_workers=False)
     iterator = iter(dm.train_dataloader())

@@ -58,7 +58,7 @@ WORKER_DIED_ADVICE = (
     "`dmesg`). Try fewer workers (num_workers), a smaller batch_size or shuffle_chunks, or "
     "prefetch_factor=1; with num_workers=0 an error in reading shows in the main process"
 )
-_sigchld_advised = False  # whether _advise_on_sigchld wrapped the handler in this process
+_advising: Any = None  # the advising SIGCHLD handler of this process, once made
 
 
 def _worker_died(error: RuntimeError) -> bool:
@@ -71,15 +71,30 @@ def _advise_on_sigchld() -> None:
 
     torch raises "DataLoader worker ... is killed by signal" from its SIGCHLD handler,
     wherever the main thread is then (in the training step, not in the loader): only the
-    handler itself can add the advice. Done once per process, from the main thread.
+    handler itself can add the advice. Made once per process, from the main thread, and put
+    back whenever the handler was reset: torch sets its own only once per process, and a
+    ``Trainer.fit`` restores every signal's handler as it was when it began, so without
+    this a later fit in the same process (a notebook) would have no handler at all.
     """
-    global _sigchld_advised
-    if _sigchld_advised or not hasattr(signal, "SIGCHLD"):
+    global _advising
+    if not hasattr(signal, "SIGCHLD"):
         return
-    previous = signal.getsignal(signal.SIGCHLD)
-    if not callable(previous):
-        return  # no handler of torch's to wrap
+    current = signal.getsignal(signal.SIGCHLD)
+    if current is _advising and _advising is not None:
+        return
+    if _advising is None:
+        if not callable(current):
+            return  # no handler of torch's to wrap
+        _advising = _advising_handler(current)
+    elif callable(current):
+        return  # someone else's handler since: leave it
+    try:
+        signal.signal(signal.SIGCHLD, _advising)
+    except ValueError:  # not the main thread: torch's message stays as it is
+        return
 
+
+def _advising_handler(previous: Callable[[int, Any], Any]) -> Callable[[int, Any], None]:
     def advising(signum: int, frame: Any) -> None:
         try:
             previous(signum, frame)
@@ -88,11 +103,7 @@ def _advise_on_sigchld() -> None:
                 raise
             raise RuntimeError(f"{error}: {WORKER_DIED_ADVICE}") from error
 
-    try:
-        signal.signal(signal.SIGCHLD, advising)
-    except ValueError:  # not the main thread: torch's message stays as it is
-        return
-    _sigchld_advised = True
+    return advising
 
 
 class _AdvisingIterator(_MultiProcessingDataLoaderIter):
