@@ -17,15 +17,19 @@ VARIABLES = ["10u", "10v", "2t", "msl", "z_500"]
 N_TIME, N_ENS, N_CELLS = 10, 2, 40
 
 
-def write_anemoi_store(path, seed: int = 0) -> dict:
-    """What anemoi-datasets' gridded creator and statistics writer leave (zarr v2)."""
+def write_anemoi_store(path, seed: int = 0, zarr_format: int = 2) -> dict:
+    """What anemoi-datasets' gridded creator and statistics writer leave.
+
+    With zarr 2 (most published datasets) a v2 store; with zarr 3 a v3 store whose arrays
+    still name their dims in ``_ARRAY_DIMENSIONS`` (no v3 ``dimension_names``).
+    """
     rng = np.random.default_rng(seed)
     data = rng.standard_normal((N_TIME, len(VARIABLES), N_ENS, N_CELLS)).astype("float32")
     data += np.arange(len(VARIABLES))[None, :, None, None] * 10
     dates = pd.date_range("2022-01-01", periods=N_TIME, freq="6h").values.astype("M8[s]")
     lat = np.degrees(np.arcsin(rng.uniform(-1, 1, N_CELLS)))
     lon = rng.uniform(0, 360, N_CELLS)
-    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
 
     def add(name, values, dims, chunks=None):
         array = group.create_array(
@@ -46,14 +50,13 @@ def write_anemoi_store(path, seed: int = 0) -> dict:
     }
     for name, values in stats.items():
         add(name, values, ("variable",))
-    group.attrs.update(
-        variables=VARIABLES, frequency="6h", resolution="o96", field_shape=[N_CELLS]
-    )
+    group.attrs.update(variables=VARIABLES, frequency="6h", resolution="o96", field_shape=[N_CELLS])
     return {"data": data, "dates": dates, "lat": lat, "lon": lon, **stats}
 
 
-def test_an_anemoi_store_opens_with_names_dates_and_cell_coordinates(tmp_path):
-    written = write_anemoi_store(tmp_path / "o96.zarr")
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_an_anemoi_store_opens_with_names_dates_and_cell_coordinates(tmp_path, zarr_format):
+    written = write_anemoi_store(tmp_path / "o96.zarr", zarr_format=zarr_format)
     ds = open_source(tmp_path / "o96.zarr")
     assert list(ds.data_vars) == ["data"]
     assert ds.data.dims == ("time", "variable", "ensemble", "cell")
@@ -64,8 +67,9 @@ def test_an_anemoi_store_opens_with_names_dates_and_cell_coordinates(tmp_path):
     np.testing.assert_array_equal(ds.data.sel(variable="msl").values, written["data"][:, 3])
 
 
-def test_an_anemoi_store_trains_with_its_stored_statistics(tmp_path):
-    written = write_anemoi_store(tmp_path / "o96.zarr")
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_an_anemoi_store_trains_with_its_stored_statistics(tmp_path, zarr_format):
+    written = write_anemoi_store(tmp_path / "o96.zarr", zarr_format=zarr_format)
     picked = ["2t", "msl"]
     dm = XarrayDataModule(
         tmp_path / "o96.zarr", ["data"], {"time": 1, "cell": N_CELLS},
@@ -117,9 +121,9 @@ def test_an_anemoi_store_trains_with_its_stored_statistics(tmp_path):
 
 def test_stored_statistics_are_refused_where_there_are_none(small_ds):
     with pytest.raises(ValueError, match="stats='stored' takes the statistics an anemoi"):
-        XarrayDataModule(
-            small_ds, ["a"], {"time": 1, "lat": 4, "lon": 5}, stats="stored"
-        ).setup("fit")
+        XarrayDataModule(small_ds, ["a"], {"time": 1, "lat": 4, "lon": 5}, stats="stored").setup(
+            "fit"
+        )
 
 
 def test_other_stores_are_left_as_they_are(zarr_path):

@@ -121,9 +121,7 @@ def test_a_worker_killed_by_a_signal_ends_with_what_to_try(small_ds):
 
 
 @pytest.mark.parametrize("after_a_fit", [False, True])
-def test_a_worker_killed_while_the_main_process_trains_ends_with_what_to_try(
-    small_ds, after_a_fit
-):
+def test_a_worker_killed_while_the_main_process_trains_ends_with_what_to_try(small_ds, after_a_fit):
     import os
     import signal
     import time

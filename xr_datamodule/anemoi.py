@@ -7,6 +7,10 @@ group's ``variables`` attribute, and statistics over its statistics period per v
 ``mean``, ``stdev``, ``minimum``, ``maximum`` (read from anemoi-datasets' own source:
 ``create/gridded/creator.py``, ``create/statistics.py``, ``usage/gridded/store.py``).
 
+Written with zarr 2 the group is zarr v2; with zarr 3 it is v3 with the dims still in the
+``_ARRAY_DIMENSIONS`` attributes, which :func:`~xr_datamodule.sources.open_source` reads
+(lazily, with dask) where xarray asks for v3's ``dimension_names``.
+
 xarray opens such a group with ``dates``, ``latitudes`` and ``longitudes`` as data variables
 and no labels on ``time`` or ``variable``. :func:`labelled` makes it what the datamodule
 needs: ``time`` labelled by the dates, ``variable`` by the names, latitude and longitude as

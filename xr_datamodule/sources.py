@@ -425,10 +425,34 @@ def _open_path(path: str, kwargs: dict[str, Any]) -> xr.Dataset:
         # indexed zarr arrays skip building a dask graph per read.
         if "consolidated" not in kwargs and _local_without_consolidated(path):
             kwargs["consolidated"] = False  # xarray would warn and fall back each time
-        return xr.open_zarr(path, **{"chunks": None, **kwargs})
+        try:
+            return xr.open_zarr(path, **{"chunks": None, **kwargs})
+        except KeyError as error:
+            # A zarr v3 store that names its dims the v2 way (an attribute per array), as
+            # anemoi-datasets writes with zarr 3: xarray wants v3's dimension_names.
+            if "dimension_names" not in str(error):
+                raise
+            return _open_by_array_dimensions(path, kwargs, error)
     if _is_glob(path):
         return xr.open_mfdataset(path, **kwargs)
     return xr.open_dataset(path, **kwargs)
+
+
+def _open_by_array_dimensions(path: str, kwargs: dict[str, Any], error: KeyError) -> xr.Dataset:
+    """A zarr group whose arrays name their dims in ``_ARRAY_DIMENSIONS``, lazily (dask)."""
+    import dask.array as da
+    import zarr
+
+    group = zarr.open_group(
+        path, mode="r", path=kwargs.get("group"), storage_options=kwargs.get("storage_options")
+    )
+    variables = {}
+    for name, array in group.arrays():
+        dims = array.attrs.get("_ARRAY_DIMENSIONS")
+        if dims is None:
+            raise KeyError(f"{error.args[0]} (array {name!r} names no dims either)") from error
+        variables[name] = xr.Variable(tuple(dims), da.from_zarr(array))
+    return xr.Dataset(variables, attrs=dict(group.attrs))
 
 
 def label_at(ds: xr.Dataset, dims: Sequence[str], positions: Sequence[int]) -> str:
