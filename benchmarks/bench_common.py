@@ -77,6 +77,12 @@ class RssMonitor:
         return max(self.samples, default=0)
 
     @staticmethod
+    def rss_total() -> int:
+        """Resident size of this process and its children now."""
+        me = os.getpid()
+        return rss_of(me, False) + sum(rss_of(c, False) for c in child_pids(me))
+
+    @staticmethod
     def pss() -> int:
         """PSS of this process, its children and, in a case's child, the fork server.
 

@@ -51,3 +51,18 @@ def test_the_cache_holds_what_the_streams_keep_in_use():
     # Chunk-aware, 4 streams of 2 cells each; streams move on ceil(8 / 3) = 3 times a batch.
     assert order.cache_cells(chunked(0), per_sample=2, cell_bytes=2**20) == 4 * 2 + 3 + 1
     assert order.cache_cells(None, per_sample=2, cell_bytes=2**20) == 3
+
+
+def test_big_samples_get_fewer_streams_not_more_memory():
+    """A 0.25 deg state (cells of 100 MB, 3 a sample): the floor of 4 streams would hold 12."""
+    cells = np.arange(40)  # one sample starts in each cell
+    big = TrainSplit(40, "chunks", 0, cells, cells_per_sample=3, cell_bytes=100 * 2**20)
+    order = TrainingOrder(batch_size=1)
+    assert order.chunk_layout(big) == (1, 1)
+    assert order.cache_cells(big, per_sample=3, cell_bytes=100 * 2**20) == 3 + 1
+    # Cells of 20 MB: 4 streams' 240 MB fit the budget, so the floor stands.
+    small = TrainSplit(40, "chunks", 0, cells, cells_per_sample=3, cell_bytes=20 * 2**20)
+    assert order.chunk_layout(small) == (1, 4)
+    # Every sample still comes once per epoch with the one stream.
+    batches = order.epoch_batches(big, epoch=0)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(40))

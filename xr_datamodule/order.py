@@ -137,9 +137,13 @@ class TrainingOrder:
         if self.shuffle_chunks != "auto":
             return processes, max(1, int(self.shuffle_chunks) // processes)
         least = -(-MIN_STREAMS // processes)
+        stream_bytes = split.cells_per_sample * split.cell_bytes
+        if split.cells is not None:
+            # Big samples (a 0.25 deg global state): the floor of streams would keep several
+            # samples' cells decoded at once; fewer streams, not more memory.
+            least = max(1, min(least, STREAM_CACHE_BYTES // max(stream_bytes, 1)))
         if split.cells is None or split.samples_per_cell >= self.batch_size:
             return processes, least
-        stream_bytes = split.cells_per_sample * split.cell_bytes
         affordable = STREAM_CACHE_BYTES // max(stream_bytes, 1)
         cells = len(np.unique(split.cells)) // world_size
         long_enough = cells // (processes * STREAM_MIN_CELLS * split.cells_per_sample)
