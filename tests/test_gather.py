@@ -365,7 +365,7 @@ def test_a_batch_whose_cells_are_decoding_in_the_background_waits_for_them(
     monkeypatch.setattr(reader.decoder, "decode", decode_slowly)
     first, second = np.array([0, 1]), np.array([20, 30])
     batch = dataset.__getitems__(first, upcoming=second)
-    assert reader._pending is not None and not reader._pending.done()
+    assert reader._pending and not reader._pending[-1].done()
     later = dataset.__getitems__(second)  # its cells are being decoded: it waits for them
     for ids, got in ((first, batch), (second, later)):
         starts = dm.indices["train"].starts(ids)
@@ -425,7 +425,7 @@ def test_a_read_waits_for_a_prefetch_that_holds_slots_it_needs(small_ds, tmp_pat
 
     monkeypatch.setattr(reader.decoder, "decode", decode_slowly)
     dataset.__getitems__(np.array([0]), upcoming=np.array([20]))  # prefetches cells 10, 11
-    assert reader._pending is not None and not reader._pending.done()
+    assert reader._pending and not reader._pending[-1].done()
     # Not the batch prefetched (e.g. a validation batch in between), and it needs every
     # slot of the arena, two of which the prefetch holds: it waits for them.
     other = np.array([8, 16])  # cells 4, 5, 8, 9

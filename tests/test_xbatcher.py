@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import xarray as xr
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from xr_datamodule import XarrayDataModule
@@ -134,7 +134,13 @@ def test_batch_size_is_the_generators_and_samples_a_superset(layout, concat, dat
     # batch_dims only group samples: xbatcher leaves out those that do not fill a whole
     # batch along them, the datamodule keeps every one.
     dm = XarrayDataModule.from_xbatcher(generator, splits={"predict": 1.0})
-    in_batches = sum(math.prod(b.sizes.values()) // window for b in generator)
+    try:
+        in_batches = sum(math.prod(b.sizes.values()) // window for b in generator)
+    except ValueError as error:
+        # xbatcher fails on a concatenated batch that holds no whole window (batch_dims along
+        # an input dim: "min() arg is an empty sequence"): nothing to compare with.
+        assume("empty sequence" not in str(error))
+        raise
     assert dm.split_sizes["predict"] >= in_batches
     if not batch_dims:
         assert dm.split_sizes["predict"] == in_batches

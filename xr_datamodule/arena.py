@@ -3,8 +3,9 @@
 Out of core, :class:`~xr_datamodule.gather.ChunkedReader` decodes the cells a batch needs
 into slots of one preallocated array (``cache_cells`` slots, each as large as the largest
 cell) and gathers the batch from there. The slots are reused least recently used first.
-Two threads use an arena: the *consumer* (the thread that reads a batch) and one
-background *prefetch* that decodes the next batch's cells meanwhile.
+Threads that use an arena: the *consumer* (the thread that reads a batch) and background
+*prefetches* that decode the cells of the batches to come meanwhile (one batch ahead, or
+several for a remote store, whose reads wait mostly on the network).
 
 The protocol, all under one lock:
 
@@ -17,7 +18,12 @@ The protocol, all under one lock:
   decodes releases the lock while waiting, so it pins what it asked for *before* waiting;
   nothing it was given can be taken while it waits;
 * a prefetch never waits and never pins: it decodes what fits beside busy and pinned cells
-  and skips the rest.
+  and skips the rest. The cells of the batches to come are *reserved* (:meth:`reserve`)
+  until the consumer has read the batch that needs them (one read more, for a batch read
+  in between): another prefetch never replaces a reserved cell, a consumer only when
+  nothing else is left. Without this, least-recently-used order would let a prefetch several
+  batches ahead replace the cells fetched for the very next batch (they were fetched before
+  that batch was read).
 
 An arena pickles empty: each DataLoader worker starts with its own.
 """
@@ -65,6 +71,8 @@ class CellArena:
         self.free: list[int] = []  # slots holding no cell
         self.busy: set[int] = set()  # cells being decoded (by another thread)
         self.pinned: Counter[int] = Counter()  # cells a consumer is copying from
+        self.reserved: dict[int, int] = {}  # cell -> consumer reads it is reserved through
+        self.reads = 0  # consumer reads so far
         self.lock = threading.Lock()  # the bookkeeping above
         self.ready = threading.Condition(self.lock)  # a decoding finished
         self.cells_read = 0
@@ -84,6 +92,7 @@ class CellArena:
             self.cache_cells = max(self.grid.cells_per_sample, int(cache_cells))
         with self.lock:
             self.block, self.slots, self.free = None, OrderedDict(), []
+            self.reserved = {}
 
     def held_blocks(self) -> list[np.ndarray]:
         """The ``(channel, *cell)`` block of every slot (empty before the first read)."""
@@ -110,16 +119,20 @@ class CellArena:
                 self.ready.wait()
             if wait:  # pinned before the lock is ever released below
                 self.pinned.update(keys)
+                self.reads += 1
             for key in keys:
                 if key in self.slots:
                     self.slots.move_to_end(key)
             others = [key for key in keys if key in self.busy]  # decoded by another thread
             missing = []
             avoid = set(keys) | self.busy | set(self.pinned)
+            kept = self._live_reservations()
             for key in keys:
                 if key in self.slots:
                     continue
-                slot = self._replaceable(avoid)
+                slot = self._replaceable(avoid | kept)
+                if slot is None and wait:  # a consumer's batch comes first
+                    slot = self._replaceable(avoid)
                 if slot is None:
                     break
                 self.slots[key] = slot
@@ -133,6 +146,7 @@ class CellArena:
             with self.ready:
                 for key, slot in missing:  # these slots hold no valid cell now
                     del self.slots[key]
+                    self.reserved.pop(key, None)
                     self.free.append(slot)
                     self.busy.discard(key)
                 if wait:
@@ -166,6 +180,25 @@ class CellArena:
         held = wanted | self.busy | set(self.pinned)
         spare = sum(1 for key in self.slots if key not in held)
         return missing <= len(self.free) + spare
+
+    def reserve(self, batches: Sequence[Sequence[int]]) -> None:
+        """Keep the cells of each batch to come (the next first) until it has been read.
+
+        Cells not cached yet are reserved too: a prefetch then fetches them into slots no
+        other prefetch takes back.
+        """
+        with self.lock:
+            for ahead, keys in enumerate(batches):
+                until = self.reads + ahead + 2  # its read, and one read in between
+                for key in keys:
+                    self.reserved[key] = max(until, self.reserved.get(key, 0))
+
+    def _live_reservations(self) -> set[int]:
+        """Reserved cells whose reservation still lasts."""
+        expired = [key for key, until in self.reserved.items() if until < self.reads]
+        for key in expired:
+            del self.reserved[key]
+        return set(self.reserved)
 
     def _replaceable(self, avoid: set[int]) -> int | None:
         """A free slot, or the slot of the least recently used cell not to be avoided."""

@@ -381,6 +381,17 @@ class ChunkFileDecoder(ArrayDecoder):
         raw = (
             self._read(path) if files.per_shard is None else self._read_inner(files, position, path)
         )
+        self._decode_raw(files, raw, inside, target, path)
+
+    def _decode_raw(
+        self,
+        files: ChunkFiles,
+        raw: memoryview | None,
+        inside: tuple,
+        target: np.ndarray,
+        path: str,
+    ) -> None:
+        """Decode one chunk's bytes ``raw`` (None: not stored) into its part ``target``."""
         if raw is None:  # no file (or no bytes in its shard): only the fill value
             target[...] = files.fill_value
             return

@@ -33,7 +33,6 @@ Nothing here knows about samples or Lightning.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +46,7 @@ import xarray as xr
 from xr_datamodule.perprocess import PerProcess, thread_pool
 from xr_datamodule.retries import retrying, worker_place
 from xr_datamodule.sources import VariableLayout, label_range
+from xr_datamodule.stores import gather_requests
 
 __all__ = [
     "ArrayDecoder",
@@ -211,7 +211,15 @@ class XarrayDecoder:
 
 
 def decode_with_retries(decoder: CellDecoder, jobs: Sequence[DecodeJob], what: str) -> None:
-    """``decoder.decode(jobs)`` through :func:`retrying` (a decode is safe to repeat)."""
+    """``decoder.decode(jobs)`` through :func:`retrying` (a decode is safe to repeat).
+
+    A decoder whose store retries each chunk request itself (``retries_each_request``, a
+    remote store's :class:`~xr_datamodule.stores.RetryingStore`) is called once: retrying
+    the whole again would multiply the attempts.
+    """
+    if getattr(decoder, "retries_each_request", False):
+        decoder.decode(jobs)
+        return
     retrying(lambda: decoder.decode(jobs), what)
 
 
@@ -386,6 +394,7 @@ class ZarrDecoder(ArrayDecoder):
         super().__init__(layouts, window_dims, variable_dims, decodings)
         self.open_arrays = open_arrays
         self.opened = PerProcess(open_arrays)  # zarr arrays, opened once in each process
+        self.retries_each_request = False  # set for a remote store (see decode_with_retries)
 
     def arrays(self) -> Mapping[str, Any]:
         """This process's zarr arrays (opened on first use in each process)."""
@@ -404,21 +413,16 @@ class ZarrDecoder(ArrayDecoder):
         prototype = default_buffer_prototype()
         targets = self.targets(jobs)
         requests = [
-            arrays[target.name].async_array.get_orthogonal_selection(
-                target.selection, out=prototype.nd_buffer.from_numpy_array(target.view)
+            partial(
+                arrays[target.name].async_array.get_orthogonal_selection,
+                target.selection,
+                out=prototype.nd_buffer.from_numpy_array(target.view),
             )
             for target in targets
         ]
         if requests:
-            sync(_all(requests))
+            sync(gather_requests(requests))
         self.finish(targets)
-
-
-async def _all(requests: Sequence[Any]) -> None:
-    results = await asyncio.gather(*requests, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
 
 
 # The process that started TensorStore's threads, if any: a process forked from it must not

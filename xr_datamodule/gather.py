@@ -33,6 +33,7 @@ from __future__ import annotations
 import itertools
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -536,6 +537,10 @@ class ChunkedReader(WindowReader):
             are decoded in the background while a batch is copied out (more than one
             thread). Use 1 inside DataLoader workers, which already decode in parallel.
         decoder: How cells are read; default :class:`~xr_datamodule.decode.XarrayDecoder`.
+        prefetch_batches: Batches whose cells may be in flight at once in the background
+            (the ``upcoming`` hint then holds that many batches). One suits local stores,
+            whose reads are bound by decoding; a remote store's reads wait mostly on the
+            network, and several batches in flight keep enough requests going.
     """
 
     def __init__(
@@ -550,9 +555,11 @@ class ChunkedReader(WindowReader):
         decode_threads: int = 1,
         decoder: CellDecoder | None = None,
         origin: str = "the data",
+        prefetch_batches: int = 1,
     ) -> None:
         super().__init__(ds, names, window_dims, dtype, prepare, origin)
         self.decode_threads = max(1, int(decode_threads))
+        self.prefetch_batches = max(1, int(prefetch_batches))
         self.decoder: CellDecoder = decoder or XarrayDecoder(
             self.dataset, self.layouts, self.window_dims, self.decode_threads
         )
@@ -568,12 +575,14 @@ class ChunkedReader(WindowReader):
         self.arena = CellArena(
             grid, self.window_dims, self.n_channels, self.dtype, cache_cells, self._fill
         )
-        self._prefetcher = thread_pool(1)  # one background thread per process
-        self._pending: Future | None = None
+        # Background threads per process: one per batch in flight.
+        self._prefetcher = thread_pool(self.prefetch_batches)
+        self._pending: deque[Future] = deque()
+        self._batch_rows = 1  # samples of the batch being read (the hint's batches are alike)
 
     def __getstate__(self) -> dict:
         self._await_prefetch()  # the arena itself pickles empty: workers start their own
-        return {**super().__getstate__(), "_pending": None}
+        return {**super().__getstate__(), "_pending": deque()}
 
     @property
     def cache_cells(self) -> int:
@@ -617,24 +626,37 @@ class ChunkedReader(WindowReader):
     # ------------------------------------------------------------------ prefetching
 
     def _prefetch(self, base_starts: np.ndarray) -> None:
-        """Decode the cells these samples touch in the background.
+        """Decode the cells these samples touch in the background, in order of first need.
 
-        Only what fits in the arena beside the cells being copied from is fetched; a read
-        that needs a cell still being decoded waits for it.
+        Only what fits in the arena beside the cells being copied from (and those fetched
+        for batches still to come) is fetched; a read that needs a cell still being decoded
+        waits for it. Cells already cached or on their way are not fetched again, so with a
+        hint of several batches each call fetches the newest batch's cells, and up to
+        ``prefetch_batches`` calls are in flight at once.
         """
-        self._await_prefetch()
-        keys = self.grid.span_keys(np.asarray(base_starts, dtype=np.int64), self.grid.extent)
-        keys = keys[: self.cache_cells].tolist()
-        self._pending = self._prefetcher.get().submit(self._slots_for, keys, False)
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().exception()
+        if len(self._pending) >= self.prefetch_batches:
+            self._pending.popleft().exception()  # see _await_prefetch
+        base_starts = np.asarray(base_starts, dtype=np.int64)
+        rows = max(1, self._batch_rows)
+        batches = [
+            self.grid.span_keys(base_starts[first : first + rows], self.grid.extent).tolist()
+            for first in range(0, len(base_starts), rows)
+        ]
+        self.arena.reserve(batches)  # kept until the batch that needs them is read
+        keys = list(dict.fromkeys(key for batch in batches for key in batch))[: self.cache_cells]
+        known = self.arena.slots  # read without the lock: a hint, checked again under it
+        if any(key not in known for key in keys):
+            self._pending.append(self._prefetcher.get().submit(self._slots_for, keys, False))
 
     def _await_prefetch(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
+        while self._pending:
             # A failed prefetch is not an error of this batch: the read that needs those
             # cells decodes them again and raises then. exception() waits without raising;
             # re-raising here would tie this frame (and the batch buffers of its callers)
             # into a cycle with the stored exception that only the garbage collector breaks.
-            pending.exception()
+            self._pending.popleft().exception()
 
     def close(self) -> None:
         """Stop this process's prefetch and decoding threads and free the arena."""
@@ -661,6 +683,7 @@ class ChunkedReader(WindowReader):
         """
         if self.decode_threads < 2 or upcoming is None or not len(upcoming):
             upcoming = None
+        self._batch_rows = len(base)
         split = self._split_rows(base, cuts)
         zero = np.zeros((1, len(extent)), dtype=np.int64)
         for row in np.flatnonzero(split):
@@ -725,7 +748,7 @@ class ChunkedReader(WindowReader):
             # While the next batch decodes in the background, copy with one thread: torch's
             # second intra-op thread would spin on the core the decoder needs (global
             # store, chunks of 4 steps, no workers: 1.64 s per epoch with two, 1.33 with one).
-            with _intra_op_threads(1 if self._pending is not None else None):
+            with _intra_op_threads(1 if self._pending else None):
                 for r, out in zip(runs, outs, strict=True):
                     slot = slots[np.searchsorted(needed, r.keys)]
                     within = r.within + slot * self._memory.slot_items

@@ -252,10 +252,10 @@ def train_loader(
     """
     dataset = pipeline.dataset("train")
     _warn_if_workers_lose_tensorstore(pipeline, dataset)
-    # Without workers the reader decodes the next batch's cells in the background.
-    lookahead = int(
-        pipeline.resources.num_workers == 0 and isinstance(dataset.reader, ChunkedReader)
-    )
+    # Without workers the reader decodes the next batches' cells in the background.
+    lookahead = 0
+    if pipeline.resources.num_workers == 0 and isinstance(dataset.reader, ChunkedReader):
+        lookahead = dataset.reader.prefetch_batches
     sampler = pipeline.order.batch_sampler(
         pipeline.sampling.train_split(),
         pipeline.world(),

@@ -37,6 +37,11 @@ MIN_STREAMS = 4  # chunk-aware streams per rank at least (shuffle_chunks="auto")
 FULL_SHUFFLE_CACHE_BYTES = 2**30  # most a full shuffle out of core caches per process
 STREAM_CACHE_BYTES = 256 * 2**20  # shuffle_chunks="auto": cells of the streams, per process
 STREAM_MIN_CELLS = 10  # shuffle_chunks="auto": a stream spans this many samples' cells at least
+# Without workers, a remote store's reader keeps this many bytes of the batches to come in
+# flight (at most REMOTE_BATCHES_AHEAD batches): each request waits 20-100 ms on the network,
+# one batch's requests at a time leave the store idle most of the time.
+REMOTE_AHEAD_BYTES = 256 * 2**20
+REMOTE_BATCHES_AHEAD = 8
 
 
 @dataclass(frozen=True)
@@ -171,6 +176,28 @@ class TrainingOrder:
         moves = math.ceil(self.batch_size / per_cell)
         return parts_read * (streams * per_sample + moves) + int(per_cell < self.batch_size)
 
+    def batches_ahead(
+        self, split: TrainSplit | None, per_sample: int, cell_bytes: int, world_size: int = 1
+    ) -> tuple[int, int]:
+        """A remote store's reader without workers: batches it fetches ahead, slots they add.
+
+        As many batches as :data:`REMOTE_AHEAD_BYTES` of their new cells allow (1 to
+        :data:`REMOTE_BATCHES_AHEAD`); the arena grows by the cells of the batches beyond the
+        first (which :meth:`cache_cells` already holds).
+        """
+        if split is None:
+            return 1, 0
+        if split.shuffle == "full" or split.cells is None:
+            new_cells = self.batch_size * per_sample
+        else:
+            parts, _ = self.chunk_layout(split, world_size)
+            processes = max(1, split.workers)
+            moves = math.ceil(self.batch_size / split.samples_per_cell)
+            new_cells = parts // math.gcd(parts, processes) * moves
+        batch_bytes = max(1, new_cells * cell_bytes)
+        depth = max(1, min(REMOTE_BATCHES_AHEAD, REMOTE_AHEAD_BYTES // batch_bytes))
+        return depth, (depth - 1) * new_cells
+
     # ------------------------------------------------------------------ samplers
 
     def epoch_sampler(self, split: TrainSplit, world_size: int = 1) -> EpochSampler:
@@ -234,7 +261,7 @@ class TrainingOrder:
                 the loader's iterator (and workers' prefetching) before it calls
                 ``set_epoch``, e.g. when resuming.
             lookahead: Batches whose sample numbers each batch carries along (without
-                workers the reader decodes the next batch's cells in the background).
+                workers the reader decodes their cells in the background).
             plans: Yield :class:`~xr_datamodule.samplers.BatchPlan` items (with the epoch).
         """
         world_size, rank = world

@@ -45,6 +45,7 @@ from xr_datamodule.plan import SamplePlan, plan_samples, window_geometry
 from xr_datamodule.reading import extra_channels, read_by_cell, read_in_memory
 from xr_datamodule.resources import Backend, Resources, choose_decoder, choose_resources
 from xr_datamodule.sampling import Sampling
+from xr_datamodule.sources import is_remote
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.windows import WindowGeometry
 
@@ -235,9 +236,15 @@ class DataPipeline(PipelineOutputs):
         self._grid_reads = self._family_reads()
         if self.cells is None:
             return read_in_memory(spec, layout, prepare)
-        cache_cells = self.sampling.cache_cells(self.world()[0])  # sized before it exists
+        world_size = self.world()[0]
+        cache_cells = self.sampling.cache_cells(world_size)  # sized before it exists
+        ahead, more_cells = 1, 0
+        if is_remote(spec.data) and self.resources.num_workers == 0:
+            ahead, more_cells = self.sampling.batches_ahead(world_size)
         threads, decoder = self.resources.decode_threads, self.backend.decoder
-        return read_by_cell(spec, layout, prepare, self.cells, cache_cells, threads, decoder)
+        return read_by_cell(
+            spec, layout, prepare, self.cells, cache_cells + more_cells, threads, decoder, ahead
+        )
 
     def _family_reads(self) -> list[GridRead]:
         """Every family's reads, their readers built (sized like the primary reader's cache)."""

@@ -40,8 +40,12 @@ def read_by_cell(
     cache_cells: int,
     decode_threads: int,
     decoder: CellDecoder | None,
+    prefetch_batches: int = 1,
 ) -> ChunkedReader:
-    """The read variables decoded cell by cell into an arena of ``cache_cells`` slots."""
+    """The read variables decoded cell by cell into an arena of ``cache_cells`` slots.
+
+    ``prefetch_batches``: batches whose cells may be fetched at once in the background.
+    """
     reader = ChunkedReader(
         layout.source,
         layout.reader_vars,
@@ -53,6 +57,7 @@ def read_by_cell(
         decode_threads=decode_threads,
         decoder=decoder,
         origin=layout.origin,
+        prefetch_batches=prefetch_batches,
     )
     if is_remote(spec.data):  # each DataLoader worker opens the store anew
         reader.reopen = partial(open_selected, spec.data, spec.open_kwargs, spec.select)

@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,8 +34,10 @@ from xr_datamodule.decode import (
 )
 from xr_datamodule.layout import SourceLayout
 from xr_datamodule.missing import absent_chunks
+from xr_datamodule.remotechunks import RemoteChunkDecoder, remote_chunk_folder
 from xr_datamodule.sources import is_in_memory, local_zarr_group, zarr_opener
 from xr_datamodule.spec import DataSpec
+from xr_datamodule.stores import open_remote_store
 
 __all__ = ["Backend", "Resources", "choose_decoder", "choose_resources"]
 
@@ -143,7 +146,7 @@ def choose_decoder(spec: DataSpec, layout: SourceLayout, resources: Resources) -
     decoder.opened.put(arrays)  # opened already in this process
     folder = local_zarr_group(spec.data, spec.open_kwargs)
     if folder is None:
-        return Backend(decoder, "zarr-python (a remote store)")
+        return _remote_decoder(spec, arrays, decoder, layout, dims, decodings, resources)
     if spec.nan_policy != "keep":
         _report_absent_chunks(layout.origin, arrays)
     files = {name: chunk_files(arrays[name], os.path.join(folder, name)) for name in names}
@@ -170,6 +173,41 @@ def choose_decoder(spec: DataSpec, layout: SourceLayout, resources: Resources) -
         specs, layouts, layout.window_dims, dims, decodings, threads, decoder
     )
     return _declined(why, tensorstore, "TensorStore")
+
+
+def _remote_decoder(
+    spec: DataSpec,
+    arrays: Mapping[str, Any],
+    decoder: ZarrDecoder,
+    layout: SourceLayout,
+    dims: Mapping[str, tuple[str, ...]],
+    decodings: Mapping[str, Any],
+    resources: Resources,
+) -> Backend:
+    """A remote store: its chunks fetched at once and decoded by us where they are plain."""
+    decoder.retries_each_request = True  # its store does (xr_datamodule.stores)
+    kwargs = dict(spec.open_kwargs or {})
+    group = kwargs.get("group")
+    names = layout.reader_vars
+    files = {name: chunk_files(arrays[name], remote_chunk_folder(group, name)) for name in names}
+    plain = [name for name, described in files.items() if described is None]
+    sharded = [name for name, described in files.items() if described and described.per_shard]
+    if plain or sharded:
+        why = f"codecs zarr must decode: {plain}" if plain else f"sharded: {sharded}"
+        return _declined(f"a remote store ({why})", decoder)
+    opener = partial(open_remote_store, str(spec.data), kwargs.get("storage_options"))
+    return Backend(
+        RemoteChunkDecoder(
+            files,  # type: ignore[arg-type]
+            opener,
+            layout.layouts(names),
+            layout.window_dims,
+            dims,
+            decodings,
+            resources.decode_threads,
+        ),
+        "its chunks, fetched from the remote store and decoded by us",
+    )
 
 
 def _declined(

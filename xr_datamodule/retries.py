@@ -28,10 +28,10 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-__all__ = ["READ_RETRIES", "is_transient", "retrying", "worker_place"]
+__all__ = ["READ_RETRIES", "is_transient", "retrying", "retrying_async", "worker_place"]
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,22 +109,40 @@ def retrying(call: Callable[[], T], what: str) -> T:
         try:
             return call()
         except Exception as error:
-            if attempt == READ_RETRIES or not is_transient(error):
-                raise
-            wait = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2**attempt)
-            wait *= random.uniform(0.75, 1.25)
-            logger.warning(
-                "reading %s failed%s (%s: %s); retry %d of %d in %.1f s",
-                what,
-                worker_place(),
-                type(error).__name__,
-                error,
-                attempt + 1,
-                READ_RETRIES,
-                wait,
-            )
-            time.sleep(wait)
+            time.sleep(_wait_or_raise(error, attempt, what))
     raise AssertionError("unreachable")
+
+
+async def retrying_async(call: Callable[[], Awaitable[T]], what: str) -> T:
+    """``await call()`` with the retries of :func:`retrying`, waiting without blocking.
+
+    For one request among many in flight: only the request that failed is made again.
+    """
+    for attempt in range(READ_RETRIES + 1):
+        try:
+            return await call()
+        except Exception as error:
+            await asyncio.sleep(_wait_or_raise(error, attempt, what))
+    raise AssertionError("unreachable")
+
+
+def _wait_or_raise(error: Exception, attempt: int, what: str) -> float:
+    """Seconds to wait before retry ``attempt + 1``; raises ``error`` when none is left."""
+    if attempt == READ_RETRIES or not is_transient(error):
+        raise error
+    wait = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2**attempt)
+    wait *= random.uniform(0.75, 1.25)
+    logger.warning(
+        "reading %s failed%s (%s: %s); retry %d of %d in %.1f s",
+        what,
+        worker_place(),
+        type(error).__name__,
+        error,
+        attempt + 1,
+        READ_RETRIES,
+        wait,
+    )
+    return wait
 
 
 def worker_place() -> str:

@@ -48,10 +48,11 @@ __all__ = [
 
 
 class BatchPlan(NamedTuple):
-    """A batch of sample numbers and, as a hint, the batch the same process reads next.
+    """A batch of sample numbers and, as a hint, the batches the same process reads next.
 
-    The hint lets a reader decode the next batch's chunks in the background while the
-    current batch is used (see :meth:`~xr_datamodule.gather.WindowReader.prefetch`).
+    The hint (the next batch's sample numbers, or the next few batches' one after the other)
+    lets a reader decode their chunks in the background while the current batch is used
+    (see :meth:`~xr_datamodule.gather.ChunkedReader`).
     """
 
     ids: np.ndarray
@@ -436,9 +437,10 @@ class ShardedBatchSampler(DistributedSampler):
         epoch_offset: Trainer epoch minus data epoch. Lightning counts an epoch cut short by
             ``max_steps`` as finished; after resuming such a run the data epochs lag the
             trainer's by one, so that the data continue exactly where they stopped.
-        lookahead: When positive, yield :class:`BatchPlan` items whose hint is the batch
-            ``lookahead`` places later (the same DataLoader worker's next batch when it is
-            the number of workers, or 1 without workers).
+        lookahead: When positive, yield :class:`BatchPlan` items whose hint holds the
+            sample numbers of the next ``lookahead`` batches, in order (what a reader
+            without workers decodes in the background: 1 batch from local stores, several
+            from remote ones).
         plans: Always yield :class:`BatchPlan` items (they carry the data epoch, which
             random offsets depend on).
 
@@ -531,10 +533,11 @@ class ShardedBatchSampler(DistributedSampler):
         if not self.lookahead and not self.plans:
             yield from batches
             return
-        step = self.lookahead
+        depth = self.lookahead
         for number, batch in enumerate(batches):
-            ahead = step and number + step < len(batches)
-            yield BatchPlan(batch, batches[number + step] if ahead else None, epoch, self.seed)
+            coming = batches[number + 1 : number + 1 + depth] if depth else []
+            upcoming = np.concatenate(coming) if len(coming) else None
+            yield BatchPlan(batch, upcoming, epoch, self.seed)
 
 
 # ----------------------------------------------------------------------------- user sampling

@@ -170,6 +170,13 @@ class Sampling:
         grid = self.cells
         return self.order.cache_cells(split, grid.cells_per_sample, grid.cell_bytes, world_size)
 
+    def batches_ahead(self, world_size: int) -> tuple[int, int]:
+        """Batches a remote store's reader fetches ahead without workers, and added slots."""
+        assert self.cells is not None
+        split = self.train_split() if self.has_train else None
+        grid = self.cells
+        return self.order.batches_ahead(split, grid.cells_per_sample, grid.cell_bytes, world_size)
+
     def chunk_layout(self, world_size: int) -> tuple[int, int]:
         """Chunk-aware order: (parts, streams per part); see ``TrainingOrder.chunk_layout``."""
         return self.order.chunk_layout(self.train_split(), world_size)

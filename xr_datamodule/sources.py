@@ -212,8 +212,13 @@ def _open_zarr_arrays(
 ) -> dict[str, Any]:
     import zarr
 
-    options = {"storage_options": storage_options} if storage_options else {}
-    root = zarr.open_group(path, mode="r", path=group, **options)
+    if _is_url(path) and not path.startswith("file://"):
+        from xr_datamodule.stores import open_remote_group
+
+        root = open_remote_group(path, group, storage_options)
+    else:
+        options = {"storage_options": storage_options} if storage_options else {}
+        root = zarr.open_group(path, mode="r", path=group, **options)
     return {name: root[name] for name in names}
 
 
