@@ -134,3 +134,25 @@ def test_a_store_that_keeps_failing_stops_after_bounded_retries(store, monkeypat
     # Each chunk asked for by the prefetch and again by the read that needs it, each time
     # READ_RETRIES + 1 attempts at most.
     assert 0 < seen["most_of_one_path"] <= 2 * (2 + 1)
+
+
+def test_a_sharded_remote_store_reads_through_zarr_with_ranged_requests(tmp_path, monkeypatch):
+    ds = make_dataset(n_time=48)[["a", "b"]].astype(np.float32)
+    encoding = {name: {"chunks": (1, 12, 10), "shards": (8, 12, 10)} for name in ("a", "b")}
+    ds.to_zarr(tmp_path / "store.zarr", zarr_format=3, consolidated=False, encoding=encoding)
+    monkeypatch.setattr(retries, "RETRY_BASE_SECONDS", 0.001)
+    local = module(str(tmp_path / "store.zarr"))
+    local.setup("fit")
+    with served(tmp_path, seed=2) as url:
+        remote = module(f"{url}/store.zarr")
+        remote.setup("fit")
+        stats(url, fail=0.1)
+        batches = list(remote.train_dataloader())
+        remote.teardown("fit")
+        assert stats(url)["failed"] > 0
+    # Shards need ranged reads of their chunks: zarr-python reads them, through the
+    # retrying store, and says so.
+    assert type(remote.datasets["train"].reader.decoder).__name__ == "ZarrDecoder"
+    assert "sharded" in remote.pipeline.backend.description
+    for (x, y), (x_local, y_local) in zip(batches, local.train_dataloader(), strict=True):
+        assert torch.equal(x, x_local) and torch.equal(y, y_local)

@@ -19,11 +19,10 @@ The protocol, all under one lock:
   nothing it was given can be taken while it waits;
 * a prefetch never waits and never pins: it decodes what fits beside busy and pinned cells
   and skips the rest. The cells of the batches to come are *reserved* (:meth:`reserve`)
-  until the consumer has read the batch that needs them (one read more, for a batch read
-  in between): another prefetch never replaces a reserved cell, a consumer only when
-  nothing else is left. Without this, least-recently-used order would let a prefetch several
-  batches ahead replace the cells fetched for the very next batch (they were fetched before
-  that batch was read).
+  until the consumer has read the batch that needs them: another prefetch never replaces a
+  reserved cell, a consumer only when nothing else is left. Without this,
+  least-recently-used order would let a prefetch several batches ahead replace the cells
+  fetched for the very next batch (they were fetched before that batch was read).
 
 An arena pickles empty: each DataLoader worker starts with its own.
 """
@@ -189,7 +188,9 @@ class CellArena:
         """
         with self.lock:
             for ahead, keys in enumerate(batches):
-                until = self.reads + ahead + 2  # its read, and one read in between
+                # Through its read: one read later the cells of the batch after it need
+                # the slots (an arena sized for two batches has no slot to spare).
+                until = self.reads + ahead + 1
                 for key in keys:
                     self.reserved[key] = max(until, self.reserved.get(key, 0))
 

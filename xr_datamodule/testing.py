@@ -2,7 +2,8 @@
 
 :func:`served` serves a folder (a zarr store, say) over HTTP from a separate process, each
 request answered after ``latency`` seconds and a share ``fail_fraction`` of them refused with
-``503 Service Unavailable``, as a busy object store does. Its counts of requests are at
+``503 Service Unavailable``, as a busy object store does; ranged reads (``Range: bytes=``,
+what a sharded store asks for) are answered with those bytes. Its counts of requests are at
 ``<url>/__stats__`` (JSON: requests, failed, bytes, the most requests of one path, the most
 requests answered at once); a request for ``<url>/__fail__/0.5`` sets the share that fails
 from then on (and starts the counts of each path and of requests at once anew). The benchmarks
@@ -134,7 +135,34 @@ def _handler(folder: str, latency: float, fail_fraction: float, seed: int) -> ty
             if fail:
                 self.send_error(503, "Service Unavailable")
                 return
+            if self.headers.get("Range"):
+                self._send_range(self.headers["Range"])
+                return
             super().do_GET()
+
+        def _send_range(self, wanted: str) -> None:
+            """A ``Range: bytes=a-b`` request (a shard's chunk), answered 206 with those bytes."""
+            path = self.translate_path(self.path)
+            if not os.path.isfile(path):
+                self.send_error(404, "File not found")
+                return
+            with open(path, "rb") as file:
+                data = file.read()
+            start_text, _, end_text = wanted.removeprefix("bytes=").partition("-")
+            if start_text:
+                start = int(start_text)
+                end = min(int(end_text), len(data) - 1) if end_text else len(data) - 1
+            else:  # the last n bytes
+                start, end = max(0, len(data) - int(end_text)), len(data) - 1
+            part = data[start : end + 1]
+            self.send_response(206)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+            self.send_header("Content-Length", str(len(part)))
+            self.end_headers()
+            self.wfile.write(part)
+            with counts.lock:
+                counts.bytes += len(part)
 
         def do_HEAD(self) -> None:
             time.sleep(latency)
