@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader
 from xr_datamodule.testing import served
 
 IN_FLIGHT = 128  # concurrent GETs of the limit
-N_TIME = 240
+N_TIME = 720  # the store (1.9 GB decoded) well beyond the readers' arenas
 
 
 def chunk_keys(path: Path) -> list[str]:

@@ -156,3 +156,35 @@ def test_a_sharded_remote_store_reads_through_zarr_with_ranged_requests(tmp_path
     assert "sharded" in remote.pipeline.backend.description
     for (x, y), (x_local, y_local) in zip(batches, local.train_dataloader(), strict=True):
         assert torch.equal(x, x_local) and torch.equal(y, y_local)
+
+
+def worker_epoch(url: str) -> tuple[XarrayDataModule, list, int]:
+    """An epoch over HTTP with 2 workers, and the requests it made."""
+    remote = XarrayDataModule(
+        f"{url}/store.zarr", **{**SETTINGS, "num_workers": 2}, open_kwargs={"consolidated": False}
+    )
+    remote.setup("fit")
+    before = stats(url)["requests"]
+    batches = list(remote.train_dataloader())
+    requests = stats(url)["requests"] - before
+    remote.teardown("fit")
+    return remote, batches, requests
+
+
+def test_each_worker_fetches_its_own_next_batches_from_a_remote_store(store, monkeypatch):
+    folder, ds = store
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)  # a cell per chunk, one step
+    with served(folder, latency=0.01) as url:
+        monkeypatch.setattr(training_order, "REMOTE_BATCHES_AHEAD", 1)
+        _, _, one_ahead = worker_epoch(url)
+        monkeypatch.setattr(training_order, "REMOTE_BATCHES_AHEAD", 8)
+        remote, batches, requests = worker_epoch(url)
+    assert remote.datasets["train"].reader.prefetch_batches == 8
+    # Fetching a worker's next batches ahead fetches no chunk more often than reading them
+    # one batch at a time (the cells fetched ahead are kept until their batch is read).
+    assert requests <= one_ahead
+    # The windows of the order for two workers (it deals cells out to them), as ds.isel's.
+    order = np.concatenate(remote.train_batches(epoch=0))
+    starts = remote.indices["train"].starts(order)
+    reference = reference_windows(ds, ["a", "b"], remote.window_dims, starts, (2, 12, 10))
+    np.testing.assert_array_equal(torch.cat([x for x, _ in batches]).numpy(), reference)

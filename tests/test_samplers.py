@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 from torch.utils.data import SequentialSampler
 
-from xr_datamodule.samplers import ArrayBatchSampler, EpochShuffleSampler, sample_order
+from xr_datamodule.samplers import (
+    ArrayBatchSampler,
+    EpochShuffleSampler,
+    ShardedBatchSampler,
+    sample_order,
+)
 
 
 def test_order_is_a_function_of_seed_and_epoch():
@@ -57,3 +62,18 @@ def test_unknown_samplers_are_read_by_iteration():
             return 5
 
     assert sample_order(Reversed()).tolist() == [4, 3, 2, 1, 0]
+
+
+def test_the_hint_holds_the_next_batches_of_the_same_worker():
+    """lookahead batches, lookahead_stride apart: what a worker taking every W-th reads next."""
+    order = list(ShardedBatchSampler(EpochShuffleSampler(40, seed=1), 4))
+    plans = list(
+        ShardedBatchSampler(EpochShuffleSampler(40, seed=1), 4, lookahead=2, lookahead_stride=3)
+    )
+    assert [plan.ids.tolist() for plan in plans] == [batch.tolist() for batch in order]
+    for number, plan in enumerate(plans):
+        coming = order[number + 3 : number + 9 : 3]  # the same worker's next two, of three
+        if not coming:
+            assert plan.upcoming is None
+        else:
+            np.testing.assert_array_equal(plan.upcoming, np.concatenate(coming))

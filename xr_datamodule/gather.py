@@ -681,7 +681,8 @@ class ChunkedReader(WindowReader):
         background from the moment this batch's cells are ready: while it is copied out of
         the arena and while it is used.
         """
-        if self.decode_threads < 2 or upcoming is None or not len(upcoming):
+        background = self.decode_threads > 1 or self.prefetch_batches > 1
+        if not background or upcoming is None or not len(upcoming):
             upcoming = None
         self._batch_rows = len(base)
         split = self._split_rows(base, cuts)

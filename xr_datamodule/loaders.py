@@ -252,16 +252,19 @@ def train_loader(
     """
     dataset = pipeline.dataset("train")
     _warn_if_workers_lose_tensorstore(pipeline, dataset)
-    # Without workers the reader decodes the next batches' cells in the background.
-    lookahead = 0
-    if pipeline.resources.num_workers == 0 and isinstance(dataset.reader, ChunkedReader):
-        lookahead = dataset.reader.prefetch_batches
+    # Out of core, without workers the reader decodes the next batches' cells in the
+    # background; a remote store's reader also in each worker, its own next batches.
+    lookahead, workers = 0, pipeline.resources.num_workers
+    if isinstance(dataset.reader, ChunkedReader):
+        ahead = dataset.reader.prefetch_batches
+        lookahead = ahead if workers == 0 or ahead > 1 else 0
     sampler = pipeline.order.batch_sampler(
         pipeline.sampling.train_split(),
         pipeline.world(),
         epoch,
         lookahead,
         plans=pipeline.spec.random_offsets,  # the batches carry their epoch
+        lookahead_stride=max(1, workers),  # workers take the batches in turn
     )
     settings = loader_settings(pipeline, pin_memory)
     collate = partial(collate_batch, ring_slots=pipeline.resources.ring_slots)

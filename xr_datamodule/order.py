@@ -37,7 +37,7 @@ MIN_STREAMS = 4  # chunk-aware streams per rank at least (shuffle_chunks="auto")
 FULL_SHUFFLE_CACHE_BYTES = 2**30  # most a full shuffle out of core caches per process
 STREAM_CACHE_BYTES = 256 * 2**20  # shuffle_chunks="auto": cells of the streams, per process
 STREAM_MIN_CELLS = 10  # shuffle_chunks="auto": a stream spans this many samples' cells at least
-# Without workers, a remote store's reader keeps this many bytes of the batches to come in
+# A remote store's reader (in each process) keeps this many bytes of the batches to come in
 # flight (at most REMOTE_BATCHES_AHEAD batches): each request waits 20-100 ms on the network,
 # one batch's requests at a time leave the store idle most of the time.
 REMOTE_AHEAD_BYTES = 256 * 2**20
@@ -179,7 +179,7 @@ class TrainingOrder:
     def batches_ahead(
         self, split: TrainSplit | None, per_sample: int, cell_bytes: int, world_size: int = 1
     ) -> tuple[int, int]:
-        """A remote store's reader without workers: batches it fetches ahead, slots they add.
+        """A remote store's reader: batches it fetches ahead, and the slots they add.
 
         As many batches as :data:`REMOTE_AHEAD_BYTES` of their new cells allow (1 to
         :data:`REMOTE_BATCHES_AHEAD`); the arena grows by the cells of the batches beyond the
@@ -251,6 +251,7 @@ class TrainingOrder:
         epoch: int | None,
         lookahead: int = 0,
         plans: bool = False,
+        lookahead_stride: int = 1,
     ) -> ShardedBatchSampler:
         """The training loader's batch sampler for this rank; applies a pending resume once.
 
@@ -263,6 +264,7 @@ class TrainingOrder:
             lookahead: Batches whose sample numbers each batch carries along (without
                 workers the reader decodes their cells in the background).
             plans: Yield :class:`~xr_datamodule.samplers.BatchPlan` items (with the epoch).
+            lookahead_stride: Batches between two of the hint's (the number of workers).
         """
         world_size, rank = world
         sampler = ShardedBatchSampler(
@@ -275,6 +277,7 @@ class TrainingOrder:
             epoch_offset=self.epoch_offset,
             lookahead=lookahead,
             plans=plans,
+            lookahead_stride=lookahead_stride,
         )
         if epoch is not None:
             sampler.set_epoch(epoch)

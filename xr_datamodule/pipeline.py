@@ -239,7 +239,7 @@ class DataPipeline(PipelineOutputs):
         world_size = self.world()[0]
         cache_cells = self.sampling.cache_cells(world_size)  # sized before it exists
         ahead, more_cells = 1, 0
-        if is_remote(spec.data) and self.resources.num_workers == 0:
+        if is_remote(spec.data):  # requests wait on the network: several batches at once
             ahead, more_cells = self.sampling.batches_ahead(world_size)
         threads, decoder = self.resources.decode_threads, self.backend.decoder
         return read_by_cell(

@@ -443,6 +443,8 @@ class ShardedBatchSampler(DistributedSampler):
             from remote ones).
         plans: Always yield :class:`BatchPlan` items (they carry the data epoch, which
             random offsets depend on).
+        lookahead_stride: Batches between two of the hint's: with ``W`` DataLoader
+            workers, which take the batches in turn, ``W`` (a worker's own next batches).
 
     Example:
         >>> order = EpochShuffleSampler(10, seed=0)
@@ -464,6 +466,7 @@ class ShardedBatchSampler(DistributedSampler):
         epoch_offset: int = 0,
         lookahead: int = 0,
         plans: bool = False,
+        lookahead_stride: int = 1,
     ) -> None:
         # DistributedSampler.__init__ would ask torch.distributed for the world; the
         # datamodule knows it from the trainer (and tests simulate ranks).
@@ -480,6 +483,7 @@ class ShardedBatchSampler(DistributedSampler):
         self._resumed: tuple[int, ...] | None = None  # the resume of the epoch being served
         self.epoch_offset = int(epoch_offset)
         self.lookahead = max(0, int(lookahead))
+        self.lookahead_stride = max(1, int(lookahead_stride))
         self.plans = bool(plans)
         self.serving = order.epoch  # data epoch of the pass under way (or the next one)
         self.num_samples = order.n // self.num_replicas
@@ -533,9 +537,10 @@ class ShardedBatchSampler(DistributedSampler):
         if not self.lookahead and not self.plans:
             yield from batches
             return
-        depth = self.lookahead
+        depth, stride = self.lookahead, self.lookahead_stride
         for number, batch in enumerate(batches):
-            coming = batches[number + 1 : number + 1 + depth] if depth else []
+            ahead = number + stride
+            coming = batches[ahead : ahead + depth * stride : stride] if depth else []
             upcoming = np.concatenate(coming) if len(coming) else None
             yield BatchPlan(batch, upcoming, epoch, self.seed)
 

@@ -171,7 +171,7 @@ class Sampling:
         return self.order.cache_cells(split, grid.cells_per_sample, grid.cell_bytes, world_size)
 
     def batches_ahead(self, world_size: int) -> tuple[int, int]:
-        """Batches a remote store's reader fetches ahead without workers, and added slots."""
+        """Batches a remote store's reader fetches ahead in each process, and added slots."""
         assert self.cells is not None
         split = self.train_split() if self.has_train else None
         grid = self.cells
