@@ -117,6 +117,15 @@ class _Memory:
         )
 
 
+def _keys_by_batch(grid: CellGrid, base_starts: np.ndarray, rows: int) -> list[list[int]]:
+    """The cells of each batch of a hint (batches of ``rows`` samples, one after the other)."""
+    rows = max(1, rows)
+    return [
+        grid.span_keys(base_starts[first : first + rows], grid.extent).tolist()
+        for first in range(0, len(base_starts), rows)
+    ]
+
+
 def _merged_axes(size: Sequence[int], shape: Sequence[int]) -> int:
     """How many trailing axes a window spans whole (their runs merge into one)."""
     merged = 0
@@ -638,12 +647,7 @@ class ChunkedReader(WindowReader):
             self._pending.popleft().exception()
         if len(self._pending) >= self.prefetch_batches:
             self._pending.popleft().exception()  # see _await_prefetch
-        base_starts = np.asarray(base_starts, dtype=np.int64)
-        rows = max(1, self._batch_rows)
-        batches = [
-            self.grid.span_keys(base_starts[first : first + rows], self.grid.extent).tolist()
-            for first in range(0, len(base_starts), rows)
-        ]
+        batches = _keys_by_batch(self.grid, np.asarray(base_starts, np.int64), self._batch_rows)
         self.arena.reserve(batches)  # kept until the batch that needs them is read
         keys = list(dict.fromkeys(key for batch in batches for key in batch))[: self.cache_cells]
         known = self.arena.slots  # read without the lock: a hint, checked again under it

@@ -176,28 +176,6 @@ class TrainingOrder:
         moves = math.ceil(self.batch_size / per_cell)
         return parts_read * (streams * per_sample + moves) + int(per_cell < self.batch_size)
 
-    def batches_ahead(
-        self, split: TrainSplit | None, per_sample: int, cell_bytes: int, world_size: int = 1
-    ) -> tuple[int, int]:
-        """A remote store's reader: batches it fetches ahead, and the slots they add.
-
-        As many batches as :data:`REMOTE_AHEAD_BYTES` of their new cells allow (1 to
-        :data:`REMOTE_BATCHES_AHEAD`); the arena grows by the cells of the batches beyond the
-        first (which :meth:`cache_cells` already holds).
-        """
-        if split is None:
-            return 1, 0
-        if split.shuffle == "full" or split.cells is None:
-            new_cells = self.batch_size * per_sample
-        else:
-            parts, _ = self.chunk_layout(split, world_size)
-            processes = max(1, split.workers)
-            moves = math.ceil(self.batch_size / split.samples_per_cell)
-            new_cells = parts // math.gcd(parts, processes) * moves
-        batch_bytes = max(1, new_cells * cell_bytes)
-        depth = max(1, min(REMOTE_BATCHES_AHEAD, REMOTE_AHEAD_BYTES // batch_bytes))
-        return depth, (depth - 1) * new_cells
-
     # ------------------------------------------------------------------ samplers
 
     def epoch_sampler(self, split: TrainSplit, world_size: int = 1) -> EpochSampler:
@@ -439,3 +417,30 @@ def _check_resumable(
             f"give another order of samples: {'; '.join(reasons)}. Resume with the "
             "checkpoint's settings, or from a checkpoint written at the end of an epoch"
         )
+
+
+def batches_ahead(
+    order: TrainingOrder,
+    split: TrainSplit | None,
+    per_sample: int,
+    cell_bytes: int,
+    world_size: int = 1,
+) -> tuple[int, int]:
+    """A remote store's reader: batches it fetches ahead, and the slots they add.
+
+    As many batches as :data:`REMOTE_AHEAD_BYTES` of their new cells allow (1 to
+    :data:`REMOTE_BATCHES_AHEAD`); the arena grows by the cells of the batches beyond the
+    first (which :meth:`TrainingOrder.cache_cells` already holds).
+    """
+    if split is None:
+        return 1, 0
+    if split.shuffle == "full" or split.cells is None:
+        new_cells = order.batch_size * per_sample
+    else:
+        parts, _ = order.chunk_layout(split, world_size)
+        processes = max(1, split.workers)
+        moves = math.ceil(order.batch_size / split.samples_per_cell)
+        new_cells = parts // math.gcd(parts, processes) * moves
+    batch_bytes = max(1, new_cells * cell_bytes)
+    depth = max(1, min(REMOTE_BATCHES_AHEAD, REMOTE_AHEAD_BYTES // batch_bytes))
+    return depth, (depth - 1) * new_cells

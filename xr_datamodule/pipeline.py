@@ -236,15 +236,9 @@ class DataPipeline(PipelineOutputs):
         self._grid_reads = self._family_reads()
         if self.cells is None:
             return read_in_memory(spec, layout, prepare)
-        world_size = self.world()[0]
-        cache_cells = self.sampling.cache_cells(world_size)  # sized before it exists
-        ahead, more_cells = 1, 0
-        if is_remote(spec.data):  # requests wait on the network: several batches at once
-            ahead, more_cells = self.sampling.batches_ahead(world_size)
+        cache_cells, ahead = self.sampling.reader_cells(self.world()[0], is_remote(spec.data))
         threads, decoder = self.resources.decode_threads, self.backend.decoder
-        return read_by_cell(
-            spec, layout, prepare, self.cells, cache_cells + more_cells, threads, decoder, ahead
-        )
+        return read_by_cell(spec, layout, prepare, self.cells, cache_cells, threads, decoder, ahead)
 
     def _family_reads(self) -> list[GridRead]:
         """Every family's reads, their readers built (sized like the primary reader's cache)."""

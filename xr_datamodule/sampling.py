@@ -5,7 +5,7 @@ One :class:`Sampling` per pipeline gathers what the training order
 of the ``train`` split: its size, the shuffle in use, the user's sampler and weights (from
 one out-of-core pass of per-window statistics), random window offsets, and out of core the
 cell grid (the cell each sample starts in, a walk over the cells). The reader's cache is
-sized from it (:meth:`Sampling.cache_cells`) before the reader is built.
+sized from it (:meth:`Sampling.reader_cells`) before the reader is built.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from xr_datamodule.cells import CellGrid
 from xr_datamodule.layout import SourceLayout
-from xr_datamodule.order import TrainingOrder, TrainSplit
+from xr_datamodule.order import TrainingOrder, TrainSplit, batches_ahead
 from xr_datamodule.plan import SamplePlan
 from xr_datamodule.progress import scan_progress
 from xr_datamodule.samplers import RandomOffsets, batch_spread, build_sampler
@@ -163,19 +163,20 @@ class Sampling:
             **sampling,
         )
 
-    def cache_cells(self, world_size: int) -> int:
-        """Cells each reading process caches for the order in use (out of core)."""
-        assert self.cells is not None
-        split = self.train_split() if self.has_train else None
-        grid = self.cells
-        return self.order.cache_cells(split, grid.cells_per_sample, grid.cell_bytes, world_size)
+    def reader_cells(self, world_size: int, remote: bool) -> tuple[int, int]:
+        """Cells each reading process caches, and the batches it fetches ahead.
 
-    def batches_ahead(self, world_size: int) -> tuple[int, int]:
-        """Batches a remote store's reader fetches ahead in each process, and added slots."""
+        A remote store's reader fetches several batches ahead (its requests wait on the
+        network), and caches their cells too (:func:`~xr_datamodule.order.batches_ahead`).
+        """
         assert self.cells is not None
         split = self.train_split() if self.has_train else None
-        grid = self.cells
-        return self.order.batches_ahead(split, grid.cells_per_sample, grid.cell_bytes, world_size)
+        per_sample, cell_bytes = self.cells.cells_per_sample, self.cells.cell_bytes
+        cache = self.order.cache_cells(split, per_sample, cell_bytes, world_size)
+        if not remote:
+            return cache, 1
+        ahead, more = batches_ahead(self.order, split, per_sample, cell_bytes, world_size)
+        return cache + more, ahead
 
     def chunk_layout(self, world_size: int) -> tuple[int, int]:
         """Chunk-aware order: (parts, streams per part); see ``TrainingOrder.chunk_layout``."""
