@@ -51,9 +51,10 @@ def module(data: str) -> XarrayDataModule:
     return XarrayDataModule(data, **SETTINGS, open_kwargs={"consolidated": False})
 
 
-def remote_epoch(url: str) -> tuple[XarrayDataModule, list, dict]:
+def remote_epoch(url: str, workers: int = 0) -> tuple[XarrayDataModule, list, dict]:
     """An epoch of the store over HTTP, and the server's counts over it."""
-    remote = module(f"{url}/store.zarr")
+    settings = {**SETTINGS, "num_workers": workers}
+    remote = XarrayDataModule(f"{url}/store.zarr", **settings, open_kwargs={"consolidated": False})
     remote.setup("fit")
     stats(url, fail=0.0)  # counts anew
     before = stats(url)["requests"]
@@ -158,31 +159,18 @@ def test_a_sharded_remote_store_reads_through_zarr_with_ranged_requests(tmp_path
         assert torch.equal(x, x_local) and torch.equal(y, y_local)
 
 
-def worker_epoch(url: str) -> tuple[XarrayDataModule, list, int]:
-    """An epoch over HTTP with 2 workers, and the requests it made."""
-    remote = XarrayDataModule(
-        f"{url}/store.zarr", **{**SETTINGS, "num_workers": 2}, open_kwargs={"consolidated": False}
-    )
-    remote.setup("fit")
-    before = stats(url)["requests"]
-    batches = list(remote.train_dataloader())
-    requests = stats(url)["requests"] - before
-    remote.teardown("fit")
-    return remote, batches, requests
-
-
 def test_each_worker_fetches_its_own_next_batches_from_a_remote_store(store, monkeypatch):
     folder, ds = store
     monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)  # a cell per chunk, one step
     with served(folder, latency=0.01) as url:
         monkeypatch.setattr(training_order, "REMOTE_BATCHES_AHEAD", 1)
-        _, _, one_ahead = worker_epoch(url)
+        _, _, one_ahead = remote_epoch(url, workers=2)
         monkeypatch.setattr(training_order, "REMOTE_BATCHES_AHEAD", 8)
-        remote, batches, requests = worker_epoch(url)
+        remote, batches, seen = remote_epoch(url, workers=2)
     assert remote.datasets["train"].reader.prefetch_batches == 8
     # Fetching a worker's next batches ahead fetches no chunk more often than reading them
     # one batch at a time (the cells fetched ahead are kept until their batch is read).
-    assert requests <= one_ahead
+    assert seen["requests"] <= one_ahead["requests"]
     # The windows of the order for two workers (it deals cells out to them), as ds.isel's.
     order = np.concatenate(remote.train_batches(epoch=0))
     starts = remote.indices["train"].starts(order)

@@ -31,7 +31,6 @@ import xarray as xr
 __all__ = [
     "FORCINGS",
     "check_forcing_names",
-    "check_forcings",
     "coordinate_dims",
     "cos_solar_zenith",
     "insolation",
@@ -133,21 +132,6 @@ def coordinate_dims(ds: xr.Dataset, window_dims: Sequence[str]) -> dict[str, str
             if dim in TIME_NAMES or "time" not in found:
                 found["time"] = dim
     return found
-
-
-def check_forcings(forcings: Sequence[str], ds: xr.Dataset, window_dims: Sequence[str]) -> None:
-    """Raise a clear error for an unknown forcing or one whose coordinate is not windowed."""
-    check_forcing_names(forcings)
-    dims = coordinate_dims(ds, window_dims)
-    what = {"lat": "a latitude", "lon": "a longitude", "time": "a datetime time"}
-    for name in forcings:
-        for needed in FORCINGS[name][0]:
-            if needed not in dims:
-                raise ValueError(
-                    f"forcings: {name!r} needs {what[needed]} coordinate among the windowed "
-                    f"dims {tuple(window_dims)} (latitude: one of {LATITUDE_NAMES}, longitude: "
-                    f"one of {LONGITUDE_NAMES}, time: a datetime64 dim)"
-                )
 
 
 def check_forcing_names(forcings: Sequence[str]) -> None:
