@@ -50,10 +50,17 @@ def child_pids(pid: int) -> list[int]:
 
 
 class RssMonitor:
-    """Samples the memory (PSS) of this process and its children (workers)."""
+    """Samples the memory of this process and its children (workers).
 
-    def __init__(self, interval: float = 0.25) -> None:
+    Resident size by default (cheap); with ``proportional``, the proportional set size of
+    the process, its children and, in a case's child, the fork server (:meth:`pss`): a
+    forked worker's resident size counts every page it shares with its parent (the
+    interpreter and libraries) again, its PSS only its share.
+    """
+
+    def __init__(self, interval: float = 0.25, proportional: bool = False) -> None:
         self.interval = interval
+        self.proportional = proportional
         self.samples: list[int] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -61,7 +68,12 @@ class RssMonitor:
     def _run(self) -> None:
         me = os.getpid()
         while not self._stop.is_set():
-            self.samples.append(rss_of(me, False) + sum(rss_of(c, False) for c in child_pids(me)))
+            if self.proportional:
+                self.samples.append(self.pss())
+            else:
+                self.samples.append(
+                    rss_of(me, False) + sum(rss_of(c, False) for c in child_pids(me))
+                )
             time.sleep(self.interval)
 
     def __enter__(self) -> RssMonitor:

@@ -3,10 +3,11 @@
 24 variables on a 721 x 1440 grid (float32, one time step per chunk, zarr v3), 2 steps in ->
 the next out: 299 MB a sample, batches of 1, shuffled, whole epochs. Beside our loader, a
 hand-written per-sample zarr Dataset (three ``[t]`` reads per variable). Printed: delivered
-MB/s of each, and the peak memory of our loader beyond the interpreter's own (resident size
-of the process and its workers, sampled every 50 ms, over what the process held before the
-loader was made), in samples: the target is <= 3 samples with 0 workers and <= 3 per
-worker with workers.
+MB/s of each, and the peak memory of our loader beyond the interpreter's own (the
+proportional set size of the process, its workers and the fork server they share pages with,
+sampled every 50 ms, over what they held before the loader was made: a forked worker's
+resident size would count the interpreter it shares with its parent again), in samples: the
+target is <= 3 samples with 0 workers and <= 3 per worker with workers.
 """
 
 from __future__ import annotations
@@ -62,9 +63,9 @@ def _loader(path: Path, workers: int, ours: bool) -> DataLoader:
 
 def epochs(path: Path, workers: int, n_epochs: int, ours: bool) -> dict:
     gc.collect()
-    before = RssMonitor.rss_total()
+    before = RssMonitor.pss()
     seconds, nbytes = [], []
-    with RssMonitor(interval=0.05) as monitor:
+    with RssMonitor(interval=0.05, proportional=True) as monitor:
         loader = _loader(path, workers, ours)
         for _ in range(n_epochs):
             began, total = time.perf_counter(), 0

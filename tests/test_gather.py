@@ -173,10 +173,14 @@ def test_chunked_reader_straddling_samples_and_bounded_cache(small_ds, tmp_path,
     dataset = dm.datasets["train"]
     geometry = dm.geometry
     # The whole split at once, then shuffled with the arena as small as one sample's cells:
-    # read in waves that fit.
+    # read in waves that fit; then smaller than a sample: read cell by cell.
+    shuffled = np.random.default_rng(0).permutation(len(dataset))
     for ids, cache in [
         (np.arange(len(dataset)), None),
-        (np.random.default_rng(0).permutation(len(dataset)), 4),
+        (shuffled, 4),
+        (shuffled, 2),
+        (shuffled, 1),
+        (np.arange(len(dataset))[::-1], 3),
     ]:
         if cache is not None:
             reader.resize_cache(cache)

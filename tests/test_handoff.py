@@ -47,6 +47,23 @@ def test_a_ticket_arrives_as_equal_tensors_that_view_the_ring():
     assert np.shares_memory(received[0].numpy(), slot_memory)
 
 
+def test_a_slot_has_memory_only_once_it_is_taken_and_travels_once():
+    """Sharing memory writes all of it: slots never taken must not hold any."""
+    first = handoff.send(batch_arrays(0), slots=4)
+    assert first is not None
+    ring = first.ring
+    assert [tensor is not None for tensor in ring.data] == [True, False, False, False]
+    received = deliver(first)
+    assert ring.mapped(first.slot)
+    del received  # the slot is free again: the next batch takes it, no new memory
+    second = handoff.send(batch_arrays(1), slots=4)
+    assert second is not None and second.slot == first.slot
+    assert sum(tensor is not None for tensor in ring.data) == 1
+    # The main process has mapped the slot: the ticket no longer carries its memory.
+    assert ForkingPickler.loads(ForkingPickler.dumps(second))[0].shape == (5, 3, 4, 4)
+    assert len(ForkingPickler.dumps(second)) < 1000
+
+
 def test_a_slot_is_reused_only_once_every_tensor_of_its_batch_is_freed():
     slots = 3
     sent = [batch_arrays(seed) for seed in range(slots)]

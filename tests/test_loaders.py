@@ -61,6 +61,27 @@ def test_settings_follow_the_spec_and_the_resolved_workers(small_ds):
     assert settings["pin_memory"] and settings["num_workers"] == 2
 
 
+def test_big_batches_are_loaded_one_ahead_per_worker():
+    """Each batch ahead is a ring slot per worker: 0.25 deg batches load one ahead."""
+    import dask.array as da
+    import xarray as xr
+
+    lazy = xr.Dataset(
+        {name: (("time", "lat", "lon"), da.zeros((8, 721, 1440), "f4")) for name in "abc"}
+    )  # never computed: the settings need the shapes only
+    spec = dict(
+        input_vars=["a", "b", "c"], input_dims={"time": 2, "lat": 721, "lon": 1440},
+        input_overlap={"time": 1}, target_dims={"time": 1, "lat": 721, "lon": 1440},
+        target_offset={"time": 2}, splits={"train": 1.0}, load=False, num_workers=2,
+    )  # fmt: skip
+    big = DataPipeline(DataSpec(lazy, **spec, batch_size=4))  # 150 MB a batch
+    assert loader_settings(big)["prefetch_factor"] == 1 and big.resources.ring_slots == 3
+    small = DataPipeline(DataSpec(lazy, **spec, batch_size=2))  # 75 MB: torch's default
+    assert "prefetch_factor" not in loader_settings(small) and small.resources.ring_slots == 4
+    chosen = DataPipeline(DataSpec(lazy, **spec, batch_size=4, prefetch_factor=2))
+    assert loader_settings(chosen)["prefetch_factor"] == 2 and chosen.resources.ring_slots == 4
+
+
 def test_what_the_loaders_learn_of_a_trainer():
     assert world_of(None) == (1, 0) and not on_cuda(None)
     assert trained_so_far(None) == (None, None)

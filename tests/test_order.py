@@ -66,3 +66,22 @@ def test_big_samples_get_fewer_streams_not_more_memory():
     # Every sample still comes once per epoch with the one stream.
     batches = order.epoch_batches(big, epoch=0)
     assert sorted(np.concatenate(batches).tolist()) == list(range(40))
+
+
+def test_a_worker_keeps_only_the_cells_its_stream_reuses_when_they_are_big():
+    """A worker decodes nothing in the background: no slot for a prefetch."""
+    cells = np.arange(40)
+    order = TrainingOrder(batch_size=1)
+    big = TrainSplit(40, "chunks", 2, cells, cells_per_sample=3, cell_bytes=100 * 2**20)
+    assert order.chunk_layout(big) == (2, 1)
+    # A sample's 3 cells of 100 MB pass the stream budget: the 2 the next sample reuses.
+    assert order.cache_cells(big, per_sample=3, cell_bytes=100 * 2**20) == 2
+    # Small cells: two streams a worker, as before (each stream's cells, one it moves to).
+    small = TrainSplit(40, "chunks", 2, cells, cells_per_sample=3, cell_bytes=2**20)
+    assert order.chunk_layout(small) == (2, 2)
+    assert order.cache_cells(small, per_sample=3, cell_bytes=2**20) == 2 * 3 + 1
+    batches_of_4 = TrainingOrder(batch_size=4)
+    # Four samples of one stream span 3 + 3 cells; the next batch reuses the last 2.
+    one_stream = TrainSplit(40, "chunks", 2, cells, cells_per_sample=3, cell_bytes=100 * 2**20)
+    assert batches_of_4.chunk_layout(one_stream)[1] == 1
+    assert batches_of_4.cache_cells(one_stream, per_sample=3, cell_bytes=100 * 2**20) == 2

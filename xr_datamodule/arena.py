@@ -49,7 +49,7 @@ class CellArena:
         window_dims: The windowed dims (cell regions are given by dim).
         n_channels: Channels of a cell (every read variable's).
         dtype: Dtype of the decoded values.
-        cache_cells: Slots (at least the cells one sample touches).
+        cache_cells: Slots (fewer than a sample touches: its cells are read in waves).
         fill: Decodes jobs into their views (and prepares them); raises on failure.
     """
 
@@ -64,7 +64,7 @@ class CellArena:
     ) -> None:
         self.grid, self.window_dims = grid, tuple(window_dims)
         self.n_channels, self.dtype, self.fill = n_channels, dtype, fill
-        self.cache_cells = max(grid.cells_per_sample, int(cache_cells))
+        self.cache_cells = max(1, int(cache_cells))
         self.block: np.ndarray | None = None  # (slot, channel, *cell), on first use
         self.slots: OrderedDict[int, int] = OrderedDict()  # cell -> slot, LRU
         self.free: list[int] = []  # slots holding no cell
@@ -88,7 +88,7 @@ class CellArena:
     def reset(self, cache_cells: int | None = None) -> None:
         """Drop every cell (and the memory); ``cache_cells`` slots from now on if given."""
         if cache_cells is not None:
-            self.cache_cells = max(self.grid.cells_per_sample, int(cache_cells))
+            self.cache_cells = max(1, int(cache_cells))
         with self.lock:
             self.block, self.slots, self.free = None, OrderedDict(), []
             self.reserved = {}
@@ -108,10 +108,7 @@ class CellArena:
         always fits (the reader reads in waves otherwise), a prefetch may not.
         """
         with self.lock:
-            if self.block is None:
-                shape = (self.cache_cells, self.n_channels, *self.grid.cell_shape)
-                self.block = np.empty(shape, dtype=self.dtype)
-                self.free = list(range(self.cache_cells - 1, -1, -1))
+            self._ensure_block()
             # A background decode may hold the slots this read needs (a prefetch for a batch
             # that does not come next: a validation batch in between, a resume): wait for it.
             while wait and self.busy and not self._fits(keys):
@@ -163,6 +160,20 @@ class CellArena:
             self._unpin_locked(keys)  # another thread's decoding of one failed: again
         return self.slots_for(keys)
 
+    def touch(self, keys: Sequence[int]) -> None:
+        """Mark the cached ones of ``keys`` used now, in the order given (the last newest)."""
+        with self.lock:
+            for key in keys:
+                if key in self.slots:
+                    self.slots.move_to_end(key)
+
+    def _ensure_block(self) -> None:
+        """Allocate the slots on first use (under the lock)."""
+        if self.block is None:
+            shape = (self.cache_cells, self.n_channels, *self.grid.cell_shape)
+            self.block = np.empty(shape, dtype=self.dtype)
+            self.free = list(range(self.cache_cells - 1, -1, -1))
+
     def unpin(self, keys: Sequence[int]) -> None:
         """A consumer is done with the cells ``keys`` (pinned by :meth:`slots_for`)."""
         with self.lock:
@@ -210,13 +221,43 @@ class CellArena:
                 return self.slots.pop(key)
         return None
 
-    def _job(self, key: int, slot: int) -> DecodeJob:
+    def region(self, key: int) -> dict[str, slice]:
+        """Where cell ``key`` lies, per windowed dim."""
         cell = np.unravel_index(key, self.grid.grid_shape)
-        region = {
+        return {
             dim: slice(int(edges[i]), int(edges[i + 1]))
             for dim, edges, i in zip(self.window_dims, self.grid.edges, cell, strict=True)
         }
-        return DecodeJob(region, self.cell_view(slot, key))
+
+    def _job(self, key: int, slot: int) -> DecodeJob:
+        return DecodeJob(self.region(key), self.cell_view(slot, key))
+
+    def adopt(
+        self,
+        key: int,
+        values: np.ndarray,
+        keep: bool = True,
+        copy: Callable[[np.ndarray, np.ndarray], object] = np.copyto,
+    ) -> None:
+        """Count cell ``key`` as read, decoded elsewhere (straight into a batch); ``keep`` a copy.
+
+        A copy (``copy(slot, values)``) is kept only if a slot can be had without replacing
+        a busy, pinned or reserved cell (the least recently used other cell is replaced).
+        """
+        with self.lock:
+            self.cells_read += 1
+            self._ensure_block()
+            if not keep or key in self.slots or key in self.busy:
+                return
+            slot = self._replaceable(self.busy | set(self.pinned) | self._live_reservations())
+            if slot is None:
+                return
+            self.slots[key] = slot
+            self.busy.add(key)
+        copy(self.cell_view(slot, key), values)
+        with self.ready:
+            self.busy.discard(key)
+            self.ready.notify_all()
 
     def cell_view(self, slot: int, key: int) -> np.ndarray:
         """The ``(channel, *cell)`` view of cell ``key`` in ``slot``."""

@@ -58,7 +58,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         pin_memory: Page-lock batches for faster host→GPU copies. Default: on only when the
             attached trainer runs on a CUDA GPU (pinning is wasted work on CPU).
         persistent_workers: Keep workers between epochs; default on when ``num_workers > 0``.
-        prefetch_factor: Batches each worker loads ahead (torch's default 2); needs workers.
+        prefetch_factor: Batches each worker loads ahead; needs workers. Default: torch's
+            two, one for batches of 128 MiB or more (each a worker's shared-memory slot).
         multiprocessing_context: ``"fork"``, ``"spawn"`` or ``"forkserver"`` for workers.
         drop_last: Drop the last, smaller training batch.
         load: ``"auto"`` (default) loads the selected variables into memory when they take

@@ -21,6 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from xr_datamodule import handoff
+from xr_datamodule.ahead import BatchAhead
 from xr_datamodule.coordinates import CoordinateField
 from xr_datamodule.extras import ExtraChannels
 from xr_datamodule.familyread import GridRead
@@ -109,6 +110,18 @@ def _outputs(
         buffer[offset : offset + size].view(kind).reshape(shape)
         for offset, size, shape, kind in zip(offsets, sizes, shapes, dtypes, strict=False)
     ]
+
+
+def _broadcast(
+    reads: Sequence[GridRead], inputs: np.ndarray, starts: np.ndarray, masked: bool
+) -> None:
+    """Read the series that ``X`` holds as channels and repeat them over the window."""
+    first = inputs.shape[1] - masked - sum(read.n_channels for read in reads)
+    for read in reads:
+        values = np.empty(read.shape(len(starts)), dtype=inputs.dtype)
+        read.read(starts, None, values)
+        read.broadcast(values, inputs[:, first : first + read.n_channels])
+        first += read.n_channels
 
 
 def _meta(
@@ -238,6 +251,9 @@ class XarrayWindowDataset(Dataset):
         latitude_weights: CoordinateField | None = None,
     ) -> None:
         self.reader = reader
+        # Reads each next batch whole in the background (big samples without workers, see
+        # xr_datamodule.ahead); None: the reader decodes the next batch's cells ahead.
+        self.ahead = BatchAhead(self._read_batch) if reader.whole_batches else None
         self.latitude_weights = latitude_weights
         self.targets_may_hold_nan = targets_may_hold_nan
         self.valid = valid
@@ -284,10 +300,23 @@ class XarrayWindowDataset(Dataset):
         Args:
             indices: Sample numbers.
             upcoming: Sample numbers of the batch read next, if known: its chunks are then
-                decoded in the background (out of core, without DataLoader workers).
+                decoded in the background (out of core, without DataLoader workers), or
+                the whole batch is (with :attr:`ahead`, big samples).
             epoch: The data epoch (with random offsets, where the windows start).
             seed: The training order's seed (with random offsets).
         """
+        if self.ahead is not None:
+            return self.ahead.read(indices, upcoming, epoch, seed)
+        return self._read_batch(indices, epoch, seed, upcoming)
+
+    def _read_batch(
+        self,
+        indices: Sequence[int] | np.ndarray,
+        epoch: int | None = None,
+        seed: int | None = None,
+        upcoming: np.ndarray | None = None,
+    ) -> Batch:
+        """:meth:`__getitems__` without a batch read ahead."""
         starts = self._starts(indices, epoch, seed)
         ahead = (
             None if upcoming is None else self._starts(upcoming, epoch, seed) - self._reach_below
@@ -364,7 +393,7 @@ class XarrayWindowDataset(Dataset):
         assert inputs is not None and targets is not None
         if self.input_extras is not None:
             _fill_extras(inputs, self.input_extras, starts, masked, self._n_broadcast)
-        self._broadcast(inputs, starts, masked)
+        _broadcast(self.broadcasts, inputs, starts, masked)
         if self.target_extras is not None:
             _fill_extras(targets, self.target_extras, starts + self._target_offset, False)
         meta = None
@@ -381,15 +410,6 @@ class XarrayWindowDataset(Dataset):
                 target_mask &= self.valid.window(starts + self._target_offset, geometry.target_size)
         named = {read.key: out for read, out in zip(own, own_outs, strict=True) if read.key != "y"}
         return Batch(inputs, targets, meta, target_mask, named or None)
-
-    def _broadcast(self, inputs: np.ndarray, starts: np.ndarray, masked: bool) -> None:
-        """Read the series that ``X`` holds as channels and repeat them over the window."""
-        first = inputs.shape[1] - masked - self._n_broadcast
-        for read in self.broadcasts:
-            values = np.empty(read.shape(len(starts)), dtype=inputs.dtype)
-            read.read(starts, None, values)
-            read.broadcast(values, inputs[:, first : first + read.n_channels])
-            first += read.n_channels
 
     def _mark_present(
         self,
@@ -443,16 +463,10 @@ class XarrayWindowDataset(Dataset):
             extras = 0 if self.target_extras is None else self.target_extras.n_channels
             return len(self.target_channels) + extras
         if not hasattr(self, "_n_transformed_targets"):
-            probe = _transformed(
-                self.reader,
-                self.geometry.dims,
-                self.index.starts([0]) + self._target_offset,
-                self.target_vars,
-                self.geometry.target_size,
-                self.target_transform,
-                None,
-            )
-            self._n_transformed_targets = int(probe.shape[1])
+            dims, size = self.geometry.dims, self.geometry.target_size
+            at = self.index.starts([0]) + self._target_offset
+            args = (self.reader, dims, at, self.target_vars, size, self.target_transform, None)
+            self._n_transformed_targets = int(_transformed(*args).shape[1])
         return self._n_transformed_targets
 
     def __getitem__(self, index: int | np.ndarray | BatchPlan) -> Batch:

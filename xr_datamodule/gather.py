@@ -30,7 +30,6 @@ Nothing here knows about Lightning; torch serves only as a copy kernel (see
 
 from __future__ import annotations
 
-import itertools
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
@@ -38,7 +37,8 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ import xarray as xr
 
 from xr_datamodule.arena import CellArena
 from xr_datamodule.cells import CellGrid
+from xr_datamodule.cellwise import CellByCell, Cut, Runs, assemble_span
 from xr_datamodule.decode import (
     CellDecoder,
     DecodeJob,
@@ -76,14 +77,6 @@ __all__ = [
     "WindowReader",
     "gather_windows",
 ]
-
-
-class Cut(NamedTuple):
-    """One output of a batch read: which channels, where in the sample's span, how large."""
-
-    channels: np.ndarray
-    offset: tuple[int, ...]
-    size: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -136,15 +129,7 @@ def _merged_axes(size: Sequence[int], shape: Sequence[int]) -> int:
     return merged
 
 
-class _Runs(NamedTuple):
-    """The runs of one cut for a batch, before slots are known."""
-
-    within: np.ndarray  # flat offset of each run inside its cell, (batch, channel, *lens)
-    keys: np.ndarray  # flat cell number of each run, (batch, 1, *lens)
-    width: int
-
-
-def _runs(memory: _Memory, base: np.ndarray, cut: Cut) -> _Runs:
+def _runs(memory: _Memory, base: np.ndarray, cut: Cut) -> Runs:
     """Offsets of every run of a cut within its cell, and the cell of every run."""
     ndim = len(cut.size)
     merged = _merged_axes(cut.size, memory.shape)
@@ -167,7 +152,7 @@ def _runs(memory: _Memory, base: np.ndarray, cut: Cut) -> _Runs:
             positions = positions - edges[cell]
             keys = keys + (cell * _key_step(memory.grid_shape, axis)).reshape(shape)
         within = within + (positions * memory.axis_items[axis]).reshape(shape)
-    return _Runs(within, keys, width)
+    return Runs(within, keys, width)
 
 
 def _key_step(grid_shape: Sequence[int], axis: int) -> int:
@@ -287,6 +272,10 @@ class WindowReader(ABC):
         origin: The store or file, as read errors name it.
     """
 
+    # Whether a dataset reads this reader's batches one whole batch ahead, in the background
+    # (xr_datamodule.ahead; big samples without workers), rather than hint the next batch.
+    whole_batches = False
+
     def __init__(
         self,
         ds: xr.Dataset,
@@ -337,15 +326,19 @@ class WindowReader(ABC):
         # then every target mask is all True and its channels need not be cut per batch.
         self.missing_seen = False
         self._missing_lock = threading.Lock()
+        # One batch read at a time: a batch read ahead in the background (xr_datamodule.ahead)
+        # and another split's batch share the reader.
+        self._gathering = threading.RLock()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_missing_lock"] = None  # a lock does not pickle; each process has its own
+        # Locks do not pickle; each process has its own.
+        state["_missing_lock"] = state["_gathering"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._missing_lock = threading.Lock()
+        self._missing_lock, self._gathering = threading.Lock(), threading.RLock()
 
     def reopen_source(self) -> None:
         """Open the source anew in this process (a DataLoader worker), if it can be.
@@ -473,9 +466,10 @@ class WindowReader(ABC):
         """
         base = np.asarray(base_starts, dtype=np.int64)
         outs = list(outs) if outs is not None else _empty_outputs(len(base), cuts, self.dtype)
-        self._read(base, extent, cuts, outs, upcoming)
-        if self.nan_seen:
-            self._fail_on_nan(base, cuts, outs)
+        with self._gathering:
+            self._read(base, extent, cuts, outs, upcoming)
+            if self.nan_seen:
+                self._fail_on_nan(base, cuts, outs)
         return outs
 
     def close(self) -> None:  # noqa: B027  (readers without threads hold nothing to free)
@@ -605,8 +599,9 @@ class ChunkedReader(WindowReader):
 
     def resize_cache(self, cache_cells: int) -> None:
         """Keep ``cache_cells`` cells from now on; what is cached is dropped."""
-        self._await_prefetch()
-        self.arena.reset(cache_cells)
+        with self._gathering:
+            self._await_prefetch()
+            self.arena.reset(cache_cells)
 
     # ------------------------------------------------------------------ the arena
 
@@ -664,10 +659,11 @@ class ChunkedReader(WindowReader):
 
     def close(self) -> None:
         """Stop this process's prefetch and decoding threads and free the arena."""
-        self._await_prefetch()
-        self._prefetcher.close()
-        close_decoder(self.decoder)
-        self.arena.reset()
+        with self._gathering:
+            self._await_prefetch()
+            self._prefetcher.close()
+            close_decoder(self.decoder)
+            self.arena.reset()
 
     # ------------------------------------------------------------------ gathering
 
@@ -762,7 +758,7 @@ class ChunkedReader(WindowReader):
             self._unpin(keys)
 
     def _gather_in_waves(
-        self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray], runs: list[_Runs]
+        self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray], runs: list[Runs]
     ) -> None:
         """Read a batch that needs more cells than the arena holds, a group of samples at once.
 
@@ -771,6 +767,9 @@ class ChunkedReader(WindowReader):
         """
         per_sample = np.concatenate([r.keys.reshape(len(base), -1) for r in runs], axis=1)
         cells_of = [np.unique(row) for row in per_sample]
+        if max(len(keys) for keys in cells_of) > self.cache_cells:
+            self._gather_by_cell(base, cuts, outs, runs)
+            return
         cached = np.array([all(int(k) in self.arena.slots for k in keys) for keys in cells_of])
         order = np.lexsort(([keys[0] for keys in cells_of], ~cached))
         groups: list[list[int]] = [[]]
@@ -789,33 +788,17 @@ class ChunkedReader(WindowReader):
             for out, part in zip(outs, parts, strict=True):
                 out[rows] = part
 
+    def _gather_by_cell(
+        self, base: np.ndarray, cuts: Sequence[Cut], outs: list[np.ndarray], runs: list[Runs]
+    ) -> None:
+        """Read a batch whose single samples need more cells than the arena holds."""
+        decode = self._fill
+        if self.decode_threads > 1:  # decode straight into the batch while cells are copied
+            decode = partial(self._prefetcher.get().submit, self._fill)
+        direct = self.mask_of is None and self.missing_of is None  # masks: made in the arena
+        by_cell = CellByCell(self.arena, self._memory.slot_items, decode, direct, self.n_channels)
+        by_cell.gather(base, cuts, outs, runs)
+
     def _span(self, base: np.ndarray, extent: Sequence[int]) -> np.ndarray:
         """Assemble one sample's span ``(channel, *extent)`` from the cells it touches."""
-        span = np.empty((self.n_channels, *extent), dtype=self.dtype)
-        per_axis = []  # for each axis: (cell, slice in the cell, slice in the span) pieces
-        for axis, (edges, lo, length) in enumerate(zip(self.grid.edges, base, extent, strict=True)):
-            hi = lo + length
-            pieces = []
-            first, last = int(self.grid.cell_of(lo, axis)), int(self.grid.cell_of(hi - 1, axis))
-            for number in range(first, last + 1):
-                start, stop = max(lo, edges[number]), min(hi, edges[number + 1])
-                pieces.append(
-                    (
-                        number,
-                        slice(int(start - edges[number]), int(stop - edges[number])),
-                        slice(int(start - lo), int(stop - lo)),
-                    )
-                )
-            per_axis.append(pieces)
-        for combination in itertools.product(*per_axis):
-            key = int(
-                np.ravel_multi_index([piece[0] for piece in combination], self.grid.grid_shape)
-            )
-            inside_cell = (slice(None), *(piece[1] for piece in combination))
-            inside_span = (slice(None), *(piece[2] for piece in combination))
-            (slot,) = self._slots_for([key])
-            try:
-                span[inside_span] = self.arena.cell_view(slot, key)[inside_cell]
-            finally:
-                self._unpin([key])
-        return span
+        return assemble_span(self.arena, self.n_channels, self.dtype, base, extent)

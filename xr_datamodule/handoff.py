@@ -18,24 +18,36 @@ Where a batch is gathered decides what it costs to hand over.
   worker writes a slot only after it was released (a flag per slot in shared memory). When
   no slot is free the batch takes torch's normal path.
 
-The ring travels once, attached to tickets until the main process confirms it has mapped it.
+The ring's flags, and each slot's memory on its first use, travel attached to tickets until
+the main process confirms it has mapped them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import multiprocessing
 import os
 import secrets
 import threading
+import time
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 
-__all__ = ["DEFAULT_RING_SLOTS", "Ticket", "aligned", "allocate", "release_memory", "send"]
+__all__ = [
+    "DEFAULT_RING_SLOTS",
+    "Ticket",
+    "aligned",
+    "allocate",
+    "release_memory",
+    "send",
+    "waiting_for_buffers",
+]
 
 DEFAULT_RING_SLOTS = 4  # torch's default prefetch_factor (2) plus two
 
@@ -76,6 +88,29 @@ def _lease(region: np.ndarray, release: Any, *args: Any) -> np.ndarray:
 # ----------------------------------------------------------------------- main process pool
 
 
+# Set while a batch is read ahead in the background (:func:`waiting_for_buffers`): the event
+# that ends its wait for a buffer to come back.
+_waiting: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "xr_datamodule_waiting_for_buffers", default=None
+)
+_MOST_WAIT_S = 1.0  # a loop that keeps its batches gets a new buffer after this long
+
+
+@contextmanager
+def waiting_for_buffers(until: threading.Event) -> Iterator[None]:
+    """In this block, the main process's pool waits for a lent buffer to come back.
+
+    It waits rather than make another buffer, until ``until`` is set or a second has
+    passed. A batch read ahead in the background so waits for the buffer the training loop
+    lets go of once it moves on to the next batch: two buffers in turn, not three.
+    """
+    token = _waiting.set(until)
+    try:
+        yield
+    finally:
+        _waiting.reset(token)
+
+
 class _Pool:
     """Buffers of the main process, lent out and given back when their lease is freed."""
 
@@ -83,10 +118,22 @@ class _Pool:
         self.pid = os.getpid()
         self.free: list[np.ndarray] = []
         self.lent = 0
-        self.lock = threading.Lock()
+        # Reentrant: a lease's finalizer (give_back) may run in a thread that holds it.
+        self.lock = threading.RLock()
+        self.returned = threading.Condition(self.lock)
 
     def take(self, nbytes: int) -> np.ndarray:
         with self.lock:
+            until = _waiting.get()
+            if until is not None:
+                deadline = time.monotonic() + _MOST_WAIT_S
+                while (
+                    self.lent
+                    and not any(b.nbytes >= nbytes for b in self.free)
+                    and not until.is_set()
+                    and time.monotonic() < deadline
+                ):
+                    self.returned.wait(0.01)
             fitting = [b for b in self.free if b.nbytes >= nbytes]
             if fitting:
                 buffer = min(fitting, key=len)
@@ -104,6 +151,7 @@ class _Pool:
         with self.lock:
             self.lent -= 1
             self.free.append(buffer)
+            self.returned.notify_all()
 
 
 _pool = _Pool()
@@ -120,16 +168,26 @@ def _main_pool() -> _Pool:
 
 
 class _Ring:
-    """The sending side, in one worker process: slots and their shared flags."""
+    """The sending side, in one worker process: slots and their shared flags.
+
+    Each slot is its own shared-memory segment, made when the slot is first taken: torch
+    shares a tensor's memory by copying it into a new segment, which writes every page, so
+    a ring made whole would hold all its slots resident from the start, also the ones a
+    worker never needs (slots are taken lowest first; at 299 MB a batch, the default four
+    slots were 1.2 GB per worker before a single batch was read).
+    """
 
     def __init__(self, slots: int, slot_bytes: int) -> None:
         self.slots = slots
         self.slot_bytes = slot_bytes
         # Identifies the ring in the main process even if a later worker reuses the pid.
         self.token = secrets.randbits(62) + 1
-        self.data = torch.empty(slots * slot_bytes, dtype=torch.uint8).share_memory_()
-        self.state = torch.zeros(slots + 1, dtype=torch.int64).share_memory_()
-        self.data_view, self.state_view = self.data.numpy(), self.state.numpy()
+        self.data: list[torch.Tensor | None] = [None] * slots
+        self.data_views: list[np.ndarray | None] = [None] * slots
+        # A flag per slot, then per slot whether the main process has mapped it, then the
+        # token of the ring the main process mapped (_ATTACHED).
+        self.state = torch.zeros(2 * slots + 1, dtype=torch.int64).share_memory_()
+        self.state_view = self.state.numpy()
 
     def take(self) -> int | None:
         """A free slot, marked busy (the lowest, so rarely needed slots stay untouched)."""
@@ -137,13 +195,21 @@ class _Ring:
         if not free.size:
             return None
         slot = int(free[0])
+        if self.data[slot] is None:
+            tensor = torch.empty(self.slot_bytes, dtype=torch.uint8).share_memory_()
+            self.data[slot], self.data_views[slot] = tensor, tensor.numpy()
         _fence()
         self.state_view[slot] = _BUSY
         return slot
 
     def region(self, slot: int, nbytes: int) -> np.ndarray:
-        base = slot * self.slot_bytes
-        return self.data_view[base : base + nbytes]
+        view = self.data_views[slot]
+        assert view is not None  # taken slots have their memory
+        return view[:nbytes]
+
+    def mapped(self, slot: int) -> bool:
+        """Whether the main process has mapped the slot's memory (it then needs no copy)."""
+        return bool(self.state_view[self.slots + slot])
 
 
 class _Sender:
@@ -219,15 +285,9 @@ class Ticket:
 
     def __reduce__(self) -> tuple[Any, tuple]:
         ring = self.ring
-        attach = None if ring.state_view[_ATTACHED] == ring.token else (ring.data, ring.state)
-        return _receive, (
-            os.getpid(),
-            ring.token,
-            ring.slot_bytes,
-            self.slot,
-            self.layout,
-            attach,
-        )
+        state = None if ring.state_view[_ATTACHED] == ring.token else ring.state
+        data = None if ring.mapped(self.slot) else ring.data[self.slot]
+        return _receive, (os.getpid(), ring.token, self.slot, self.layout, state, data)
 
 
 def _within(array: np.ndarray, region: np.ndarray) -> int | None:
@@ -283,23 +343,32 @@ def send(arrays: Sequence[np.ndarray], slots: int = DEFAULT_RING_SLOTS) -> Ticke
 
 # ----------------------------------------------------------------------- main process side
 
-# Rings of this process's workers, by token: (worker pid, data, state), the last two as numpy
-# views (a numpy store costs ~0.1 us, a torch one ~5 us) kept beside the mapped tensors.
-_rings: dict[int, tuple[int, np.ndarray, np.ndarray, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+class _Mapped(NamedTuple):
+    """A worker's ring as the main process maps it."""
+
+    pid: int
+    state: np.ndarray  # numpy views: a numpy store costs ~0.1 us, a torch one ~5 us
+    slots: dict[int, np.ndarray]  # the slots mapped so far, by number
+    tensors: list[torch.Tensor]  # the mapped tensors, which keep the memory mapped
 
 
-def _attach(pid: int, token: int, data: torch.Tensor, state: torch.Tensor) -> None:
+# Rings of this process's workers, by token.
+_rings: dict[int, _Mapped] = {}
+
+
+def _attach(pid: int, token: int, state: torch.Tensor) -> None:
     """Map a worker's new ring; forget rings that nothing will be read from any more.
 
     Those are the rings of finished workers, and rings a worker replaced by a larger one.
     Batches still held keep their ring's memory mapped through their own references.
     """
     alive = {child.pid for child in multiprocessing.active_children()}
-    for other, (other_pid, _, _, _) in list(_rings.items()):
-        if other_pid == pid or other_pid not in alive:
+    for other, mapped in list(_rings.items()):
+        if mapped.pid == pid or mapped.pid not in alive:
             del _rings[other]
-    _rings[token] = (pid, data.numpy(), state.numpy(), (data, state))
-    _rings[token][2][_ATTACHED] = token
+    _rings[token] = _Mapped(pid, state.numpy(), {}, [state])
+    _rings[token].state[_ATTACHED] = token
 
 
 def release_memory() -> None:
@@ -309,8 +378,8 @@ def release_memory() -> None:
     new memory. Called when a stage ends (``teardown``).
     """
     alive = {child.pid for child in multiprocessing.active_children()}
-    for token, (pid, _, _, _) in list(_rings.items()):
-        if pid not in alive:
+    for token, mapped in list(_rings.items()):
+        if mapped.pid not in alive:
             del _rings[token]
     pool = _main_pool()
     with pool.lock:
@@ -325,24 +394,26 @@ def _release(state: np.ndarray, slot: int) -> None:
 def _receive(
     pid: int,
     token: int,
-    slot_bytes: int,
     slot: int,
     layout: list[_Part],
-    attach: tuple[torch.Tensor, torch.Tensor] | None,
+    state: torch.Tensor | None,
+    data: torch.Tensor | None,
 ) -> tuple[torch.Tensor, ...]:
     """Tensors that view a ticket's slot; the slot is released when the last one is freed."""
-    if attach is not None and token not in _rings:
-        _attach(pid, token, *attach)
-    known = _rings.get(token)
-    if known is None:
+    if state is not None and token not in _rings:
+        _attach(pid, token, state)
+    mapped = _rings.get(token)
+    if mapped is None or (data is None and slot not in mapped.slots):
         raise RuntimeError(
             f"a batch from DataLoader worker {pid} refers to shared memory this process never "
             "received; was the worker's first result dropped? Please report this."
         )
-    _, data, state, _ = known
-    base = slot * slot_bytes
+    if data is not None and slot not in mapped.slots:
+        mapped.slots[slot] = data.numpy()
+        mapped.tensors.append(data)
+        mapped.state[len(mapped.state) // 2 + slot] = 1  # the worker stops sending it
     end = max(offset + nbytes for offset, nbytes, _, _ in layout)
-    whole = torch.from_numpy(_lease(data[base : base + end], _release, state, slot))
+    whole = torch.from_numpy(_lease(mapped.slots[slot][:end], _release, mapped.state, slot))
     return tuple(
         whole[offset : offset + nbytes].view(_torch_dtype(dtype)).view(shape)
         for offset, nbytes, dtype, shape in layout

@@ -29,6 +29,7 @@ from xr_datamodule.coordinates import (
     check_forcings,
     weight_field,
 )
+from xr_datamodule.missing import StaticMask
 from xr_datamodule.sources import (
     VariableLayout,
     channel_layouts,
@@ -126,6 +127,12 @@ class SourceLayout:
     def layouts(self, names: Sequence[str]) -> list[VariableLayout]:
         """How each of ``names`` becomes channels."""
         return channel_layouts(self.source, names, self.window_dims)
+
+    def static_mask(self, name: str | None) -> StaticMask | None:
+        """The static field ``name`` as where targets count (see ``mask``), or None."""
+        if name is None:
+            return None
+        return StaticMask(self.source, name, self.window_dims, self.time_dim)
 
     def n_channels(self, names: Sequence[str]) -> int:
         """Channels of the variables ``names`` together."""

@@ -226,8 +226,8 @@ def loader_settings(pipeline: DataPipeline, pin_memory: bool = False) -> dict[st
         persistent = spec.persistent_workers
         settings["persistent_workers"] = True if persistent is None else persistent
         settings["worker_init_fn"] = _init_worker
-        if spec.prefetch_factor is not None:
-            settings["prefetch_factor"] = spec.prefetch_factor
+        if pipeline.resources.prefetch_factor is not None:
+            settings["prefetch_factor"] = pipeline.resources.prefetch_factor
         if spec.multiprocessing_context is not None:
             settings["multiprocessing_context"] = spec.multiprocessing_context
     return settings

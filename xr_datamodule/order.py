@@ -155,9 +155,18 @@ class TrainingOrder:
         return processes, max(least, min(self.batch_size, affordable, long_enough))
 
     def cache_cells(
-        self, split: TrainSplit | None, per_sample: int, cell_bytes: int, world_size: int = 1
+        self,
+        split: TrainSplit | None,
+        per_sample: int,
+        cell_bytes: int,
+        world_size: int = 1,
+        whole_batches: bool = False,
     ) -> int:
-        """Cells each process caches: what its share of the training order keeps in use."""
+        """Cells each process caches: what its share of the training order keeps in use.
+
+        ``whole_batches``: the main process reads each next batch whole in the background
+        (:func:`whole_batches_ahead`), not the next batch's cells.
+        """
         if split is None:  # no training split: evaluation reads in order
             return per_sample + 1
         if split.shuffle == "full":
@@ -167,12 +176,14 @@ class TrainingOrder:
         processes = max(1, split.workers)
         # A process reads one part, unless a checkpoint's layout does not match the workers.
         parts_read = parts // math.gcd(parts, processes)
+        per_cell = split.samples_per_cell
+        if streams == 1 and (split.workers > 0 or whole_batches):
+            return parts_read * _one_stream_cells(self.batch_size, per_sample, per_cell, cell_bytes)
         # Each stream keeps the cells of its current sample; within a batch, streams move on
         # to their next cell about batch_size / samples-per-cell times. Where streams move
         # every batch (full-field samples), one cell more keeps a stream's cells while it
         # sits out a batch of the random merge (on the benchmark's store of 4 steps per
         # chunk: 1.12 decodes per chunk without it, 1.07-1.08 with it).
-        per_cell = split.samples_per_cell
         moves = math.ceil(self.batch_size / per_cell)
         return parts_read * (streams * per_sample + moves) + int(per_cell < self.batch_size)
 
@@ -444,3 +455,45 @@ def batches_ahead(
     batch_bytes = max(1, new_cells * cell_bytes)
     depth = max(1, min(REMOTE_BATCHES_AHEAD, REMOTE_AHEAD_BYTES // batch_bytes))
     return depth, (depth - 1) * new_cells
+
+
+def _one_stream_batch(batch_size: int, per_sample: int, per_cell: int) -> int:
+    """Cells a batch of one stream touches: its first sample's and those its last moved to."""
+    return per_sample + math.ceil((batch_size - 1) / per_cell)
+
+
+def _one_stream_cells(batch_size: int, per_sample: int, per_cell: int, cell_bytes: int) -> int:
+    """Cells of one stream read with nothing decoded ahead in the background.
+
+    A worker decodes nothing in the background, and neither does a main process that reads
+    whole batches ahead: a batch's cells, no slot for a prefetch or a stream sitting out.
+    Where they are more than ``STREAM_CACHE_BYTES`` (0.25 deg global fields), only the
+    cells the next batch reuses are kept: the batch's other cells are decoded once the
+    oldest were copied out (the reader reads a batch cell by cell when a sample does not
+    fit), a sample less per process without decoding more.
+    """
+    batch = _one_stream_batch(batch_size, per_sample, per_cell)
+    if batch * cell_bytes < STREAM_CACHE_BYTES:
+        return batch
+    return max(1, batch - math.ceil(batch_size / per_cell))
+
+
+def whole_batches_ahead(
+    order: TrainingOrder,
+    split: TrainSplit | None,
+    per_sample: int,
+    cell_bytes: int,
+    world_size: int = 1,
+) -> bool:
+    """Whether the main process should read each next batch whole in the background.
+
+    So it does without workers where one stream's batch touches more than
+    ``STREAM_CACHE_BYTES`` of cells (big samples): decoding only the next batch's cells
+    ahead would hold them beside the batch copied out of them and the batch in use
+    (:mod:`xr_datamodule.ahead`).
+    """
+    if split is None or split.workers > 0 or split.shuffle == "full" or split.cells is None:
+        return False
+    _, streams = order.chunk_layout(split, world_size)
+    batch = _one_stream_batch(order.batch_size, per_sample, split.samples_per_cell)
+    return streams == 1 and batch * cell_bytes >= STREAM_CACHE_BYTES

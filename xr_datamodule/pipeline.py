@@ -43,7 +43,13 @@ from xr_datamodule.order import TrainingOrder
 from xr_datamodule.outputs import PipelineOutputs
 from xr_datamodule.plan import SamplePlan, plan_samples, window_geometry
 from xr_datamodule.reading import extra_channels, read_by_cell, read_in_memory
-from xr_datamodule.resources import Backend, Resources, choose_decoder, choose_resources
+from xr_datamodule.resources import (
+    Backend,
+    Resources,
+    batch_bytes,
+    choose_decoder,
+    choose_resources,
+)
 from xr_datamodule.sampling import Sampling
 from xr_datamodule.sources import is_remote
 from xr_datamodule.spec import DataSpec
@@ -154,8 +160,9 @@ class DataPipeline(PipelineOutputs):
 
     @cached_property
     def resources(self) -> Resources:
-        """In memory or out of core, workers, threads, hand-off slots."""
-        return choose_resources(self.spec, self.layout)
+        """In memory or out of core, workers, threads, hand-off slots and prefetch."""
+        spec, layout = self.spec, self.layout
+        return choose_resources(spec, layout, batch_bytes(spec, layout, self.geometry))
 
     @cached_property
     def cells(self) -> CellGrid | None:
@@ -236,9 +243,9 @@ class DataPipeline(PipelineOutputs):
         self._grid_reads = self._family_reads()
         if self.cells is None:
             return read_in_memory(spec, layout, prepare)
-        cache_cells, ahead = self.sampling.reader_cells(self.world()[0], is_remote(spec.data))
+        kept, ahead, whole = self.sampling.reader_cells(self.world()[0], is_remote(spec.data))
         threads, decoder = self.resources.decode_threads, self.backend.decoder
-        return read_by_cell(spec, layout, prepare, self.cells, cache_cells, threads, decoder, ahead)
+        return read_by_cell(spec, layout, prepare, self.cells, kept, threads, decoder, ahead, whole)
 
     def _family_reads(self) -> list[GridRead]:
         """Every family's reads, their readers built (sized like the primary reader's cache)."""
@@ -298,10 +305,7 @@ class DataPipeline(PipelineOutputs):
     @cached_property
     def static_mask(self) -> StaticMask | None:
         """Where targets count (``mask``), or None."""
-        name, layout = self.spec.mask, self.layout
-        if name is None:
-            return None
-        return StaticMask(layout.source, name, layout.window_dims, layout.time_dim)
+        return self.layout.static_mask(self.spec.mask)
 
     # ------------------------------------------------------------------ state and lifecycle
 
@@ -354,10 +358,10 @@ class DataPipeline(PipelineOutputs):
 
     def close(self) -> None:
         """Stop the reader's threads and free its cache; the stages stay (cheap to reuse)."""
-        if self._reader is not None:
-            self._reader.close()
-        for stages in self.__dict__.get("families", []):
-            stages.close()
+        aheads = [dataset.ahead for dataset in self.datasets.values() if dataset.ahead]
+        reader = [] if self._reader is None else [self._reader]
+        for part in [*aheads, *reader, *self.__dict__.get("families", [])]:
+            part.close()  # a batch read ahead first: it uses the reader
 
     def close_source(self) -> None:
         """Close the source's file handles, if it was opened (xarray reopens them on use)."""

@@ -41,10 +41,13 @@ def read_by_cell(
     decode_threads: int,
     decoder: CellDecoder | None,
     prefetch_batches: int = 1,
+    whole_batches: bool = False,
 ) -> ChunkedReader:
     """The read variables decoded cell by cell into an arena of ``cache_cells`` slots.
 
     ``prefetch_batches``: batches whose cells may be fetched at once in the background.
+    ``whole_batches``: its datasets read each next batch whole in the background instead
+    (:mod:`xr_datamodule.ahead`).
     """
     reader = ChunkedReader(
         layout.source,
@@ -59,6 +62,7 @@ def read_by_cell(
         origin=layout.origin,
         prefetch_batches=prefetch_batches,
     )
+    reader.whole_batches = whole_batches
     if is_remote(spec.data):  # each DataLoader worker opens the store anew
         reader.reopen = partial(open_selected, spec.data, spec.open_kwargs, spec.select)
     return reader

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,11 +39,19 @@ from xr_datamodule.sources import is_in_memory, local_zarr_group, zarr_opener
 from xr_datamodule.spec import DataSpec
 from xr_datamodule.stores import open_remote_store
 
-__all__ = ["Backend", "Resources", "choose_decoder", "choose_resources"]
+if TYPE_CHECKING:
+    from xr_datamodule.windows import WindowGeometry
+
+__all__ = ["Backend", "Resources", "batch_bytes", "choose_decoder", "choose_resources"]
 
 logger = logging.getLogger(__name__)
 
 LOAD_BUDGET_SHARE = 0.25  # load="auto" loads when the data take at most this share of free RAM
+# A batch this large is loaded one ahead per worker, not torch's two: each batch ahead is a
+# ring slot of shared memory per worker (at 0.25 deg, 24 variables, 2 steps -> 1: 299 MB a
+# sample), and with two or more workers one ahead each already keeps every worker busy
+# (benchmarks/hires.py: the same MB/s, one sample less per worker).
+BIG_BATCH_BYTES = 128 * 2**20
 DECODE_THREADS_MAX = 4  # threads decoding cells in parallel without workers
 AUTO_WORKERS_MAX = 4  # most decoding workers num_workers="auto" picks for out-of-core data
 TENSORSTORE_MAX_CHUNK_BYTES_IN_WORKERS = 2 * 2**20  # see tensorstore_pays
@@ -73,19 +81,30 @@ class Resources:
             decodes a batch's cells in parallel and the next batch's in the background).
         ring_slots: Hand-off slots per worker: one per batch of ``prefetch_factor`` plus two
             held by the training loop (see :mod:`xr_datamodule.handoff`).
+        prefetch_factor: Batches each worker loads ahead: the spec's, else one for batches
+            of ``BIG_BATCH_BYTES`` or more, else None (torch's default, two).
     """
 
     loads_into_memory: bool
     num_workers: int
     decode_threads: int
     ring_slots: int
+    prefetch_factor: int | None = None
 
 
-def choose_resources(spec: DataSpec, layout: SourceLayout) -> Resources:
-    """Resolve ``load``, ``num_workers`` and the threads for this data and machine.
+def batch_bytes(spec: DataSpec, layout: SourceLayout, geometry: WindowGeometry) -> int:
+    """Bytes of a batch's read inputs and targets (what a worker's ring slot holds, about)."""
+    inputs = layout.n_channels(layout.dynamic(spec.input_vars)) * np.prod(geometry.input_size)
+    targets = layout.n_channels(layout.dynamic(spec.targets)) * np.prod(geometry.target_size)
+    return int(spec.batch_size * (inputs + targets) * spec.array_dtype.itemsize)
+
+
+def choose_resources(spec: DataSpec, layout: SourceLayout, batch_bytes: int = 0) -> Resources:
+    """Resolve ``load``, ``num_workers``, the threads and the prefetch for this data and machine.
 
     ``load="auto"`` compares the selected variables in the output dtype with a quarter of
-    the memory available now.
+    the memory available now. ``batch_bytes`` (a batch's inputs and targets) decides the
+    workers' prefetch when the spec leaves it open (see ``BIG_BATCH_BYTES``).
     """
     loads = _loads_into_memory(spec, layout)
     if spec.num_workers != "auto":
@@ -99,8 +118,9 @@ def choose_resources(spec: DataSpec, layout: SourceLayout) -> Resources:
     # Imported here: choosing a decoder (below) needs no torch; handing batches over does.
     from xr_datamodule.handoff import DEFAULT_RING_SLOTS
 
-    slots = (spec.prefetch_factor or DEFAULT_RING_SLOTS - 2) + 2
-    return Resources(loads, workers, threads, slots)
+    prefetch = spec.prefetch_factor or (1 if batch_bytes >= BIG_BATCH_BYTES else None)
+    slots = (prefetch or DEFAULT_RING_SLOTS - 2) + 2
+    return Resources(loads, workers, threads, slots, prefetch)
 
 
 def _loads_into_memory(spec: DataSpec, layout: SourceLayout) -> bool:

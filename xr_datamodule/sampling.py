@@ -19,7 +19,7 @@ import numpy as np
 
 from xr_datamodule.cells import CellGrid
 from xr_datamodule.layout import SourceLayout
-from xr_datamodule.order import TrainingOrder, TrainSplit, batches_ahead
+from xr_datamodule.order import TrainingOrder, TrainSplit, batches_ahead, whole_batches_ahead
 from xr_datamodule.plan import SamplePlan
 from xr_datamodule.progress import scan_progress
 from xr_datamodule.samplers import RandomOffsets, batch_spread, build_sampler
@@ -163,20 +163,34 @@ class Sampling:
             **sampling,
         )
 
-    def reader_cells(self, world_size: int, remote: bool) -> tuple[int, int]:
-        """Cells each reading process caches, and the batches it fetches ahead.
+    def reader_cells(self, world_size: int, remote: bool) -> tuple[int, int, bool]:
+        """Cells each reading process caches, batches it fetches ahead, whole batches or not.
 
+        Whether the training batches are read whole ahead: :meth:`whole_batches_ahead`.
         A remote store's reader fetches several batches ahead (its requests wait on the
         network), and caches their cells too (:func:`~xr_datamodule.order.batches_ahead`).
         """
         assert self.cells is not None
         split = self.train_split() if self.has_train else None
         per_sample, cell_bytes = self.cells.cells_per_sample, self.cells.cell_bytes
-        cache = self.order.cache_cells(split, per_sample, cell_bytes, world_size)
+        whole = self.whole_batches_ahead(world_size, remote)
+        cache = self.order.cache_cells(split, per_sample, cell_bytes, world_size, whole)
         if not remote:
-            return cache, 1
+            return cache, 1, whole
         ahead, more = batches_ahead(self.order, split, per_sample, cell_bytes, world_size)
-        return cache + more, ahead
+        return cache + more, ahead, whole
+
+    def whole_batches_ahead(self, world_size: int, remote: bool) -> bool:
+        """Whether the training batches are read whole ahead, in the background (big samples).
+
+        Not from a remote store, whose reader fetches several batches' cells ahead.
+        """
+        if remote or self.cells is None or not self.has_train:
+            return False
+        split, cells = self.train_split(), self.cells
+        return whole_batches_ahead(
+            self.order, split, cells.cells_per_sample, cells.cell_bytes, world_size
+        )
 
     def chunk_layout(self, world_size: int) -> tuple[int, int]:
         """Chunk-aware order: (parts, streams per part); see ``TrainingOrder.chunk_layout``."""
