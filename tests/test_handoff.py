@@ -47,8 +47,9 @@ def test_a_ticket_arrives_as_equal_tensors_that_view_the_ring():
     assert np.shares_memory(received[0].numpy(), slot_memory)
 
 
-def test_a_slot_has_memory_only_once_it_is_taken_and_travels_once():
-    """Sharing memory writes all of it: slots never taken must not hold any."""
+def test_a_slot_has_memory_only_once_it_is_taken_and_travels_once(monkeypatch):
+    """Sharing memory writes all of it: slots of a big ring never taken must not hold any."""
+    monkeypatch.setattr(handoff, "_EAGER_RING_BYTES", 0)  # every ring counts as big
     first = handoff.send(batch_arrays(0), slots=4)
     assert first is not None
     ring = first.ring
@@ -62,6 +63,9 @@ def test_a_slot_has_memory_only_once_it_is_taken_and_travels_once():
     # The main process has mapped the slot: the ticket no longer carries its memory.
     assert ForkingPickler.loads(ForkingPickler.dumps(second))[0].shape == (5, 3, 4, 4)
     assert len(ForkingPickler.dumps(second)) < 1000
+    monkeypatch.undo()  # a small ring is made whole: its memory stays what it is from the start
+    small = handoff._Ring(4, 2**20)
+    assert all(tensor is not None for tensor in small.data)
 
 
 def test_a_slot_is_reused_only_once_every_tensor_of_its_batch_is_freed():

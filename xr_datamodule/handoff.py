@@ -54,6 +54,7 @@ DEFAULT_RING_SLOTS = 4  # torch's default prefetch_factor (2) plus two
 _ALIGN = 64  # byte alignment of each array within a buffer (any dtype can view it)
 _POOL_BUFFERS = 4  # buffers the main process keeps for reuse
 _POOL_MIN_BYTES = 2**20  # smaller batches are cheap to allocate afresh
+_EAGER_RING_BYTES = 256 * 2**20  # a worker's ring up to this size is made whole at once
 _FREE, _BUSY = 0, 1  # a slot's flag
 _ATTACHED = -1  # index of the state entry that holds the token the main process mapped
 
@@ -170,11 +171,13 @@ def _main_pool() -> _Pool:
 class _Ring:
     """The sending side, in one worker process: slots and their shared flags.
 
-    Each slot is its own shared-memory segment, made when the slot is first taken: torch
-    shares a tensor's memory by copying it into a new segment, which writes every page, so
-    a ring made whole would hold all its slots resident from the start, also the ones a
-    worker never needs (slots are taken lowest first; at 299 MB a batch, the default four
-    slots were 1.2 GB per worker before a single batch was read).
+    Each slot is its own shared-memory segment. torch shares a tensor's memory by copying
+    it into a new segment, which writes every page: a ring made whole holds all its slots
+    resident from the start, also the ones a worker rarely needs (slots are taken lowest
+    first). A ring of up to ``_EAGER_RING_BYTES`` is made whole at once, so that a worker's
+    memory is what it stays from the first batch on; a larger one gets each slot when it
+    is first taken (at 299 MB a batch, the four slots of a whole ring were 1.2 GB per
+    worker before a single batch was read).
     """
 
     def __init__(self, slots: int, slot_bytes: int) -> None:
@@ -188,6 +191,9 @@ class _Ring:
         # token of the ring the main process mapped (_ATTACHED).
         self.state = torch.zeros(2 * slots + 1, dtype=torch.int64).share_memory_()
         self.state_view = self.state.numpy()
+        if slots * slot_bytes <= _EAGER_RING_BYTES:
+            for slot in range(slots):
+                self._make(slot)
 
     def take(self) -> int | None:
         """A free slot, marked busy (the lowest, so rarely needed slots stay untouched)."""
@@ -196,11 +202,14 @@ class _Ring:
             return None
         slot = int(free[0])
         if self.data[slot] is None:
-            tensor = torch.empty(self.slot_bytes, dtype=torch.uint8).share_memory_()
-            self.data[slot], self.data_views[slot] = tensor, tensor.numpy()
+            self._make(slot)
         _fence()
         self.state_view[slot] = _BUSY
         return slot
+
+    def _make(self, slot: int) -> None:
+        tensor = torch.empty(self.slot_bytes, dtype=torch.uint8).share_memory_()
+        self.data[slot], self.data_views[slot] = tensor, tensor.numpy()
 
     def region(self, slot: int, nbytes: int) -> np.ndarray:
         view = self.data_views[slot]

@@ -66,7 +66,6 @@ def served(
     """
     if not 0.0 <= fail_fraction < 1.0:
         raise ValueError(f"fail_fraction must be in [0, 1), got {fail_fraction!r}")
-    # -P: the script's folder (this package's modules) stays off sys.path.
     # -P: the script's folder (this package's modules) stays off the child's sys.path.
     command = [sys.executable, "-P", __file__, os.fspath(folder), "--latency", str(latency)]
     command += ["--fail-fraction", str(fail_fraction), "--seed", str(seed)]
