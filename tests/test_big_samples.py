@@ -147,6 +147,26 @@ def test_big_samples_without_workers_read_whole_batches_ahead(monkeypatch):
     dm.teardown("fit")
 
 
+def test_another_splits_batch_waits_for_the_batch_read_ahead(monkeypatch):
+    """Validation reads share the reader with the training batch being read ahead."""
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(order, "STREAM_CACHE_BYTES", 1)
+    ds = make_dataset(n_time=30).chunk({"time": 1, "lat": -1, "lon": -1})
+    dm = module(ds, splits={"train": 0.7, "val": 0.3}, num_workers=0)
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    assert train.ahead is not None
+    for sample in range(len(train) - 1):
+        got = train.__getitems__([sample], upcoming=np.array([sample + 1]))
+        np.testing.assert_array_equal(got.inputs, expected(dm, ds, [sample])[0])
+        del got  # the loop moves on: the read ahead gets its buffer and starts
+        for other in (sample % len(val), (sample + 3) % len(val)):  # while one is read ahead
+            starts = dm.indices["val"].starts([other])
+            g = dm.geometry
+            want = reference_windows(ds, ALL, g.dims, starts, g.input_size).astype(np.float32)
+            np.testing.assert_array_equal(val.__getitems__([other]).inputs, want)
+    dm.teardown("fit")
+
+
 def _sample_of(dm, ds, X: torch.Tensor, y: torch.Tensor) -> int | None:
     """The sample whose brute-force windows the batch of one equals."""
     for sample in range(len(dm.datasets["train"])):
