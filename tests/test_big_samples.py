@@ -227,3 +227,46 @@ def test_the_pool_waits_for_a_buffer_to_come_back_in_a_read_ahead():
         assert other.__array_interface__["data"][0] != address
     finally:
         monkey.undo()
+
+
+def test_a_fit_reading_whole_batches_ahead_resumes_exactly_mid_epoch(tmp_path, monkeypatch):
+    """Through a Trainer: each epoch every sample once; a mid-epoch checkpoint resumes with
+    exactly the batches that remained, in order."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.ddp_script import ids_dataset
+    from tests.test_exactly_once import fit_ids
+
+    monkeypatch.setattr(cells, "MIN_CELL_BYTES", 0)
+    monkeypatch.setattr(order, "STREAM_CACHE_BYTES", 1)  # every sample counts as big
+
+    def ids_module() -> XarrayDataModule:
+        return XarrayDataModule(
+            ids_dataset(90).chunk({"time": 1}),
+            input_vars=["x"],
+            input_dims={"time": 1},
+            splits={"train": 1.0},
+            batch_size=8,
+            dtype="float64",
+            num_workers=0,
+            load=False,
+            seed=11,
+        )
+
+    probe = ids_module()
+    probe.setup("fit")
+    assert probe.datasets["train"].ahead is not None
+    full = fit_ids(ids_module(), max_epochs=2, enable_checkpointing=False)
+    for epoch in (full[:12], full[12:]):
+        assert sorted(i for batch in epoch for i in batch) == list(range(90))
+    every = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=5, save_top_k=-1, filename="{step}"
+    )
+    assert fit_ids(ids_module(), callbacks=[every], max_epochs=2) == full
+    rest = fit_ids(
+        ids_module(),
+        ckpt_path=str(tmp_path / "step=15.ckpt"),
+        max_epochs=2,
+        enable_checkpointing=False,
+    )
+    assert rest == full[15:]
