@@ -14,7 +14,10 @@ steps -> the next, batches of 8, shuffled) is served from another process over H
 * our training loader over whole epochs, with 0 and 2 workers, and the requests per chunk of
   the store it made per epoch (counted by the server).
 
-Run alone: ``python benchmarks/remote.py --latency 0.03 0.1``.
+Run alone: ``python benchmarks/remote.py --latency 0.03 0.1``. On a machine of four cores or
+more, ``--server-cpus 2 3 --client-cpus 0 1`` keeps the server off the cores that read (the
+limit's client, ours and the hand-written Dataset, workers included), as a cloud store is:
+on one machine of two cores the server takes CPU the reader needs (see benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import os
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import global_fields
@@ -35,7 +41,7 @@ import zarr
 from bench_common import in_child
 from torch.utils.data import DataLoader
 
-from xr_datamodule.testing import served
+from xr_datamodule.testing import checked_cpus, served
 
 IN_FLIGHT = 128  # concurrent GETs of the limit
 N_TIME = 720  # the store (1.9 GB decoded) well beyond the readers' arenas
@@ -62,6 +68,26 @@ async def _fetch_all(url: str, keys: list[str]) -> int:
 
         sizes = await asyncio.gather(*(fetch(key) for key in keys))
     return sum(sizes)
+
+
+@contextmanager
+def running_on(cpus: list[int] | None) -> Iterator[None]:
+    """This process runs on ``cpus`` (None: as it is) until the block ends."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, checked_cpus(cpus))
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def pinned(cpus: list[int] | None, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` run on ``cpus``: a case's child (and its workers) stays there."""
+    with running_on(cpus):
+        return function(*args)
 
 
 def get_limit(url: str, keys: list[str], repeats: int = 2) -> float:
@@ -150,6 +176,8 @@ def run_remote(
     epochs: int,
     seconds: float,
     n_time: int = N_TIME,
+    server_cpus: list[int] | None = None,
+    client_cpus: list[int] | None = None,
 ) -> list[dict]:
     path = workdir / "remote_global.zarr"
     global_fields.write_store(path, n_time, 1)
@@ -161,15 +189,22 @@ def run_remote(
         f"127.0.0.1, a latency per request; limit: every chunk once, {IN_FLIGHT} GETs in "
         "flight, as bytes per epoch =="
     )
+    if server_cpus or client_cpus:
+        print(f"  the server on CPUs {server_cpus or 'any'}, the readers on {client_cpus or 'any'}")
     rows = []
     for latency in latencies:
-        with served(workdir, latency=latency) as url:
+        with served(workdir, latency=latency, cpus=server_cpus) as url:
             store_url = f"{url}/{path.name}"
-            limit = epoch_bytes / get_limit(store_url, keys) / 1e6
+            with running_on(client_cpus):
+                limit = epoch_bytes / get_limit(store_url, keys) / 1e6
             print(f"  latency {latency * 1e3:.0f} ms: GET limit {limit:7.0f} MB/s")
             for workers in workers_list:
-                hand = in_child(hand_written, store_url, n_time, workers, seconds)
-                result = in_child(ours, url, store_url, workers, epochs, len(keys))
+                hand = in_child(
+                    pinned, client_cpus, hand_written, store_url, n_time, workers, seconds
+                )
+                result = in_child(
+                    pinned, client_cpus, ours, url, store_url, workers, epochs, len(keys)
+                )
                 print(
                     f"    {workers} workers: hand-written {hand['rate']:6.1f} MB/s; ours "
                     f"{result['rate']:6.0f} MB/s = {result['rate'] / limit:.2f}x the limit, "
@@ -193,10 +228,21 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--n-time", type=int, default=N_TIME)
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--server-cpus", type=int, nargs="+", default=None)
+    parser.add_argument("--client-cpus", type=int, nargs="+", default=None)
     args = parser.parse_args()
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="xr_dm_remote_"))
     os.makedirs(workdir, exist_ok=True)
-    run_remote(workdir, args.latency, args.workers, args.epochs, args.seconds, args.n_time)
+    run_remote(
+        workdir,
+        args.latency,
+        args.workers,
+        args.epochs,
+        args.seconds,
+        args.n_time,
+        args.server_cpus,
+        args.client_cpus,
+    )
 
 
 if __name__ == "__main__":

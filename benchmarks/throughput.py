@@ -52,6 +52,7 @@ from bench_common import RssMonitor, in_child, rate
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from xr_datamodule import XarrayDataModule
+from xr_datamodule.resources import usable_cores
 
 INPUTS = ["t2m", "u10", "v10"]
 TARGET = "t2m_next"
@@ -377,7 +378,7 @@ def main() -> None:
     args = parser.parse_args()
 
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, python "
+        f"machine: {platform.machine()}, {usable_cores()} of {os.cpu_count()} cores usable, python "
         f"{platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}"
     )
     workdir = Path(args.dir or tempfile.mkdtemp(prefix="xr_dm_bench_"))

@@ -100,8 +100,19 @@ def test_val_and_test_are_in_order(small_ds):
 @pytest.mark.parametrize(("cores", "out_of_core"), [(1, 0), (2, 2), (4, 2), (8, 4), (64, 4)])
 def test_auto_workers_follow_the_data_and_the_cores(small_ds, monkeypatch, cores, out_of_core):
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert XarrayDataModule(small_ds, **CONFIG).num_workers == 0  # in memory: never
     assert XarrayDataModule(small_ds, **{**CONFIG, "load": False}).num_workers == out_of_core
+
+
+def test_workers_and_threads_fit_the_cores_this_process_may_use(small_ds, monkeypatch):
+    # A job given 2 of a node's 64 cores (Slurm, a container, taskset).
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {5, 6}, raising=False)
+    assert XarrayDataModule(small_ds, **{**CONFIG, "load": False}).num_workers == 2
+    dm = XarrayDataModule(small_ds, **{**CONFIG, "load": False, "num_workers": 0})
+    dm.setup()
+    assert dm.datasets["train"].reader.decode_threads == 2
 
 
 def test_loader_settings_defaults_and_overrides(small_ds):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import threading
 
 import numpy as np
@@ -14,6 +13,7 @@ from tests.conftest import reference_windows
 from xr_datamodule import XarrayDataModule, cells
 from xr_datamodule.gather import ChunkedReader, InMemoryReader, gather_windows
 from xr_datamodule.loaders import _init_worker
+from xr_datamodule.resources import usable_cores
 
 CONFIG = dict(
     input_vars=["c", "a"],
@@ -77,7 +77,7 @@ def test_zarr_batches_equal_isel_and_stay_lazy(small_ds, zarr_path, opened, work
     reader = dm.datasets["train"].reader
     assert isinstance(reader, ChunkedReader)
     # Without workers the main process decodes a batch's missing cells in parallel threads.
-    assert reader.decode_threads == (min(4, os.cpu_count() or 1) if workers == 0 else 1)
+    assert reader.decode_threads == (min(4, usable_cores()) if workers == 0 else 1)
     # Cells are the chunks of 7 along time: samples that reach into the next cell are
     # gathered with the rest of the batch.
     assert reader.grid.edges[dm.window_dims.index("time")].tolist() == [0, 7, 14, 21, 28, 35, 40]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 import urllib.request
 
 import numpy as np
@@ -176,3 +178,16 @@ def test_each_worker_fetches_its_own_next_batches_from_a_remote_store(store, mon
     starts = remote.indices["train"].starts(order)
     reference = reference_windows(ds, ["a", "b"], remote.window_dims, starts, (2, 12, 10))
     np.testing.assert_array_equal(torch.cat([x for x, _ in batches]).numpy(), reference)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs Linux")
+def test_the_server_runs_on_the_cpus_it_is_given_and_names_the_ones_it_may_use(tmp_path):
+    allowed = sorted(os.sched_getaffinity(0))
+    with served(tmp_path, cpus=allowed[-1:]) as url:
+        assert stats(url)["cpus"] == allowed[-1:]
+    with served(tmp_path) as url:
+        assert stats(url)["cpus"] == allowed
+    wrong = [max(allowed) + 1]
+    with pytest.raises(ValueError, match=re.escape(f"may use, {allowed}; got {wrong}")):
+        with served(tmp_path, cpus=wrong):
+            pass

@@ -92,6 +92,17 @@ class Resources:
     prefetch_factor: int | None = None
 
 
+def usable_cores() -> int:
+    """How many CPUs this process may run on (its affinity), not the node's ``os.cpu_count()``.
+
+    A Slurm job, a container or ``taskset`` gives a process a share of the node's cores; the
+    decoding threads and the workers ``"auto"`` picks fit that share.
+    """
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
 def batch_bytes(spec: DataSpec, layout: SourceLayout, geometry: WindowGeometry) -> int:
     """Bytes of a batch's read inputs and targets (what a worker's ring slot holds, about)."""
     inputs = layout.n_channels(layout.dynamic(spec.input_vars)) * np.prod(geometry.input_size)
@@ -112,9 +123,9 @@ def choose_resources(spec: DataSpec, layout: SourceLayout, batch_bytes: int = 0)
     elif loads:
         workers = 0
     else:
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         workers = min(AUTO_WORKERS_MAX, max(2, cores // 2)) if cores >= 2 else 0
-    threads = 1 if workers > 0 else min(DECODE_THREADS_MAX, os.cpu_count() or 1)
+    threads = 1 if workers > 0 else min(DECODE_THREADS_MAX, usable_cores())
     # Imported here: choosing a decoder (below) needs no torch; handing batches over does.
     from xr_datamodule.handoff import DEFAULT_RING_SLOTS
 

@@ -5,10 +5,10 @@ request answered after ``latency`` seconds and a share ``fail_fraction`` of them
 ``503 Service Unavailable``, as a busy object store does; ranged reads (``Range: bytes=``,
 what a sharded store asks for) are answered with those bytes. Its counts of requests are at
 ``<url>/__stats__`` (JSON: requests, failed, bytes, the most requests of one path, the most
-requests answered at once); a request for ``<url>/__fail__/0.5`` sets the share that fails
-from then on (and starts the counts of each path and of requests at once anew). The benchmarks
-and tests of remote reading use it; it is here so that users can try their own store,
-settings and retries the same way.
+requests answered at once, the CPUs it runs on); a request for ``<url>/__fail__/0.5`` sets
+the share that fails from then on (and starts the counts of each path and of requests at once
+anew). The benchmarks and tests of remote reading use it; it is here so that users can try
+their own store, settings and retries the same way.
 
 Example:
     >>> import json, tempfile, urllib.request
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,6 +53,7 @@ def served(
     latency: float = 0.0,
     fail_fraction: float = 0.0,
     seed: int = 0,
+    cpus: Sequence[int] | None = None,
 ) -> Iterator[str]:
     """Serve ``folder`` over HTTP on 127.0.0.1 from a child process; yields its URL.
 
@@ -63,12 +64,17 @@ def served(
         fail_fraction: Share of the requests for files answered ``503 Service Unavailable``
             (chosen at random with ``seed``).
         seed: Seed of the failures.
+        cpus: The CPUs the server runs on (Linux; None: any of this process's). A cloud
+            store does not run on the reader's cores; a benchmark on one machine keeps them
+            apart this way.
     """
     if not 0.0 <= fail_fraction < 1.0:
         raise ValueError(f"fail_fraction must be in [0, 1), got {fail_fraction!r}")
     # -P: the script's folder (this package's modules) stays off the child's sys.path.
     command = [sys.executable, "-P", __file__, os.fspath(folder), "--latency", str(latency)]
     command += ["--fail-fraction", str(fail_fraction), "--seed", str(seed)]
+    if cpus is not None:
+        command += ["--cpus", ",".join(str(cpu) for cpu in checked_cpus(cpus))]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -81,6 +87,19 @@ def served(
         process.wait(timeout=10)
 
 
+def checked_cpus(cpus: Sequence[int]) -> list[int]:
+    """``cpus`` sorted, once each, after checking that this process may run on them."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("choosing the CPUs a process runs on needs Linux (os.sched_setaffinity)")
+    allowed = os.sched_getaffinity(0)
+    chosen = sorted(set(cpus))
+    if not chosen or not set(chosen) <= allowed:
+        raise ValueError(
+            f"cpus must be among the CPUs this process may use, {sorted(allowed)}; got {list(cpus)}"
+        )
+    return chosen
+
+
 class _Counts:
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -91,6 +110,7 @@ class _Counts:
         self.fail_fraction = 0.0
         self.in_flight = 0
         self.most_in_flight = 0
+        self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
 
 
 def _handler(folder: str, latency: float, fail_fraction: float, seed: int) -> type:
@@ -181,6 +201,7 @@ def _handler(folder: str, latency: float, fail_fraction: float, seed: int) -> ty
                     "bytes": counts.bytes,
                     "most_of_one_path": max(counts.per_path.values(), default=0),
                     "most_in_flight": counts.most_in_flight,
+                    "cpus": counts.cpus,
                 }
                 body = json.dumps(stats).encode()
             self.send_response(200)
@@ -207,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--fail-fraction", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpus", default=None, help="comma-separated CPUs to run on")
     args = parser.parse_args(argv)
+    if args.cpus:
+        os.sched_setaffinity(0, checked_cpus([int(cpu) for cpu in args.cpus.split(",")]))
     folder = str(Path(args.folder).resolve())
     handler = _handler(folder, args.latency, args.fail_fraction, args.seed)
     server = _Server(("127.0.0.1", 0), handler)
