@@ -53,9 +53,8 @@ class XarrayDataModule(DataViews, pl.LightningDataModule):
         seed: Seed of the training order; the order is a function of ``(seed, epoch)``.
         num_workers: DataLoader worker processes, or ``"auto"`` (default). In memory: 0, since
             a batch is one sub-millisecond gather and workers only add a copy through shared
-            memory. Out of core: half the cores this process may use (a Slurm job's or a
-            container's share, not the node's), at least 2 and at most 4, so that decoding
-            overlaps the training step; 0 on a single core (figures: ``benchmarks/``).
+            memory. Out of core: half the cores this process may use (its Slurm or container
+            share), 2 to 4, so decoding overlaps the step; 0 on one core (``benchmarks/``).
         pin_memory: Page-lock batches for faster host→GPU copies. Default: on only when the
             attached trainer runs on a CUDA GPU (pinning is wasted work on CPU).
         persistent_workers: Keep workers between epochs; default on when ``num_workers > 0``.
