@@ -117,15 +117,14 @@ def choose_resources(spec: DataSpec, layout: SourceLayout, batch_bytes: int = 0)
     the memory available now. ``batch_bytes`` (a batch's inputs and targets) decides the
     workers' prefetch when the spec leaves it open (see ``BIG_BATCH_BYTES``).
     """
-    loads = _loads_into_memory(spec, layout)
+    loads, cores = _loads_into_memory(spec, layout), usable_cores()
     if spec.num_workers != "auto":
         workers = int(spec.num_workers)
     elif loads:
         workers = 0
     else:
-        cores = usable_cores()
         workers = min(AUTO_WORKERS_MAX, max(2, cores // 2)) if cores >= 2 else 0
-    threads = 1 if workers > 0 else min(DECODE_THREADS_MAX, usable_cores())
+    threads = 1 if workers > 0 else min(DECODE_THREADS_MAX, cores)
     # Imported here: choosing a decoder (below) needs no torch; handing batches over does.
     from xr_datamodule.handoff import DEFAULT_RING_SLOTS
 
