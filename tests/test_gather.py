@@ -354,22 +354,22 @@ def time_chunked_module(ds, tmp_path, monkeypatch, input_vars, **settings):
 def test_a_batch_whose_cells_are_decoding_in_the_background_waits_for_them(
     small_ds, tmp_path, monkeypatch
 ):
-    import time
-
     dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a", "b"], input_overlap={"time": 2})
     dataset = dm.datasets["train"]
     reader = dataset.reader
     reader.decode_threads = 2  # decode the next batch in the background, whatever the cores
-    slow = reader.decoder.decode
+    slow, release = reader.decoder.decode, threading.Event()
 
     def decode_slowly(jobs):
-        time.sleep(0.2)  # the background decode is still running when the next read comes
+        if threading.current_thread() is not threading.main_thread():
+            release.wait(10)  # held, however loaded the machine, until the next read comes
         slow(jobs)
 
     monkeypatch.setattr(reader.decoder, "decode", decode_slowly)
     first, second = np.array([0, 1]), np.array([20, 30])
     batch = dataset.__getitems__(first, upcoming=second)
     assert reader._pending and not reader._pending[-1].done()
+    threading.Timer(0.2, release.set).start()
     later = dataset.__getitems__(second)  # its cells are being decoded: it waits for them
     for ids, got in ((first, batch), (second, later)):
         starts = dm.indices["train"].starts(ids)
@@ -413,23 +413,22 @@ def test_a_failed_prefetch_holds_no_batch_alive(small_ds, tmp_path, monkeypatch)
 
 
 def test_a_read_waits_for_a_prefetch_that_holds_slots_it_needs(small_ds, tmp_path, monkeypatch):
-    import time
-
     dm = time_chunked_module(small_ds, tmp_path, monkeypatch, ["a"], input_overlap={"time": 2})
     dataset = dm.datasets["train"]
     reader = dataset.reader
     reader.decode_threads = 2
     reader.resize_cache(4)
-    slow = reader.decoder.decode
+    slow, release = reader.decoder.decode, threading.Event()
 
     def decode_slowly(jobs):
         if threading.current_thread() is not threading.main_thread():
-            time.sleep(0.3)
+            release.wait(10)  # held, however loaded the machine, until the other read comes
         slow(jobs)
 
     monkeypatch.setattr(reader.decoder, "decode", decode_slowly)
     dataset.__getitems__(np.array([0]), upcoming=np.array([20]))  # prefetches cells 10, 11
     assert reader._pending and not reader._pending[-1].done()
+    threading.Timer(0.3, release.set).start()
     # Not the batch prefetched (e.g. a validation batch in between), and it needs every
     # slot of the arena, two of which the prefetch holds: it waits for them.
     other = np.array([8, 16])  # cells 4, 5, 8, 9
